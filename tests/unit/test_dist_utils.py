@@ -1,0 +1,52 @@
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.dist_utils import run_distributed
+
+
+def _all_reduce_sum(rank, world_size, offset):
+    assert dist.get_rank() == rank and dist.get_world_size() == world_size
+    assert os.environ["RANK"] == str(rank) and os.environ["WORLD_SIZE"] == str(world_size)
+    t = torch.tensor([float(rank + offset)])
+    dist.all_reduce(t)
+    return t.item()
+
+
+def _boom_on_rank_1(rank, world_size):
+    if rank == 1:
+        raise ValueError("boom")
+    return rank
+
+
+def _hang_on_rank_1(rank, world_size):
+    if rank == 1:
+        time.sleep(600)
+    return rank
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_all_reduce_sum_on_every_rank(world_size):
+    offset = 10
+    expected = sum(range(world_size)) + offset * world_size
+    assert run_distributed(_all_reduce_sum, world_size, offset) == [expected] * world_size
+
+
+def test_exception_in_a_rank_is_reported_with_its_traceback():
+    with pytest.raises(AssertionError) as excinfo:
+        run_distributed(_boom_on_rank_1, 2)
+    message = str(excinfo.value)
+    assert "rank 1 of 2 raised" in message
+    assert "ValueError: boom" in message
+    assert "_boom_on_rank_1" in message  # the full traceback, not only the exception line
+    assert "rank 0" not in message
+
+
+def test_hanging_rank_is_killed_and_reported():
+    start = time.monotonic()
+    with pytest.raises(AssertionError, match="rank 1 of 2 timed out"):
+        run_distributed(_hang_on_rank_1, 2, timeout=5)
+    assert time.monotonic() - start < 30
