@@ -1,0 +1,145 @@
+"""Sample text from a native or Hugging Face Llama checkpoint, on one process or tensor-parallel.
+
+    python generate.py --ckpt DIR --prompt "Once upon a time" --tokenizer DIR --max-new-tokens 50 --temperature 0.8
+    python generate.py --ckpt DIR --prompt-ids 1,2,3 --prompt-ids 4,5 --max-new-tokens 20 --temperature 0 --print-ids
+    torchrun --nproc_per_node 2 generate.py --ckpt DIR --prompt-ids 1,2,3 --max-new-tokens 20 --temperature 0 --tp 2
+
+`--temperature 0` is greedy. `--print-ids` prints the new token ids of each prompt, space-separated, one line per
+prompt, and nothing else on stdout. Under torchrun every rank runs the model shard it owns; rank 0 prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from modeling.convert import CheckpointError, load_model
+from modeling.generation import generate
+from parallel.state import ParallelState
+
+
+class Tokenizer:
+    """Text <-> ids through SentencePiece (tokenizer.model) or, failing that, transformers' AutoTokenizer."""
+
+    def __init__(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        if (directory / "tokenizer.model").exists():
+            import sentencepiece as spm
+
+            self.sp = spm.SentencePieceProcessor(model_file=str(directory / "tokenizer.model"))
+            self.hf = None
+        elif (directory / "tokenizer.json").exists() or (directory / "tokenizer_config.json").exists():
+            from transformers import AutoTokenizer
+
+            self.sp, self.hf = None, AutoTokenizer.from_pretrained(str(directory))
+        else:
+            raise SystemExit(f"error: --tokenizer {directory}: no tokenizer.model or tokenizer.json there")
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text`, with BOS first when the tokenizer has one."""
+        if self.sp is not None:
+            bos = self.sp.bos_id()
+            return ([bos] if bos >= 0 else []) + self.sp.encode(text)
+        return self.hf.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of `ids`."""
+        return self.sp.decode(ids) if self.sp is not None else self.hf.decode(ids)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", required=True, help="native checkpoint or Hugging Face model directory")
+    ap.add_argument("--prompt", action="append", help="prompt text (repeat for a batch); needs a tokenizer")
+    ap.add_argument("--prompt-ids", action="append", help="comma-separated prompt token ids (repeat for a batch)")
+    ap.add_argument("--tokenizer", help="directory with tokenizer.model or tokenizer.json (default: --ckpt)")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--top-p", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--print-ids", action="store_true", help="print only the new ids, one line per prompt")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (= torchrun --nproc_per_node)")
+    ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on GPU, fp32 on CPU")
+    args = ap.parse_args(argv)
+    if bool(args.prompt) == bool(args.prompt_ids):
+        ap.error("give either --prompt (with a tokenizer) or --prompt-ids")
+    if args.max_new_tokens < 1:
+        ap.error("--max-new-tokens must be >= 1")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        ap.error("--top-p must be in (0, 1]")
+    return args
+
+
+def setup_distributed(tp: int) -> tuple[ParallelState, torch.device]:
+    """Initialise torch.distributed under torchrun (nccl on CUDA, gloo on CPU) and build the tensor group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != tp:
+        raise SystemExit(
+            f"error: --tp {tp} must equal the number of processes ({world}); generation is tensor-parallel only"
+        )
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return ParallelState.build(tp=tp), device
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Load, generate, print."""
+    args = parse_args(argv)
+    state, device = setup_distributed(args.tp)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32
+    )
+    try:
+        model = load_model(args.ckpt, state, dtype=dtype, device=device)
+    except (CheckpointError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    tokenizer = None
+    if args.prompt:
+        tokenizer = Tokenizer(args.tokenizer or args.ckpt)
+        prompts = [tokenizer.encode(p) for p in args.prompt]
+    else:
+        try:
+            prompts = [[int(t) for t in p.split(",") if t.strip()] for p in args.prompt_ids]
+        except ValueError:
+            raise SystemExit(f"error: --prompt-ids takes comma-separated integers, got {args.prompt_ids}") from None
+    vocab = model.config.vocab_size
+    for p in prompts:
+        if not p or min(p) < 0 or max(p) >= vocab:
+            raise SystemExit(f"error: prompt ids {p} must be non-empty and within [0, {vocab})")
+
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    new = generate(
+        model,
+        prompts,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        eos_token_id=model.config.eos_token_id,
+        generator=generator,
+    )
+    if state.rank == 0:
+        for prompt, ids in zip(prompts, new, strict=True):
+            if args.print_ids or tokenizer is None:
+                print(" ".join(map(str, ids)))
+            else:
+                print(tokenizer.decode(prompt + ids))
+        sys.stdout.flush()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The Llama model, its config, checkpoint conversion and generation, written in `parallel` layers."""

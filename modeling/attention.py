@@ -1,0 +1,69 @@
+"""Causal self-attention with grouped key/value heads (MHA, GQA, MQA), heads sharded over the tensor group."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modeling.config import ModelConfig
+from modeling.rope import apply_rotary
+from parallel.layers import ColumnParallelLinear, InitMethod, RowParallelLinear
+from parallel.state import ParallelState
+
+LayerCache = tuple[torch.Tensor, torch.Tensor, int]  # (keys, values) buffers (B, kv_heads/tp, max_len, hd), start
+
+
+class Attention(nn.Module):
+    """softmax(q k^T / sqrt(hd) + mask) v over heads/tp query heads and kv_heads/tp key/value heads per rank.
+
+    q, k, v are column-parallel (each rank computes whole heads), o is row-parallel (partial sums over heads are
+    all-reduced), so attention itself needs no communication. Query head j attends with key/value head
+    j // (heads / kv_heads), the grouping of Hugging Face's repeat_kv, which sharding by whole groups preserves.
+    """
+
+    def __init__(
+        self, config: ModelConfig, state: ParallelState, *, init_method: InitMethod, **factory: object
+    ) -> None:
+        super().__init__()
+        config.validate_parallel(state.tp_size)
+        h, hd, bias = config.hidden_size, config.head_dim, config.attention_bias
+        self.n_heads = config.num_attention_heads // state.tp_size
+        self.n_kv_heads = config.num_key_value_heads // state.tp_size
+        self.head_dim = hd
+        kw = {"state": state, "bias": bias, "init_method": init_method, **factory}
+        self.q_proj = ColumnParallelLinear(h, config.num_attention_heads * hd, **kw)
+        self.k_proj = ColumnParallelLinear(h, config.num_key_value_heads * hd, **kw)
+        self.v_proj = ColumnParallelLinear(h, config.num_key_value_heads * hd, **kw)
+        self.o_proj = RowParallelLinear(config.num_attention_heads * hd, h, **kw)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
+        """(B, T, H) -> (B, T, H); `mask` (B, 1, T, S) bool, True = attend; None = causal over T.
+
+        With `cache`, the new keys and values are written at [start, start + T) and attention runs over
+        [0, start + T); `mask` must then be given.
+        """
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, heads/tp * hd) etc.
+        B, T = q.shape[:2]  # the full sequence, also when x holds a sequence-parallel chunk
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k_buf, v_buf, start = cache
+            k_buf[:, :, start : start + T] = k
+            v_buf[:, :, start : start + T] = v
+            k, v = k_buf[:, :, : start + T], v_buf[:, :, : start + T]  # (B, nkv, S, hd)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_heads != self.n_kv_heads
+        )  # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh * hd)
+        return self.o_proj(y)

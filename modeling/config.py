@@ -1,0 +1,179 @@
+"""ModelConfig: the Llama architecture as a dataclass, read from and written to Hugging Face `config.json`.
+
+Every LlamaConfig field that changes the numbers is here: sizes, head_dim, rms_norm_eps, rope_theta,
+rope_scaling (none / linear / dynamic / llama3), tie_word_embeddings, attention_bias, mlp_bias. Both the
+transformers 4 form (`rope_theta` + `rope_scaling`) and the transformers 5 form (`rope_parameters`) are read; both
+are written, so either version loads an export.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from parallel.state import ParallelConfigError
+
+ROPE_TYPES = {
+    "default": set(),
+    "linear": {"factor"},
+    "dynamic": {"factor"},
+    "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
+}
+
+
+class ConfigError(ValueError):
+    """A model configuration that cannot work; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    """Llama decoder hyper-parameters, in Hugging Face's names. `None` fields are derived in __post_init__."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(
+                    f"model.hidden_size={self.hidden_size} is not divisible by model.num_attention_heads="
+                    f"{self.num_attention_heads}; set model.head_dim explicitly"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.head_dim % 2:
+            raise ConfigError(f"model.head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"model.num_key_value_heads={self.num_key_value_heads}"
+            )
+        self.rope_scaling = self._check_rope_scaling(self.rope_scaling)
+
+    @staticmethod
+    def _check_rope_scaling(scaling: dict[str, Any] | None) -> dict[str, Any] | None:
+        if not scaling:
+            return None
+        scaling = dict(scaling)
+        rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
+        scaling.pop("type", None)
+        scaling.pop("rope_theta", None)  # transformers 5 keeps it inside rope_parameters; ours is a field
+        if rope_type not in ROPE_TYPES:
+            raise ConfigError(
+                f"model.rope_scaling.rope_type={rope_type!r} is not supported; use one of {sorted(ROPE_TYPES)}"
+            )
+        missing = ROPE_TYPES[rope_type] - set(scaling)
+        if missing:
+            raise ConfigError(f"model.rope_scaling (rope_type={rope_type!r}) is missing {sorted(missing)}")
+        if rope_type == "default":
+            return None
+        if scaling["factor"] <= 0:
+            raise ConfigError(f"model.rope_scaling.factor must be > 0, got {scaling['factor']}")
+        return {"rope_type": rope_type, **{k: scaling[k] for k in sorted(ROPE_TYPES[rope_type])}}
+
+    @property
+    def rope_type(self) -> str:
+        """'default', 'linear', 'dynamic' or 'llama3'."""
+        return self.rope_scaling["rope_type"] if self.rope_scaling else "default"
+
+    def validate_parallel(self, tp: int) -> None:
+        """Check that every sharded dimension splits over `tp` tensor ranks; the error names the key."""
+        checks = [
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("intermediate_size", self.intermediate_size),
+            ("vocab_size", self.vocab_size),
+        ]
+        for key, value in checks:
+            if value % tp:
+                hint = (
+                    " (key/value heads are sharded, not replicated: use a tp that divides num_key_value_heads)"
+                    if key == "num_key_value_heads"
+                    else ""
+                )
+                raise ParallelConfigError(f"model.{key}={value} is not divisible by parallel.tp={tp}{hint}")
+
+    # ---- Hugging Face config.json ----
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
+        """Read a Hugging Face LlamaConfig dict (transformers 4 or 5 layout)."""
+        model_type = d.get("model_type", "llama")
+        if model_type != "llama":
+            raise ConfigError(
+                f"{source}: model_type={model_type!r}; this converter reads Llama checkpoints (model_type 'llama', "
+                f"architectures ['LlamaForCausalLM'])"
+            )
+        if d.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"{source}: hidden_act={d['hidden_act']!r} is not supported (Llama uses 'silu')")
+        if d.get("pretraining_tp", 1) != 1:
+            raise ConfigError(f"{source}: pretraining_tp={d['pretraining_tp']} is not supported; it must be 1")
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        rope_theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
+        if rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise ConfigError(f"{source}: partial_rotary_factor != 1 is not supported")
+        names = {f.name for f in fields(cls)} - {"rope_theta", "rope_scaling"}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        return cls(**kwargs, rope_theta=float(rope_theta), rope_scaling=rope or None)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A config.json that transformers 4 and 5 load as LlamaForCausalLM."""
+        d = {k: v for k, v in asdict(self).items() if k != "rope_scaling"}
+        rope_parameters = {"rope_type": self.rope_type, "rope_theta": self.rope_theta, **(self.rope_scaling or {})}
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_act": "silu",
+            "attention_dropout": 0.0,
+            "pretraining_tp": 1,
+            **d,
+            "rope_scaling": self.rope_scaling,
+            "rope_parameters": rope_parameters,
+        }
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        """Read a config.json file (ours or Hugging Face's)."""
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file; a checkpoint directory needs a config.json") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        return cls.from_hf_dict(d, source=str(path))
+
+    def save(self, path: str | Path) -> None:
+        """Write config.json in Hugging Face's layout."""
+        Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n")
+
+    def num_params(self) -> int:
+        """Parameter count of the full (unsharded) model."""
+        h, kv = self.hidden_size, self.num_key_value_heads * self.head_dim
+        attn = h * self.num_attention_heads * self.head_dim * 2 + h * kv * 2
+        mlp = 3 * h * self.intermediate_size
+        per_layer = attn + mlp + 2 * h
+        embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_hidden_layers * per_layer + embed + h

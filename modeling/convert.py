@@ -1,0 +1,289 @@
+"""Checkpoint formats and conversion: Hugging Face <-> native, tensor-parallel shard <-> merge.
+
+Native format (what training checkpoints use), a directory holding
+    config.json                          the model config, in Hugging Face's layout
+    model-tp00-of-02.safetensors, ...    one file per tensor rank; each file's metadata records its rank, the
+                                         tensor degree and, per tensor, the dimension it is split along
+Because every shard says how it was cut, weights saved at one tp degree load at any other: the shards are
+concatenated along that dimension and re-split for the new degree.
+
+Hugging Face format: config.json + model.safetensors (or sharded with model.safetensors.index.json, or
+pytorch_model*.bin read with weights_only=True). Llama's tensor names are the same in both formats, and RoPE uses
+the same rotate-half layout, so conversion renames nothing and permutes nothing.
+
+    python -m modeling.convert --from-hf HF_DIR --out DIR [--tp N] [--dtype bf16]
+    python -m modeling.convert --to-hf DIR --out HF_DIR [--dtype bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from modeling.config import ConfigError, ModelConfig
+from modeling.llama import LlamaForCausalLM
+from parallel.state import ParallelState
+
+SHARD_RE = re.compile(r"model-tp(\d+)-of-(\d+)\.safetensors$")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HF_MAX_SHARD_BYTES = 5 * 2**30
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match what it claims to be; the message names the file or tensor."""
+
+
+def shard_file_name(tp_rank: int, tp_size: int) -> str:
+    """File name of one tensor rank's shard."""
+    return f"model-tp{tp_rank:02d}-of-{tp_size:02d}.safetensors"
+
+
+def expected_tensors(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], int | None]]:
+    """Full shape and tensor-parallel split dimension of every tensor of the model, from a meta-device build."""
+    model = LlamaForCausalLM(config, device="meta")
+    return {name: (tuple(p.shape), p.tp_split_dim) for name, p in model.named_parameters()}
+
+
+def check_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig, source: str) -> None:
+    """Raise CheckpointError naming every missing or unexpected tensor and every shape that disagrees with config."""
+    expected = expected_tensors(config)
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: tensors do not match config.json: missing {missing[:8]}{' ...' if len(missing) > 8 else ''}"
+            f", unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
+        )
+    for name, (shape, _) in expected.items():
+        if tuple(state_dict[name].shape) != shape:
+            raise CheckpointError(
+                f"{source}: tensor {name} has shape {tuple(state_dict[name].shape)}, config.json implies {shape}"
+            )
+
+
+def split_for_rank(
+    state_dict: dict[str, torch.Tensor], config: ModelConfig, tp_rank: int, tp_size: int
+) -> dict[str, torch.Tensor]:
+    """This tensor rank's shard of a full state dict."""
+    config.validate_parallel(tp_size)
+    dims = expected_tensors(config)
+    out = {}
+    for name, tensor in state_dict.items():
+        dim = dims[name][1]
+        out[name] = tensor if dim is None or tp_size == 1 else tensor.chunk(tp_size, dim=dim)[tp_rank].contiguous()
+    return out
+
+
+# ---- native format ----
+
+
+def is_native(path: str | Path) -> bool:
+    """True when the directory holds native tensor-parallel shards."""
+    return any(SHARD_RE.search(p.name) for p in Path(path).glob("model-tp*-of-*.safetensors"))
+
+
+def save_native(model: LlamaForCausalLM, out_dir: str | Path) -> None:
+    """Write this tensor rank's shard (ranks with dp_rank 0 only) and, on tensor rank 0, config.json."""
+    state = model.state
+    if state.dp_rank != 0:
+        return
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors, dims = {}, {}
+    for name, p in model.named_parameters():
+        tensors[name] = p.detach().contiguous().cpu()
+        dims[name] = p.tp_split_dim
+    meta = {"format": "llama-tp", "tp_rank": str(state.tp_rank), "tp_size": str(state.tp_size),
+            "split_dims": json.dumps(dims)}  # fmt: skip
+    save_file(tensors, str(out / shard_file_name(state.tp_rank, state.tp_size)), metadata=meta)
+    if state.tp_rank == 0:
+        model.config.save(out / "config.json")
+
+
+def load_native_state_dict(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The full (merged) state dict of a native checkpoint, whatever tp degree it was saved at."""
+    ckpt = Path(ckpt_dir)
+    files = sorted(p for p in ckpt.glob("model-tp*-of-*.safetensors") if SHARD_RE.search(p.name))
+    if not files:
+        raise CheckpointError(f"{ckpt}: no model-tpNN-of-NN.safetensors shards (is this a Hugging Face directory?)")
+    sizes = {int(SHARD_RE.search(p.name).group(2)) for p in files}
+    if len(sizes) != 1 or len(files) != sizes.copy().pop():
+        raise CheckpointError(
+            f"{ckpt}: shards {[p.name for p in files]} do not form one complete set; remove stale shards of "
+            f"another tp degree"
+        )
+    handles = [safe_open(str(p), framework="pt") for p in files]
+    dims = json.loads(handles[0].metadata()["split_dims"])
+    merged = {}
+    for name, dim in dims.items():
+        parts = [h.get_tensor(name) for h in handles] if dim is not None else [handles[0].get_tensor(name)]
+        merged[name] = torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]
+    return merged
+
+
+# ---- Hugging Face format ----
+
+
+def read_hf_state_dict(hf_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face checkpoint directory (safetensors, sharded or not, or .bin)."""
+    hf = Path(hf_dir)
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (hf / index_name).exists():
+            files = sorted(set(json.loads((hf / index_name).read_text())["weight_map"].values()))
+            break
+    else:
+        files = ["model.safetensors"] if (hf / "model.safetensors").exists() else ["pytorch_model.bin"]
+    state_dict: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = hf / name
+        if not path.exists():
+            raise CheckpointError(f"{hf}: weight file {name} not found (need model.safetensors or pytorch_model.bin)")
+        if name.endswith(".safetensors"):
+            with safe_open(str(path), framework="pt") as f:
+                state_dict.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (safe_open has no iter)
+        else:
+            state_dict.update(torch.load(path, map_location="cpu", weights_only=True))
+    return state_dict
+
+
+def load_hf_checkpoint(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Config and validated full state dict of a Hugging Face Llama directory."""
+    hf = Path(hf_dir)
+    config = ModelConfig.load(hf / "config.json")
+    state_dict = read_hf_state_dict(hf)
+    state_dict = {k: v for k, v in state_dict.items() if not k.endswith("rotary_emb.inv_freq")}  # old exports
+    if config.tie_word_embeddings:
+        state_dict.pop("lm_head.weight", None)  # same tensor as the embedding
+    check_state_dict(state_dict, config, str(hf))
+    return config, state_dict
+
+
+def save_hf_checkpoint(config: ModelConfig, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> None:
+    """Write config.json, generation_config.json and safetensors (sharded above 5 GiB) that transformers loads."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_config = config.to_hf_dict()
+    hf_config["dtype"] = str(next(iter(state_dict.values())).dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    gen = {
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
+    }
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state_dict.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > HF_MAX_SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor.contiguous()
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, fname))
+    total = sum(t.numel() * t.element_size() for t in state_dict.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+# ---- one entry point for any checkpoint ----
+
+
+def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Config and full state dict of a native or Hugging Face checkpoint directory, validated."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory; pass a native checkpoint or a Hugging Face model directory")
+    if not is_native(path):
+        return load_hf_checkpoint(path)
+    config = ModelConfig.load(path / "config.json")
+    state_dict = load_native_state_dict(path)
+    check_state_dict(state_dict, config, str(path))
+    return config, state_dict
+
+
+def load_model(
+    path: str | Path,
+    state: ParallelState | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> LlamaForCausalLM:
+    """Build the model for `state` (this rank's shard) from a native or Hugging Face checkpoint."""
+    state = state or ParallelState()
+    config, full = load_checkpoint(path)
+    model = LlamaForCausalLM(config, state, device=device, dtype=dtype, skip_init=True)
+    shard = split_for_rank(full, config, state.tp_rank, state.tp_size)
+    model.load_state_dict(shard, strict=False)  # lm_head.weight is absent when tied: it is the embedding
+    return model
+
+
+def _cast(state_dict: dict[str, torch.Tensor], dtype: str | None) -> dict[str, torch.Tensor]:
+    return state_dict if dtype is None else {k: v.to(DTYPES[dtype]) for k, v in state_dict.items()}
+
+
+def hf_to_native(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, dtype: str | None = None) -> None:
+    """Convert a Hugging Face Llama directory into native shards for `tp` tensor ranks."""
+    config, full = load_hf_checkpoint(hf_dir)
+    config.validate_parallel(tp)
+    full = _cast(full, dtype)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dims = {name: dim for name, (_, dim) in expected_tensors(config).items()}
+    for rank in range(tp):
+        meta = {"format": "llama-tp", "tp_rank": str(rank), "tp_size": str(tp), "split_dims": json.dumps(dims)}
+        save_file(split_for_rank(full, config, rank, tp), str(out / shard_file_name(rank, tp)), metadata=meta)
+    config.save(out / "config.json")
+    _copy_tokenizer(Path(hf_dir), out)
+
+
+def native_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: str | None = None) -> None:
+    """Merge native shards into a Hugging Face directory that AutoModelForCausalLM.from_pretrained loads."""
+    config, full = load_checkpoint(ckpt_dir)
+    save_hf_checkpoint(config, _cast(full, dtype), out_dir)
+    _copy_tokenizer(Path(ckpt_dir), Path(out_dir))
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copyfile(src / name, dst / name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: --from-hf or --to-hf."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from-hf", metavar="HF_DIR", help="Hugging Face Llama directory to convert to native shards")
+    src.add_argument("--to-hf", metavar="DIR", help="native checkpoint directory to export to Hugging Face")
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel degree of the native shards (--from-hf)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: keep their dtype)")
+    args = ap.parse_args(argv)
+    try:
+        if args.from_hf:
+            hf_to_native(args.from_hf, args.out, tp=args.tp, dtype=args.dtype)
+        else:
+            native_to_hf(args.to_hf, args.out, dtype=args.dtype)
+    except (CheckpointError, ConfigError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Rotary position embeddings in the rotate-half layout of Hugging Face Llama (no permutation on load).
+
+For a head vector x = [x1, x2] (halves of head_dim d) at position p with frequencies f_i = theta^(-2i/d):
+
+    rope(x) = x * cos(p f) + rotate_half(x) * sin(p f),   rotate_half([x1, x2]) = [-x2, x1]
+
+Scaling of the frequencies:
+    linear   f_i / factor                                  (position interpolation)
+    dynamic  theta' = theta (factor L / L0 - (factor - 1))^(d / (d - 2)) once the length L passes L0
+             (dynamic NTK; L0 = max_position_embeddings, L = the largest position + 1 in this forward)
+    llama3   low frequencies / factor, high frequencies kept, a smooth ramp between (Llama 3.1)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from modeling.config import ModelConfig
+
+
+def inv_frequencies(config: ModelConfig, seq_len: int, device: torch.device | None = None) -> torch.Tensor:
+    """The d/2 rotary frequencies for sequences of `seq_len` positions (only dynamic scaling reads it)."""
+    d, theta, s = config.head_dim, config.rope_theta, config.rope_scaling or {}
+    if config.rope_type == "dynamic" and seq_len > config.max_position_embeddings:
+        theta = theta * (s["factor"] * seq_len / config.max_position_embeddings - (s["factor"] - 1)) ** (d / (d - 2))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))  # (d/2,)
+    if config.rope_type == "linear":
+        inv_freq = inv_freq / s["factor"]
+    elif config.rope_type == "llama3":
+        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_len = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+    """Computes (cos, sin) tables for position ids; frequencies are cached unless dynamic scaling needs new ones."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.register_buffer("inv_freq", inv_frequencies(config, config.max_position_embeddings), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) positions -> cos, sin of shape (B, T, head_dim), computed in fp32 then cast to `dtype`."""
+        inv_freq = self.inv_freq
+        if self.config.rope_type == "dynamic":
+            seq_len = int(position_ids.max()) + 1
+            if seq_len > self.config.max_position_embeddings:
+                inv_freq = inv_frequencies(self.config, seq_len, device=position_ids.device)
+        freqs = position_ids.unsqueeze(-1).float() * inv_freq.float()  # (B, T, d/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, d)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[x1, x2] -> [-x2, x1] along the last dimension."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, heads, T, d) by (B, T, d) tables."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, d)
+    return x * cos + rotate_half(x) * sin

@@ -1,0 +1,201 @@
+"""Tensor-parallel layers: ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding.
+
+Each parameter carries `tp_split_dim`: the dimension along which it is split over the tensor group (None when it
+is replicated). Checkpoint code merges and re-splits shards from that attribute alone.
+
+Weights are initialised as the full (master) matrix with the global RNG, identically on every tensor rank, and each
+rank keeps its slice: a model built at any tp degree from one seed holds the same full weights, and at tp=1 a layer
+holds exactly what nn.Linear / nn.Embedding would (same names, same init, same numbers).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parallel.mappings import (
+    all_gather_from_region,
+    copy_to_region,
+    gather_from_region,
+    reduce_from_region,
+    reduce_scatter_to_region,
+)
+from parallel.state import ParallelConfigError, ParallelState
+
+InitMethod = Callable[[torch.Tensor], object]
+
+SEQ_DIM = 1  # activations are (B, T, ...): sequence parallelism splits dim 1
+
+
+def _shard_param(
+    full_shape: tuple[int, ...],
+    split_dim: int | None,
+    state: ParallelState,
+    init: InitMethod,
+    *,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+) -> nn.Parameter:
+    """Initialise the full tensor, keep this tensor rank's chunk along `split_dim` (all of it when None)."""
+    full = torch.empty(full_shape, device=device, dtype=dtype)
+    if full.device.type != "meta":
+        with torch.no_grad():
+            init(full)
+    if split_dim is not None and state.tp_size > 1:
+        full = full.chunk(state.tp_size, dim=split_dim)[state.tp_rank].clone()
+    param = nn.Parameter(full)
+    param.tp_split_dim = split_dim  # type: ignore[attr-defined]
+    return param
+
+
+def _check_divisible(what: str, value: int, tp: int) -> None:
+    if value % tp:
+        raise ParallelConfigError(f"{what}={value} is not divisible by parallel.tp={tp}; choose a tp that divides it")
+
+
+def _linear_weight_init(weight: torch.Tensor) -> None:
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Linear.reset_parameters
+
+
+def _linear_bias_init(fan_in: int) -> InitMethod:
+    bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    return lambda b: nn.init.uniform_(b, -bound, bound)
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y = X A^T + b with A (out, in) split along `out` over the tensor group.
+
+    Rank r holds A_r (out/tp, in) and b_r and computes Y_r = X A_r^T + b_r, its slice of the output features.
+    The input enters with copy_to_region (fwd identity, bwd all-reduce of the partial dX = dY_r A_r), or, under
+    sequence parallelism, with all_gather_from_region along the sequence (fwd all-gather, bwd reduce-scatter).
+    With `gather_output` the slices are all-gathered into the full Y.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        state: ParallelState | None = None,
+        bias: bool = False,
+        gather_output: bool = False,
+        init_method: InitMethod | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.state = state or ParallelState()
+        _check_divisible(f"output features of ColumnParallelLinear({in_features}, {out_features})", out_features,
+                         self.state.tp_size)  # fmt: skip
+        self.in_features, self.out_features, self.gather_output = in_features, out_features, gather_output
+        kw = {"device": device, "dtype": dtype}
+        self.weight = _shard_param((out_features, in_features), 0, self.state, init_method or _linear_weight_init, **kw)
+        self.bias = _shard_param((out_features,), 0, self.state, _linear_bias_init(in_features), **kw) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in) replicated, or (B, T/tp, in) under sequence parallelism -> (..., out/tp) or (..., out)."""
+        group = self.state.tp_group
+        x = all_gather_from_region(x, group, SEQ_DIM) if self.state.sequence_parallel else copy_to_region(x, group)
+        y = F.linear(x, self.weight, self.bias)
+        return gather_from_region(y, group, -1) if self.gather_output else y
+
+    def extra_repr(self) -> str:
+        """Shape summary for print(model)."""
+        local = self.weight.shape[0]
+        return f"in={self.in_features}, out={self.out_features} (local {local}), gather={self.gather_output}"
+
+
+class RowParallelLinear(nn.Module):
+    """Y = X A^T + b with A (out, in) split along `in` over the tensor group; the input arrives already split.
+
+    Rank r holds A_r (out, in/tp) and computes the partial sum Y_r = X_r A_r^T, so Y = sum_r Y_r. The sum is an
+    all-reduce (reduce_from_region), or under sequence parallelism a reduce-scatter along the sequence. The bias is
+    replicated and added once, after the sum.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        state: ParallelState | None = None,
+        bias: bool = False,
+        init_method: InitMethod | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.state = state or ParallelState()
+        _check_divisible(f"input features of RowParallelLinear({in_features}, {out_features})", in_features,
+                         self.state.tp_size)  # fmt: skip
+        self.in_features, self.out_features = in_features, out_features
+        kw = {"device": device, "dtype": dtype}
+        self.weight = _shard_param((out_features, in_features), 1, self.state, init_method or _linear_weight_init, **kw)
+        self.bias = (
+            _shard_param((out_features,), None, self.state, _linear_bias_init(in_features), **kw) if bias else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in/tp) -> (..., out) replicated, or (B, T/tp, out) under sequence parallelism."""
+        group = self.state.tp_group
+        y = F.linear(x, self.weight)
+        if self.state.sequence_parallel:
+            y = reduce_scatter_to_region(y, group, SEQ_DIM)
+            # each rank sees only its sequence chunk: the replicated bias's gradient must be summed over ranks
+            bias = copy_to_region(self.bias, group) if self.bias is not None else None
+        else:
+            y = reduce_from_region(y, group)
+            bias = self.bias
+        return y if bias is None else y + bias
+
+    def extra_repr(self) -> str:
+        """Shape summary for print(model)."""
+        return f"in={self.in_features} (local {self.weight.shape[1]}), out={self.out_features}"
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding whose vocabulary rows are split over the tensor group.
+
+    Rank r holds rows [r V/tp, (r+1) V/tp). Ids outside that range look up row 0 and are zeroed, so exactly one
+    rank contributes each token's vector and an all-reduce (or, under sequence parallelism, a reduce-scatter
+    along the sequence) assembles the embedding.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        *,
+        state: ParallelState | None = None,
+        init_method: InitMethod | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.state = state or ParallelState()
+        _check_divisible("vocab_size", num_embeddings, self.state.tp_size)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.weight = _shard_param(
+            (num_embeddings, embedding_dim), 0, self.state, init_method or nn.init.normal_, device=device, dtype=dtype
+        )
+        self.vocab_start = self.state.tp_rank * self.weight.shape[0]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, H), or (B, T/tp, H) under sequence parallelism."""
+        if self.state.tp_size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)  # (B, T, H)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.state.sequence_parallel:
+            return reduce_scatter_to_region(out, self.state.tp_group, SEQ_DIM)
+        return reduce_from_region(out, self.state.tp_group)
+
+    def extra_repr(self) -> str:
+        """Shape summary for print(model)."""
+        return f"{self.num_embeddings}, {self.embedding_dim} (local rows {self.weight.shape[0]})"
