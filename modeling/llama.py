@@ -97,7 +97,7 @@ class LlamaModel(nn.Module):
         )
         self.layers = nn.ModuleList(DecoderLayer(config, state, **kw) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, state=state, **factory)
-        self.rotary_emb = RotaryEmbedding(config)
+        self.rotary_emb = RotaryEmbedding(config, device=factory.get("device"))
 
 
 class LlamaForCausalLM(nn.Module):

@@ -44,10 +44,11 @@ def inv_frequencies(config: ModelConfig, seq_len: int, device: torch.device | No
 class RotaryEmbedding(nn.Module):
     """Computes (cos, sin) tables for position ids; frequencies are cached unless dynamic scaling needs new ones."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.config = config
-        self.register_buffer("inv_freq", inv_frequencies(config, config.max_position_embeddings), persistent=False)
+        inv_freq = inv_frequencies(config, config.max_position_embeddings)  # computed on the CPU, even for meta
+        self.register_buffer("inv_freq", inv_freq.to(device) if device is not None else inv_freq, persistent=False)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T) positions -> cos, sin of shape (B, T, head_dim), computed in fp32 then cast to `dtype`."""

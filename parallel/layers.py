@@ -11,7 +11,7 @@ holds exactly what nn.Linear / nn.Embedding would (same names, same init, same n
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -98,15 +98,37 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in) replicated, or (B, T/tp, in) under sequence parallelism -> (..., out/tp) or (..., out)."""
-        group = self.state.tp_group
-        x = all_gather_from_region(x, group, SEQ_DIM) if self.state.sequence_parallel else copy_to_region(x, group)
-        y = F.linear(x, self.weight, self.bias)
-        return gather_from_region(y, group, -1) if self.gather_output else y
+        y = F.linear(_enter_column_region(x, self.state), self.weight, self.bias)
+        return gather_from_region(y, self.state.tp_group, -1) if self.gather_output else y
 
     def extra_repr(self) -> str:
         """Shape summary for print(model)."""
         local = self.weight.shape[0]
         return f"in={self.in_features}, out={self.out_features} (local {local}), gather={self.gather_output}"
+
+
+def _enter_column_region(x: torch.Tensor, state: ParallelState) -> torch.Tensor:
+    """copy_to_region (bwd all-reduce), or under sequence parallelism all-gather along the sequence."""
+    if state.sequence_parallel:
+        return all_gather_from_region(x, state.tp_group, SEQ_DIM)
+    return copy_to_region(x, state.tp_group)
+
+
+def fused_column_parallel(x: torch.Tensor, layers: Sequence[ColumnParallelLinear]) -> list[torch.Tensor]:
+    """[x A_1^T + b_1, ..., x A_k^T + b_k] for column-parallel layers that share their input (q/k/v, gate/up).
+
+    The input enters the tensor-parallel region once (one all-reduce of dX in backward, or one all-gather under
+    sequence parallelism, instead of k) and one matmul runs over the concatenated local shards [A_1,r; ...; A_k,r].
+    Each layer keeps its own parameters, so names, shards and checkpoints are those of the separate layers.
+    """
+    if any(layer.gather_output for layer in layers):
+        raise ValueError("fused_column_parallel returns local shards: build the layers with gather_output=False")
+    x = _enter_column_region(x, layers[0].state)
+    weight = torch.cat([layer.weight for layer in layers])  # (sum out_i/tp, in)
+    biases = [layer.bias for layer in layers]
+    bias = torch.cat(biases) if biases[0] is not None else None
+    y = F.linear(x, weight, bias)  # (..., sum out_i/tp)
+    return list(y.split([layer.weight.shape[0] for layer in layers], dim=-1))
 
 
 class RowParallelLinear(nn.Module):

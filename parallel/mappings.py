@@ -47,7 +47,9 @@ def _all_gather(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
     n = group_size(group)
     x = x.movedim(dim, 0).contiguous()  # gather along dim 0 so every rank's chunk is one contiguous block
     out = x.new_empty((n * x.shape[0], *x.shape[1:]))
-    dist.all_gather_into_tensor(out, x, group=group)
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(
+        out, x, group=group
+    )  # new name, torch>=2.13
     return out.movedim(0, dim)
 
 
@@ -57,7 +59,7 @@ def _reduce_scatter(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
         raise ValueError(f"cannot reduce-scatter dimension {dim} of size {x.shape[dim]} over {n} ranks")
     x = x.movedim(dim, 0).contiguous()
     out = x.new_empty((x.shape[0] // n, *x.shape[1:]))
-    dist.reduce_scatter_tensor(out, x, group=group)
+    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, x, group=group)
     return out.movedim(0, dim)
 
 
@@ -71,7 +73,7 @@ class _CopyToRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_reduce(grad, ctx.group), None
+        return _all_reduce(grad.clone(), ctx.group), None  # never sum into the caller's gradient tensor
 
 
 class _ReduceFromRegion(torch.autograd.Function):

@@ -1,0 +1,224 @@
+"""At world size 1 the parallel layers are exactly the plain torch layers (DESIGN.md, rule 2).
+
+One process, no process group (except one test that needs a one-member gloo group for the internal
+cross-entropy path): the default `ParallelState()` must give nn.Linear / nn.Embedding / F.cross_entropy
+bit for bit, with the same parameter names and the same initialisation from the same seed.
+"""
+
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from parallel import mappings
+from parallel.cross_entropy import _VocabParallelCrossEntropy, vocab_parallel_cross_entropy
+from parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from parallel.state import ParallelConfigError, ParallelDims, ParallelState
+
+SEED = 1234
+
+
+def _forward_backward(module: nn.Module, x: torch.Tensor, grad_out_seed: int):
+    """Output, input gradient and parameter gradients (by name) of one forward/backward."""
+    x = x.detach().clone().requires_grad_(x.is_floating_point())
+    y = module(x)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_out_seed))
+    y.backward(g)
+    grads = {name: p.grad.clone() for name, p in module.named_parameters()}
+    return y.detach(), (x.grad if x.is_floating_point() else None), grads
+
+
+def _assert_same_module(ours: nn.Module, ref: nn.Module, x: torch.Tensor) -> None:
+    ours_params, ref_params = dict(ours.named_parameters()), dict(ref.named_parameters())
+    assert list(ours_params) == list(ref_params)
+    for name, p in ref_params.items():
+        assert ours_params[name].shape == p.shape, name
+        assert ours_params[name].dtype == p.dtype, name
+        assert torch.equal(ours_params[name], p), name
+    y, dx, grads = _forward_backward(ours, x, SEED + 1)
+    y_ref, dx_ref, grads_ref = _forward_backward(ref, x, SEED + 1)
+    assert torch.equal(y, y_ref)
+    if dx_ref is not None:
+        assert torch.equal(dx, dx_ref)
+    assert list(grads) == list(grads_ref)
+    for name in grads_ref:
+        assert torch.equal(grads[name], grads_ref[name]), name
+
+
+@pytest.mark.parametrize("layer_cls", [ColumnParallelLinear, RowParallelLinear])
+@pytest.mark.parametrize(("in_features", "out_features"), [(16, 24), (7, 5)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_parallel_linear_is_nn_linear(layer_cls, in_features, out_features, bias):
+    torch.manual_seed(SEED)
+    ours = layer_cls(in_features, out_features, bias=bias)
+    after_ours = torch.rand(4)
+    torch.manual_seed(SEED)
+    ref = nn.Linear(in_features, out_features, bias=bias)
+    after_ref = torch.rand(4)
+    assert torch.equal(after_ours, after_ref)  # the global RNG was advanced identically
+    if not bias:
+        assert ours.bias is None
+    x = torch.randn(3, 4, in_features, generator=torch.Generator().manual_seed(SEED + 2))
+    _assert_same_module(ours, ref, x)
+
+
+def test_column_parallel_gather_output_is_nn_linear_at_ws1():
+    torch.manual_seed(SEED)
+    ours = ColumnParallelLinear(8, 12, bias=True, gather_output=True)
+    torch.manual_seed(SEED)
+    ref = nn.Linear(8, 12)
+    _assert_same_module(ours, ref, torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(SEED)))
+
+
+def test_vocab_parallel_embedding_is_nn_embedding():
+    vocab, hidden = 50, 12
+    torch.manual_seed(SEED)
+    ours = VocabParallelEmbedding(vocab, hidden)
+    torch.manual_seed(SEED)
+    ref = nn.Embedding(vocab, hidden)
+    ids = torch.randint(0, vocab, (3, 7), generator=torch.Generator().manual_seed(SEED))
+    ids[0, :3] = torch.tensor([0, vocab - 1, 0])  # the edges, and a repeated id (its gradient accumulates)
+    _assert_same_module(ours, ref, ids)
+
+
+def _logits_and_target(shape=(3, 5), vocab=11):
+    gen = torch.Generator().manual_seed(SEED)
+    logits = torch.randn(*shape, vocab, generator=gen) * 3
+    target = torch.randint(0, vocab, shape, generator=gen)
+    target[0, 0] = -100
+    target[1, 2:4] = -100
+    target[2, 1] = vocab - 1
+    return logits, target
+
+
+def test_vocab_parallel_cross_entropy_is_f_cross_entropy():
+    logits, target = _logits_and_target()
+    ours_in = logits.clone().requires_grad_()
+    ref_in = logits.clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(ours_in, target)
+    ref = F.cross_entropy(ref_in.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
+    assert torch.equal(loss, ref)
+    loss.backward()
+    ref.backward()
+    assert torch.equal(ours_in.grad, ref_in.grad)
+    assert (ours_in.grad[0, 0] == 0).all() and (ours_in.grad[1, 2:4] == 0).all()
+
+
+def test_vocab_parallel_cross_entropy_custom_ignore_index():
+    logits, target = _logits_and_target()
+    target[target == -100] = 3
+    ours_in = logits.clone().requires_grad_()
+    ref_in = logits.clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(ours_in, target, ignore_index=3)
+    ref = F.cross_entropy(ref_in.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=3)
+    assert torch.equal(loss, ref)
+    loss.backward()
+    ref.backward()
+    assert torch.equal(ours_in.grad, ref_in.grad)
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A one-member gloo group, for code that calls collectives on the default group (group=None)."""
+    assert not dist.is_initialized()
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=timedelta(seconds=60))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_internal_vocab_parallel_cross_entropy_matches_f_cross_entropy(one_process_group, scale):
+    logits, target = _logits_and_target(shape=(4, 6), vocab=13)
+    logits = logits * scale  # large logits check the max-subtraction
+    flat_logits, flat_target = logits.reshape(-1, 13), target.reshape(-1)
+    ours_in = flat_logits.clone().requires_grad_()
+    ref_in = flat_logits.clone().requires_grad_()
+    loss = _VocabParallelCrossEntropy.apply(ours_in, flat_target, None, -100)
+    ref = F.cross_entropy(ref_in, flat_target, ignore_index=-100)
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-6)
+    upstream = torch.tensor(0.7)  # a non-unit upstream gradient scales the logits gradient
+    loss.backward(upstream)
+    ref.backward(upstream)
+    torch.testing.assert_close(ours_in.grad, ref_in.grad, atol=1e-6, rtol=1e-6)
+    assert (ours_in.grad[flat_target == -100] == 0).all()
+
+
+def test_mappings_are_identity_at_group_none():
+    x = torch.randn(2, 4, 6, requires_grad=True)
+    for fn in (mappings.copy_to_region, mappings.reduce_from_region):
+        assert fn(x, None) is x
+    for fn in (mappings.split_to_region, mappings.gather_from_region):
+        assert fn(x, None) is x
+        assert fn(x, None, -1) is x
+        assert fn(x, None, 1) is x
+    for fn in (mappings.reduce_scatter_to_region, mappings.all_gather_from_region):
+        assert fn(x, None) is x
+        assert fn(x, None, 1) is x
+    assert mappings.group_size(None) == 1
+    assert mappings.group_rank(None) == 0
+
+
+def test_default_parallel_state_is_world_size_1():
+    state = ParallelState()
+    assert state.tp_size == state.dp_size == state.ep_size == 1
+    assert state.tp_rank == state.dp_rank == state.ep_rank == 0
+    assert state.tp_group is state.dp_group is state.ep_group is state.edp_group is None
+    assert not state.sequence_parallel
+    assert ParallelState.build() == state  # no process group needed at tp=ep=1
+
+
+def test_build_without_process_group_explains_how_to_launch():
+    with pytest.raises(ParallelConfigError, match=r"parallel\.tp=2.*torchrun"):
+        ParallelState.build(tp=2)
+
+
+def test_parallel_dims_world_not_divisible_by_tp():
+    with pytest.raises(ParallelConfigError, match=r"parallel\.tp=4") as excinfo:
+        ParallelDims(world_size=6, tp=4)
+    assert "6" in str(excinfo.value)
+
+
+def test_parallel_dims_ep_must_divide_dp():
+    with pytest.raises(ParallelConfigError, match=r"parallel\.ep=3") as excinfo:
+        ParallelDims(world_size=8, tp=2, ep=3)
+    assert "dp=4" in str(excinfo.value)
+
+
+@pytest.mark.parametrize("name", ["world_size", "tp", "ep"])
+def test_parallel_dims_rejects_degrees_below_one(name):
+    with pytest.raises(ParallelConfigError, match=rf"parallel\.{name}"):
+        ParallelDims(**{name: 0})
+
+
+def test_parallel_dims_error_is_a_value_error():
+    assert issubclass(ParallelConfigError, ValueError)
+
+
+def test_group_ranks_match_the_documented_layout():
+    dims = ParallelDims(world_size=8, tp=2, ep=2)
+    assert (dims.dp, dims.edp) == (4, 2)
+    assert dims.group_ranks() == {
+        "tp": [[0, 1], [2, 3], [4, 5], [6, 7]],
+        "dp": [[0, 2, 4, 6], [1, 3, 5, 7]],
+        "ep": [[0, 2], [4, 6], [1, 3], [5, 7]],
+        "edp": [[0, 4], [2, 6], [1, 5], [3, 7]],
+    }
+
+
+@pytest.mark.parametrize(("world_size", "tp", "ep"), [(1, 1, 1), (8, 2, 2), (8, 1, 4), (16, 4, 2), (6, 3, 1)])
+def test_group_ranks_partition_the_world_consistently_with_coords(world_size, tp, ep):
+    dims = ParallelDims(world_size=world_size, tp=tp, ep=ep)
+    sizes = {"tp": tp, "dp": dims.dp, "ep": ep, "edp": dims.edp}
+    for kind, groups in dims.group_ranks().items():
+        assert sorted(r for g in groups for r in g) == list(range(world_size)), kind
+        for group in groups:
+            assert len(group) == sizes[kind], kind
+            # each rank's index inside its group is its coordinate of that kind
+            assert [dims.coords(r)[kind] for r in group] == list(range(len(group))), (kind, group)
