@@ -8,7 +8,7 @@ from torch import nn
 
 from modeling.config import ModelConfig
 from modeling.rope import apply_rotary
-from parallel.layers import ColumnParallelLinear, InitMethod, RowParallelLinear
+from parallel.layers import ColumnParallelLinear, InitMethod, RowParallelLinear, fused_column_parallel
 from parallel.state import ParallelState
 
 LayerCache = tuple[torch.Tensor, torch.Tensor, int]  # (keys, values) buffers (B, kv_heads/tp, max_len, hd), start
@@ -51,7 +51,7 @@ class Attention(nn.Module):
         With `cache`, the new keys and values are written at [start, start + T) and attention runs over
         [0, start + T); `mask` must then be given.
         """
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, heads/tp * hd) etc.
+        q, k, v = fused_column_parallel(x, (self.q_proj, self.k_proj, self.v_proj))  # (B, T, heads/tp * hd) etc.
         B, T = q.shape[:2]  # the full sequence, also when x holds a sequence-parallel chunk
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
@@ -62,8 +62,12 @@ class Attention(nn.Module):
             k_buf[:, :, start : start + T] = k
             v_buf[:, :, start : start + T] = v
             k, v = k_buf[:, :, : start + T], v_buf[:, :, : start + T]  # (B, nkv, S, hd)
+        dtype = q.dtype
+        if q.device.type == "cpu" and dtype == torch.bfloat16:
+            # torch's CPU attention kernels run bf16 several times slower than fp32 (bench/README.md)
+            q, k, v = q.float(), k.float(), v.float()
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_heads != self.n_kv_heads
-        )  # (B, nh, T, hd)
+        ).to(dtype)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh * hd)
         return self.o_proj(y)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modeling.config import ModelConfig
-from parallel.layers import ColumnParallelLinear, InitMethod, RowParallelLinear
+from parallel.layers import ColumnParallelLinear, InitMethod, RowParallelLinear, fused_column_parallel
 from parallel.state import ParallelState
 
 
@@ -30,4 +30,5 @@ class SwiGLUMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, H) -> (B, T, H) (T/tp under sequence parallelism)."""
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = fused_column_parallel(x, (self.gate_proj, self.up_proj))  # (B, T, intermediate/tp) each
+        return self.down_proj(F.silu(gate) * up)
