@@ -1,0 +1,267 @@
+"""Count the collectives of one training step (forward + backward) of the whole model at tp=2.
+
+Inside each rank, `torch.distributed.{all_reduce, all_gather_single / all_gather_into_tensor, reduce_scatter_single
+/ reduce_scatter_tensor, broadcast, all_to_all_single, ...}` are wrapped by recorders that log (phase, op, numel of
+the full tensor, dtype, group size) and then call the original: `parallel.mappings` and `parallel.cross_entropy`
+look the collectives up as `dist.<name>` at call time.
+
+The expected lists are derived analytically, as in Megatron-LM (Shoeybi et al. 2019, sec. 3; Korthikanti et al.
+2022, sec. 4.2.2), for L layers, activations of S = B*T*H elements and N = B*T tokens:
+
+    without sequence parallelism
+        forward   embedding all-reduce S; per layer 2 all-reduces S (o_proj, down_proj);
+                  cross-entropy all-reduce MAX of N and SUM of 2N
+        backward  lm_head input all-reduce S; per layer 2 all-reduces S (copy_to_region at the qkv input and at
+                  the gate/up input): 4 all-reduces of S per layer per step
+    with sequence parallelism, every all-reduce of S becomes a reduce-scatter + all-gather pair of S:
+        forward   per layer 2 all-gathers + 2 reduce-scatters; embedding reduce-scatter, lm_head all-gather
+        backward  per layer 2 reduce-scatters + 2 all-gathers; embedding all-gather, lm_head reduce-scatter
+        plus backward all-reduces of H for the norm weights' gradients: 2 per layer + the final norm
+    Under the ring model (all-reduce = reduce-scatter + all-gather) an all-reduce of S sends 2(n-1)/n S per rank
+    and an all-gather or reduce-scatter (n-1)/n S, so sequence parallelism moves the same bytes.
+"""
+
+from collections import Counter
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from modeling.config import ModelConfig
+from modeling.llama import LlamaForCausalLM
+from parallel.state import ParallelState
+from tests.dist_utils import run_distributed
+
+TP = 2
+L = 2
+B, T, H, V = 2, 32, 64, 256
+S, N = B * T * H, B * T
+DTYPE = torch.float32
+ELEM = 4  # bytes of fp32
+CONFIG = {
+    "vocab_size": V,
+    "hidden_size": H,
+    "intermediate_size": 128,
+    "num_hidden_layers": L,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+# Every collective a layer could call; the gather/scatter pairs under both their torch>=2.13 names and the older
+# ones. Patching `torch.distributed.<name>` intercepts calls from our code only: torch's own internals call each
+# other through `distributed_c10d`, so nothing is counted twice.
+GATHER = ("all_gather_single", "all_gather_into_tensor")
+SCATTER = ("reduce_scatter_single", "reduce_scatter_tensor")
+OTHERS = ("all_reduce", "broadcast", "all_to_all_single", "all_gather", "reduce_scatter", "all_to_all")
+PATCHED = tuple(name for name in (*GATHER, *SCATTER, *OTHERS) if hasattr(dist, name))
+
+# ---- recording, inside the ranks ----
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.phase = "idle"
+        self.log: list[tuple[str, str, int, str, int]] = []  # (phase, op, full numel, dtype, group size)
+
+    def wrap(self, name: str, original):
+        def recorded(*args, **kwargs):
+            n = dist.get_world_size(kwargs.get("group"))
+            if name == "all_reduce":
+                t = args[0]
+                op = kwargs.get("op", args[1] if len(args) > 1 else dist.ReduceOp.SUM)
+                label, full = ("all_reduce_max" if op == dist.ReduceOp.MAX else "all_reduce_sum"), t.numel()
+            elif name in GATHER:
+                t, label, full = args[0], "all_gather", args[0].numel()  # output: the gathered full tensor
+            elif name in SCATTER:
+                t, label, full = args[1], "reduce_scatter", args[1].numel()  # input: the full tensor
+            else:  # not expected at all: record what there is
+                t = args[0] if args else next(iter(kwargs.values()))
+                t = t[0] if isinstance(t, list | tuple) else t
+                label, full = name, t.numel()
+            self.log.append((self.phase, label, full, str(t.dtype).removeprefix("torch."), n))
+            return original(*args, **kwargs)
+
+        return recorded
+
+
+def _step(model: LlamaForCausalLM, rec: _Recorder) -> list:
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    targets[0, :4] = -100
+    rec.log.clear()
+    rec.phase = "fwd"
+    loss = model(ids, targets=targets).loss
+    rec.phase = "bwd"
+    loss.backward()
+    rec.phase = "idle"
+    return list(rec.log)
+
+
+def _count(rank: int, world_size: int) -> dict[str, list]:
+    rec = _Recorder()
+    originals = {name: getattr(dist, name) for name in PATCHED}
+    config = ModelConfig(**CONFIG)
+    out = {}
+    try:
+        for name in PATCHED:
+            setattr(dist, name, rec.wrap(name, originals[name]))
+        for sp in (False, True):
+            state = ParallelState.build(tp=world_size, sequence_parallel=sp)
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(config, state)
+            out["sp" if sp else "no_sp"] = _step(model, rec)
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+    return out
+
+
+# ---- analytic expectations, in the parent ----
+
+F32 = "float32"
+
+
+def _ar(numel: int, phase: str, op: str = "sum") -> tuple:
+    return (phase, f"all_reduce_{op}", numel, F32, TP)
+
+
+def _ag(phase: str) -> tuple:
+    return (phase, "all_gather", S, F32, TP)
+
+
+def _rs(phase: str) -> tuple:
+    return (phase, "reduce_scatter", S, F32, TP)
+
+
+def expected_no_sp() -> list[tuple]:
+    """Megatron-LM's step without sequence parallelism, in call order."""
+    fwd = [_ar(S, "fwd")] + [_ar(S, "fwd")] * (2 * L) + [_ar(N, "fwd", "max"), _ar(2 * N, "fwd")]
+    bwd = [_ar(S, "bwd")] + [_ar(S, "bwd")] * (2 * L)
+    return fwd + bwd
+
+
+def expected_sp() -> Counter:
+    """Megatron-LM's step with sequence parallelism, as a multiset (the backward order is the engine's)."""
+    return Counter(
+        [_rs("fwd")] * (2 * L + 1)  # embedding, o_proj, down_proj
+        + [_ag("fwd")] * (2 * L + 1)  # qkv input, gate/up input, lm_head input
+        + [_ar(N, "fwd", "max"), _ar(2 * N, "fwd")]
+        + [_rs("bwd")] * (2 * L + 1)  # conjugates of the forward all-gathers
+        + [_ag("bwd")] * (2 * L + 1)  # conjugates of the forward reduce-scatters
+        + [_ar(H, "bwd")] * (2 * L + 1)  # norm weights' gradients
+    )
+
+
+def ring_bytes(entry: tuple) -> float:
+    """Bytes one rank sends for a collective under the ring model."""
+    _, op, numel, _, n = entry
+    factor = 2 * (n - 1) / n if op.startswith("all_reduce") else (n - 1) / n
+    return factor * numel * ELEM
+
+
+def full_bytes(entries) -> int:
+    return sum(e[2] * ELEM for e in entries)
+
+
+def _table(title: str, entries, expected) -> str:
+    """Recorded collectives grouped, beside the analytic (Megatron-LM) count."""
+    got, exp = Counter(entries), Counter(expected)
+    head = f"  {'phase':5} {'op':24} {'numel':>7} {'dtype':8} {'n':>2} {'count':>5} {'megatron':>8} {'ring bytes':>10}"
+    lines = [title, head]
+    for e in sorted(set(got) | set(exp)):
+        k = got[e]
+        lines.append(f"  {e[0]:5} {e[1]:24} {e[2]:7d} {e[3]:8} {e[4]:2d} {k:5d} {exp[e]:8d} {k * ring_bytes(e):10.0f}")
+    total, exp_total = sum(map(ring_bytes, entries)), sum(map(ring_bytes, expected))
+    lines.append(f"  total: {len(entries)} collectives (megatron {len(expected)}), {total:.0f} ring bytes per rank")
+    lines.append(f"         megatron: {exp_total:.0f} ring bytes per rank")
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def logs():
+    results = run_distributed(_count, TP)
+    assert results[0] == results[1], "both tensor ranks must issue the same collectives"
+    log = results[0]
+    print()
+    print(_table(f"tp={TP}, L={L}, B*T*H={S}: without sequence parallelism", log["no_sp"], expected_no_sp()))
+    print(_table(f"tp={TP}, L={L}, B*T*H={S}: with sequence parallelism", log["sp"], list(expected_sp().elements())))
+    return log
+
+
+def _phase(entries, phase: str) -> list:
+    return [e for e in entries if e[0] == phase]
+
+
+def _activation(entries) -> list:
+    """Collectives of whole activations (the norm-gradient and cross-entropy all-reduces left out)."""
+    return [e for e in entries if e[2] == S]
+
+
+def test_no_sp_forward_is_megatron(logs):
+    assert _phase(logs["no_sp"], "fwd") == _phase(expected_no_sp(), "fwd")
+
+
+def test_no_sp_backward_is_megatron(logs):
+    assert _phase(logs["no_sp"], "bwd") == _phase(expected_no_sp(), "bwd")
+
+
+def test_no_sp_step_list_and_bytes_are_megatron(logs):
+    exp = expected_no_sp()
+    assert logs["no_sp"] == exp
+    assert full_bytes(logs["no_sp"]) == full_bytes(exp) == (4 * L + 2) * S * ELEM + 3 * N * ELEM
+    # embedding (fwd) and lm_head input (bwd) aside: 4 all-reduces of B*T*H per layer per step
+    assert len(_activation(logs["no_sp"])) == 4 * L + 2
+
+
+def test_sp_has_no_activation_all_reduce(logs):
+    assert not [e for e in logs["sp"] if e[1].startswith("all_reduce") and e[2] == S]
+
+
+def test_sp_forward_reduce_scatters_and_backward_all_gathers(logs):
+    got = Counter(logs["sp"])
+    exp = expected_sp()
+    for key in (_rs("fwd"), _ag("bwd")):
+        assert got[key] == exp[key] == 2 * L + 1, key
+
+
+def test_sp_forward_all_gathers_and_backward_reduce_scatters(logs):
+    got = Counter(logs["sp"])
+    for key in (_ag("fwd"), _rs("bwd")):
+        assert got[key] == 2 * L + 1, f"{key}: {got[key]}"
+
+
+def test_sp_step_is_megatron(logs):
+    assert Counter(logs["sp"]) == expected_sp()
+
+
+def test_sp_norm_gradient_all_reduces(logs):
+    norm = [e for e in _phase(logs["sp"], "bwd") if e[1].startswith("all_reduce")]
+    assert norm == [_ar(H, "bwd")] * (2 * L + 1)
+
+
+def test_sp_cross_entropy_unchanged(logs):
+    ce = [e for e in _phase(logs["sp"], "fwd") if e[1].startswith("all_reduce")]
+    assert ce == [_ar(N, "fwd", "max"), _ar(2 * N, "fwd")]
+
+
+def test_sp_moves_the_same_ring_bytes_as_all_reduce(logs):
+    """reduce-scatter + all-gather = all-reduce: (n-1)/n S + (n-1)/n S = 2(n-1)/n S, pair for pair."""
+    sp, no_sp = _activation(logs["sp"]), _activation(logs["no_sp"])
+    assert sum(map(ring_bytes, sp)) == sum(map(ring_bytes, no_sp))
+    assert len(sp) == 2 * len(no_sp)
+    # the analytic (Megatron) counts agree too: (4L + 2) all-reduces vs (8L + 4) all-gathers / reduce-scatters
+    exp_sp = [e for e in expected_sp().elements() if e[2] == S]
+    exp_no_sp = [e for e in expected_no_sp() if e[2] == S]
+    assert sum(map(ring_bytes, exp_sp)) == sum(map(ring_bytes, exp_no_sp)) == (4 * L + 2) * S * ELEM * 2 * (TP - 1) / TP
+
+
+def test_nothing_else_is_communicated(logs):
+    for key in ("sp", "no_sp"):
+        assert {e[1] for e in logs[key]} <= {
+            "all_reduce_sum",
+            "all_reduce_max",
+            "all_gather",
+            "reduce_scatter",
+        }
+        assert {(e[3], e[4]) for e in logs[key]} == {(F32, TP)}
+        assert {e[0] for e in logs[key]} == {"fwd", "bwd"}
