@@ -140,8 +140,9 @@ class ModelConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A config.json that transformers 4 and 5 load as LlamaForCausalLM."""
-        d = {k: v for k, v in asdict(self).items() if k != "rope_scaling"}
-        rope_parameters = {"rope_type": self.rope_type, "rope_theta": self.rope_theta, **(self.rope_scaling or {})}
+        d = {k: v for k, v in asdict(self).items() if k != "rope_scaling"}  # asdict copies: no aliasing
+        rope_scaling = dict(self.rope_scaling) if self.rope_scaling else None
+        rope_parameters = {**(rope_scaling or {}), "rope_type": self.rope_type, "rope_theta": self.rope_theta}
         return {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
@@ -149,7 +150,7 @@ class ModelConfig:
             "attention_dropout": 0.0,
             "pretraining_tp": 1,
             **d,
-            "rope_scaling": self.rope_scaling,
+            "rope_scaling": rope_scaling,
             "rope_parameters": rope_parameters,
         }
 

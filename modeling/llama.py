@@ -120,6 +120,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config, self.state = config, state or ParallelState()
         config.validate_parallel(self.state.tp_size)
+        self.state.require_groups()
         std = config.initializer_range
         init = (lambda w: None) if skip_init else (lambda w: nn.init.normal_(w, 0.0, std))
         kw = {"init_method": init, "device": device, "dtype": dtype}

@@ -41,6 +41,7 @@ def _shard_param(
     dtype: torch.dtype | None,
 ) -> nn.Parameter:
     """Initialise the full tensor, keep this tensor rank's chunk along `split_dim` (all of it when None)."""
+    state.require_groups()
     full = torch.empty(full_shape, device=device, dtype=dtype)
     if full.device.type != "meta":
         with torch.no_grad():

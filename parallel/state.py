@@ -130,6 +130,14 @@ class ParallelState:
             edp_group=mine["edp"],
         )
 
+    def require_groups(self) -> None:
+        """Raise unless the groups this layout needs exist (a state built by hand has none)."""
+        if self.dims.world_size > 1 and self.tp_group is None:
+            raise ParallelConfigError(
+                f"ParallelState with world size {self.dims.world_size} has no process groups: create it with "
+                f"ParallelState.build(tp=..., ep=...) after torch.distributed is initialised (launch with torchrun)"
+            )
+
     @property
     def tp_size(self) -> int:
         """Tensor-parallel degree."""
