@@ -10,6 +10,7 @@ holds exactly what nn.Linear / nn.Embedding would (same names, same init, same n
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -29,6 +30,43 @@ from parallel.state import ParallelConfigError, ParallelState
 InitMethod = Callable[[torch.Tensor], object]
 
 SEQ_DIM = 1  # activations are (B, T, ...): sequence parallelism splits dim 1
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); without it torch emulates bf16 matmuls."""
+    cpu = torch.cpu
+    return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+class _Fp32Linear(torch.autograd.Function):
+    """fwd: y = bf16(x32 W32^T + b32) / bwd: dX, dW, db in fp32 from the saved bf16 x and W, cast back to bf16."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(x.float(), weight.float(), bias.float() if bias is not None else None).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        g = grad.float().reshape(-1, grad.shape[-1])  # (N, out)
+        dx = (g @ weight.float()).to(x.dtype).view_as(x) if ctx.needs_input_grad[0] else None
+        dw = (g.t() @ x.float().reshape(-1, x.shape[-1])).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        db = g.sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except bf16 on a CPU without bf16 hardware, which multiplies in fp32 and stores bf16.
+
+    Emulated bf16 matmuls run hundreds of times slower than fp32 there (bench/README.md); the fp32 product is
+    also the more accurate one. Activations and weights stay bf16 in memory.
+    """
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not cpu_has_native_bf16():
+        return _Fp32Linear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def _shard_param(
@@ -99,7 +137,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in) replicated, or (B, T/tp, in) under sequence parallelism -> (..., out/tp) or (..., out)."""
-        y = F.linear(_enter_column_region(x, self.state), self.weight, self.bias)
+        y = linear(_enter_column_region(x, self.state), self.weight, self.bias)
         return gather_from_region(y, self.state.tp_group, -1) if self.gather_output else y
 
     def extra_repr(self) -> str:
@@ -128,7 +166,7 @@ def fused_column_parallel(x: torch.Tensor, layers: Sequence[ColumnParallelLinear
     weight = torch.cat([layer.weight for layer in layers])  # (sum out_i/tp, in)
     biases = [layer.bias for layer in layers]
     bias = torch.cat(biases) if biases[0] is not None else None
-    y = F.linear(x, weight, bias)  # (..., sum out_i/tp)
+    y = linear(x, weight, bias)  # (..., sum out_i/tp)
     return list(y.split([layer.weight.shape[0] for layer in layers], dim=-1))
 
 
@@ -165,7 +203,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in/tp) -> (..., out) replicated, or (B, T/tp, out) under sequence parallelism."""
         group = self.state.tp_group
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight)
         if self.state.sequence_parallel:
             y = reduce_scatter_to_region(y, group, SEQ_DIM)
             # each rank sees only its sequence chunk: the replicated bias's gradient must be summed over ranks

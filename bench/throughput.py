@@ -1,0 +1,151 @@
+"""Training throughput of this Llama against transformers' LlamaForCausalLM (sdpa), in one process.
+
+Both models get the same weights, the same batch, dtype, threads and AdamW; their steps alternate in rounds so
+that machine noise hits both alike. Prints tokens/s of each, their ratio, and model FLOPs utilisation against a
+large matmul timed in the same run (CPU: 2048^3; CUDA: 8192^3, in the run's dtype).
+
+    python bench/throughput.py --dtype fp32
+    python bench/throughput.py --dtype bf16
+    python bench/throughput.py --device cuda --dtype bf16 --dim 2048 --layers 16 --heads 16 --kv-heads 8 --seq 2048
+
+Targets on the CPU for dim 512, 8 layers, 8 heads, 4 kv heads, seq 512, batch 4: ratio >= 1.0 fp32, >= 1.2 bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from modeling.config import ModelConfig  # noqa: E402
+from modeling.llama import LlamaForCausalLM  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a large square matmul: the attainable peak this run's MFU is measured against."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    reps, t0 = (20 if device.type == "cuda" else 5), time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def flops_per_token(cfg: ModelConfig, seq: int) -> float:
+    """Training FLOPs per token: 6 x (non-embedding params + output head) + attention scores (PaLM, appendix B)."""
+    h, hd, L = cfg.hidden_size, cfg.head_dim, cfg.num_hidden_layers
+    attn = h * hd * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+    params = L * (attn + 3 * h * cfg.intermediate_size) + cfg.vocab_size * h
+    return 6 * params + 12 * L * cfg.num_attention_heads * hd * seq
+
+
+def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    """The two models with identical weights, and their optimizers."""
+    import transformers
+
+    cfg = ModelConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.dim,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=max(2048, args.seq),
+    )
+    torch.manual_seed(0)
+    ours = LlamaForCausalLM(cfg, device=device).to(dtype)
+    hf_cfg = transformers.LlamaConfig(**cfg.to_hf_dict(), attn_implementation="sdpa")
+    hf = transformers.LlamaForCausalLM(hf_cfg).to(device=device, dtype=dtype)
+    hf.load_state_dict(ours.state_dict())
+    opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in (("ours", ours), ("hf", hf))}
+    return cfg, {"ours": ours, "hf": hf}, opts
+
+
+def main() -> None:
+    """Parse, build, alternate timed steps, report."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--intermediate", type=int, default=None, help="default: Llama's 8/3 * dim, rounded up to 256")
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds; each runs --steps steps of each model")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.intermediate is None:
+        args.intermediate = -(-(8 * args.dim // 3) // 256) * 256
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+
+    cfg, models, opts = build(args, device, dtype)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=device)
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+
+    def step(name: str) -> float:
+        model, opt = models[name], opts[name]
+        sync(device)
+        t0 = time.perf_counter()
+        if name == "ours":
+            loss = model(inputs, targets=targets).loss
+        else:  # transformers shifts the labels itself (it predicts T-1 of the T targets: the same work)
+            loss = model(inputs, labels=inputs).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        return time.perf_counter() - t0
+
+    for name in models:  # warm-up: allocator, kernels, optimizer state
+        step(name)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for r in range(args.rounds):
+        order = list(models) if r % 2 == 0 else list(reversed(models))
+        for name in order:
+            times[name] += [step(name) for _ in range(args.steps)]
+    # the attainable peak: on a CPU without bf16 hardware, bf16 matmuls are emulated and fp32 is the real ceiling
+    peak = max(matmul_flops(device, dtype), matmul_flops(device, torch.float32))
+
+    tokens = args.batch * args.seq
+    fpt = flops_per_token(cfg, args.seq)
+    print(
+        f"config: dim {args.dim}, layers {args.layers}, heads {args.heads}, kv heads {args.kv_heads}, "
+        f"intermediate {args.intermediate}, vocab {args.vocab}, seq {args.seq}, batch {args.batch}, {args.dtype}, "
+        f"{device}, threads {torch.get_num_threads()}, torch {torch.__version__}"
+    )
+    print(f"matmul peak measured: {peak / 1e9:.1f} GFLOP/s; model FLOPs/token {fpt / 1e6:.1f} M")
+    rate = {}
+    for name in models:
+        t = statistics.median(times[name])
+        rate[name] = tokens / t
+        mfu = rate[name] * fpt / peak
+        print(f"{name:>5}: {rate[name]:9.1f} tokens/s  step {t * 1e3:8.1f} ms  MFU {100 * mfu:5.1f}%")
+    print(f"ratio ours/hf: {rate['ours'] / rate['hf']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
