@@ -85,6 +85,14 @@ def split_for_rank(
 # ---- native format ----
 
 
+def write_shard(
+    tensors: dict[str, torch.Tensor], dims: dict[str, int | None], out_dir: Path, tp_rank: int, tp_size: int
+) -> None:
+    """Write one tensor rank's safetensors file, its metadata recording rank, degree and each tensor's split dim."""
+    meta = {"format": "llama-tp", "tp_rank": str(tp_rank), "tp_size": str(tp_size), "split_dims": json.dumps(dims)}
+    save_file(tensors, str(out_dir / shard_file_name(tp_rank, tp_size)), metadata=meta)
+
+
 def is_native(path: str | Path) -> bool:
     """True when the directory holds native tensor-parallel shards."""
     return any(SHARD_RE.search(p.name) for p in Path(path).glob("model-tp*-of-*.safetensors"))
@@ -101,9 +109,7 @@ def save_native(model: LlamaForCausalLM, out_dir: str | Path) -> None:
     for name, p in model.named_parameters():
         tensors[name] = p.detach().contiguous().cpu()
         dims[name] = p.tp_split_dim
-    meta = {"format": "llama-tp", "tp_rank": str(state.tp_rank), "tp_size": str(state.tp_size),
-            "split_dims": json.dumps(dims)}  # fmt: skip
-    save_file(tensors, str(out / shard_file_name(state.tp_rank, state.tp_size)), metadata=meta)
+    write_shard(tensors, dims, out, state.tp_rank, state.tp_size)
     if state.tp_rank == 0:
         model.config.save(out / "config.json")
 
@@ -115,7 +121,7 @@ def load_native_state_dict(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
     if not files:
         raise CheckpointError(f"{ckpt}: no model-tpNN-of-NN.safetensors shards (is this a Hugging Face directory?)")
     sizes = {int(SHARD_RE.search(p.name).group(2)) for p in files}
-    if len(sizes) != 1 or len(files) != sizes.copy().pop():
+    if len(sizes) != 1 or len(files) != next(iter(sizes)):
         raise CheckpointError(
             f"{ckpt}: shards {[p.name for p in files]} do not form one complete set; remove stale shards of "
             f"another tp degree"
@@ -246,8 +252,7 @@ def hf_to_native(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, dtype:
     out.mkdir(parents=True, exist_ok=True)
     dims = {name: dim for name, (_, dim) in expected_tensors(config).items()}
     for rank in range(tp):
-        meta = {"format": "llama-tp", "tp_rank": str(rank), "tp_size": str(tp), "split_dims": json.dumps(dims)}
-        save_file(split_for_rank(full, config, rank, tp), str(out / shard_file_name(rank, tp)), metadata=meta)
+        write_shard(split_for_rank(full, config, rank, tp), dims, out, rank, tp)
     config.save(out / "config.json")
     _copy_tokenizer(Path(hf_dir), out)
 
