@@ -13,43 +13,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from dataset.tokenizer import Tokenizer, TokenizerError
 from modeling.convert import CheckpointError, load_model
 from modeling.generation import generate
 from parallel.state import ParallelState
-
-
-class Tokenizer:
-    """Text <-> ids through SentencePiece (tokenizer.model) or, failing that, transformers' AutoTokenizer."""
-
-    def __init__(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        if (directory / "tokenizer.model").exists():
-            import sentencepiece as spm
-
-            self.sp = spm.SentencePieceProcessor(model_file=str(directory / "tokenizer.model"))
-            self.hf = None
-        elif (directory / "tokenizer.json").exists() or (directory / "tokenizer_config.json").exists():
-            from transformers import AutoTokenizer
-
-            self.sp, self.hf = None, AutoTokenizer.from_pretrained(str(directory))
-        else:
-            raise SystemExit(f"error: --tokenizer {directory}: no tokenizer.model or tokenizer.json there")
-
-    def encode(self, text: str) -> list[int]:
-        """Ids of `text`, with BOS first when the tokenizer has one."""
-        if self.sp is not None:
-            bos = self.sp.bos_id()
-            return ([bos] if bos >= 0 else []) + self.sp.encode(text)
-        return self.hf.encode(text)
-
-    def decode(self, ids: list[int]) -> str:
-        """Text of `ids`."""
-        return self.sp.decode(ids) if self.sp is not None else self.hf.decode(ids)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -107,8 +78,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {e}") from None
     tokenizer = None
     if args.prompt:
-        tokenizer = Tokenizer(args.tokenizer or args.ckpt)
-        prompts = [tokenizer.encode(p) for p in args.prompt]
+        try:
+            tokenizer = Tokenizer(args.tokenizer or args.ckpt)
+        except TokenizerError as e:
+            raise SystemExit(f"error: --tokenizer {e}") from None
+        prompts = [tokenizer.encode(p, bos=True) for p in args.prompt]
     else:
         try:
             prompts = [[int(t) for t in p.split(",") if t.strip()] for p in args.prompt_ids]

@@ -1,0 +1,1 @@
+"""Tokenizer, streaming jsonl.zst loading, packing and SFT rendering."""
