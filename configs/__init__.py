@@ -1,0 +1,1 @@
+"""Training configuration: dataclass schema, yaml files, model presets and DeepSpeed configs."""

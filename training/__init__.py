@@ -1,0 +1,1 @@
+"""The training loop shared by pretrain_llama.py and sft.py: optimizer, checkpoints, metrics."""

@@ -1,0 +1,188 @@
+"""Atomic training checkpoints: write into a temporary directory, rename it, then move the `latest` pointer.
+
+    <dir>/step-00000010/
+        config.json, model-tpNN-of-NN.safetensors   the model in the native format (modeling.convert reads it)
+        rank-00000.pt ...                           per rank: optimizer partition, scheduler, data-loader state, RNG
+        train_config.yaml                           the resolved training config
+        trainer_state.json                          step, tokens seen, layout; written last: its presence = complete
+    <dir>/latest                                    the name of the newest complete step directory
+
+A crash at any point leaves the previous checkpoint and `latest` intact. Loading never unpickles arbitrary
+objects: tensors come from safetensors, the .pt files are read with `torch.load(weights_only=True)` (DeepSpeed's
+loss-scaler class is allow-listed by name when DeepSpeed is in use).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from modeling.convert import CheckpointError, expected_tensors, load_checkpoint, save_native, split_for_rank
+from parallel.engine import Engine
+from parallel.state import ParallelState
+
+STATE_FILE = "trainer_state.json"
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def step_dir_name(step: int) -> str:
+    """Directory name of the checkpoint taken after `step` optimizer steps."""
+    return f"step-{step:08d}"
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG this process draws from, as tensors and plain Python."""
+    state = {"torch": torch.get_rng_state(), "python": repr(random.getstate())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what rng_state() returned."""
+    import ast
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(ast.literal_eval(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    engine: Engine,
+    state: ParallelState,
+    trainer_state: dict[str, Any],
+    rank_state: dict[str, Any],
+    config_dict: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Collectively write the checkpoint of `step` (every rank calls this) and prune to the last `keep_last`."""
+    root = Path(root)
+    final = root / step_dir_name(step)
+    tmp = root / (step_dir_name(step) + ".tmp")
+    if state.rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left over by a crash during an earlier save
+        tmp.mkdir()
+    _barrier()
+    with engine.full_parameters():
+        save_native(model, tmp)  # dp_rank 0 of each tensor rank writes its shard
+    torch.save({**engine.optimizer_state(), **rank_state, "rng": rng_state()}, tmp / f"rank-{state.rank:05d}.pt")
+    _barrier()
+    if state.rank == 0:
+        (tmp / "train_config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
+        layout = {"world_size": state.dims.world_size, "tp": state.tp_size, "ep": state.ep_size}
+        (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step, "layout": layout}, indent=2))
+        _fsync_dir(tmp)
+        if final.exists():  # a rerun that reaches the same step again replaces it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer = root / "latest.tmp"
+        pointer.write_text(final.name + "\n")
+        os.replace(pointer, root / "latest")
+        _fsync_dir(root)
+        for old in complete_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in path.iterdir() if path.is_dir() else []:
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def complete_checkpoints(root: str | Path) -> list[Path]:
+    """Complete step directories under root, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    dirs = [p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp") and (p / STATE_FILE).exists()]
+    return sorted(dirs, key=lambda p: p.name)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The checkpoint `latest` points at if it is complete, else the newest complete one, else None."""
+    root = Path(root)
+    pointer = root / "latest"
+    if pointer.exists():
+        candidate = root / pointer.read_text().strip()
+        if (candidate / STATE_FILE).exists():
+            return candidate
+    done = complete_checkpoints(root)
+    return done[-1] if done else None
+
+
+def read_trainer_state(ckpt: Path) -> dict[str, Any]:
+    """trainer_state.json of a checkpoint."""
+    try:
+        return json.loads((ckpt / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(
+            f"{ckpt / STATE_FILE}: unreadable ({e}); delete {ckpt} to resume from an older one"
+        ) from None
+
+
+def load_model_weights(model: torch.nn.Module, ckpt: Path, state: ParallelState) -> None:
+    """Load this tensor rank's shard of a native or HF checkpoint, whatever tp degree it was written at."""
+    config, full = load_checkpoint(ckpt)  # validated against its own config.json
+    expected = {k: tuple(v) for k, v in expected_full_shapes(model.config).items()}
+    got = {k: tuple(v.shape) for k, v in full.items()}
+    if expected != got:
+        diff = sorted(k for k in set(expected) | set(got) if expected.get(k) != got.get(k))
+        raise CheckpointError(
+            f"{ckpt}: its architecture differs from the configured model at {diff[:6]} "
+            f"(checkpoint {[got.get(k) for k in diff[:6]]}, model {[expected.get(k) for k in diff[:6]]}); "
+            f"make model.* match the checkpoint's config.json"
+        )
+    model.load_state_dict(split_for_rank(full, model.config, state.tp_rank, state.tp_size), strict=False)
+
+
+def expected_full_shapes(config: Any) -> dict[str, torch.Size]:
+    """Full (unsharded) shapes of the model's tensors."""
+    return {name: torch.Size(shape) for name, (shape, _) in expected_tensors(config).items()}
+
+
+def load_rank_state(ckpt: Path, state: ParallelState) -> dict[str, Any]:
+    """This rank's optimizer/scheduler/data/RNG state; the same world layout is required to resume."""
+    path = ckpt / f"rank-{state.rank:05d}.pt"
+    if not path.exists():
+        raise CheckpointError(
+            f"{path}: missing. The checkpoint was written by another world layout ({read_trainer_state(ckpt)['layout']});"
+            f" resume with that layout, or start a new run from its weights with model.init_from={ckpt}"
+        )
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _deepspeed_safe_globals() -> list[Any]:
+    """DeepSpeed's ZeRO optimizer state holds a few of its own plain classes; allow exactly those."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+    except ImportError:
+        return []
+    return [LossScaler, ZeroStageEnum]

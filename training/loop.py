@@ -1,0 +1,415 @@
+"""The training loop shared by pretrain_llama.py and sft.py.
+
+One process per rank (torchrun, accelerate launch, deepspeed, or plain python for one process). The loop:
+build the ParallelState, model, engine and data; resume from the latest complete checkpoint in checkpoint.dir
+(unless told not to); then step: grad_accum micro-batches of forward/backward, a non-finite check before each
+backward, clip and optimizer step in the engine; metrics, eval, samples and checkpoints at their intervals;
+SIGTERM/SIGINT saves a checkpoint and exits.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from configs.schema import ConfigError, TrainConfig
+from dataset.tokenizer import Tokenizer
+from modeling.config import ModelConfig
+from modeling.generation import generate
+from modeling.llama import LlamaForCausalLM
+from parallel.engine import Engine, build_engine
+from parallel.state import ParallelState
+from training import checkpoint as ckpt_io
+from training.data import build_eval_batches, build_train_loader, token_byte_lengths
+from training.metrics import MetricsLogger, memory_bytes, peak_flops
+from training.optim import build_optimizer
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite losses, a dead rank); the message says why and what to do."""
+
+
+def init_distributed(cfg: TrainConfig) -> torch.device:
+    """Join the process group the launcher described (nccl on CUDA, gloo on CPU) and pick this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    want_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but torch sees no CUDA device; use train.device=cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if want_cuda else torch.device("cpu")
+    if want_cuda:
+        torch.cuda.set_device(device)
+    # DeepSpeed needs a process group even for one process: make a world of one
+    if (world > 1 or cfg.zero_stage() > 0) and not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if want_cuda else "gloo")
+        dist.init_process_group(backend, timeout=timedelta(minutes=cfg.parallel.timeout_minutes))
+    return device
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def model_config(cfg: TrainConfig, tokenizer: Tokenizer | None) -> ModelConfig:
+    """The architecture: preset + overrides; vocab_size from the tokenizer (padded to 64 x tp) when not given."""
+    keys = cfg.model_overrides()
+    if tokenizer is not None:
+        multiple = 64 * cfg.parallel.tp
+        padded = -(-tokenizer.vocab_size // multiple) * multiple
+        if keys.get("vocab_size") is None:
+            keys["vocab_size"] = padded
+        elif keys["vocab_size"] < tokenizer.vocab_size:
+            raise ConfigError(
+                f"model vocab_size={keys['vocab_size']} is smaller than the tokenizer's {tokenizer.vocab_size} "
+                f"({cfg.data.tokenizer}); remove model.overrides.vocab_size to take it from the tokenizer"
+            )
+        keys.setdefault("bos_token_id", tokenizer.bos_id if tokenizer.bos_id >= 0 else None)
+        keys.setdefault("eos_token_id", tokenizer.eos_id if tokenizer.eos_id >= 0 else None)
+        keys.setdefault("pad_token_id", tokenizer.pad_id if tokenizer.pad_id >= 0 else None)
+    keys.setdefault("max_position_embeddings", max(cfg.data.seq_len, 2048))
+    return ModelConfig(**keys)
+
+
+def flops_per_token(mc: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x parameters (forward + backward) + attention's 12 x layers x width x seq."""
+    return 6 * mc.num_params() + 12 * mc.num_hidden_layers * mc.num_attention_heads * mc.head_dim * seq_len
+
+
+class Trainer:
+    """Builds everything from a TrainConfig and runs the loop; sft.py subclasses the data and model hooks."""
+
+    def __init__(self, cfg: TrainConfig, *, resume: bool = True) -> None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        cfg.validate(world_size=world)
+        self.cfg = cfg
+        self.device = init_distributed(cfg)
+        p = cfg.parallel
+        self.state = ParallelState.build(tp=p.tp, ep=p.ep, sequence_parallel=p.sequence_parallel)
+        self.is_main = self.state.rank == 0
+        self.out = Path(cfg.checkpoint.dir)
+        self.dtype = self._dtype()
+        self.grad_accum = cfg.grad_accum_steps(world)
+        self.tokenizer = None if cfg.data.synthetic else Tokenizer(cfg.data.tokenizer)
+        self.model_cfg = model_config(cfg, self.tokenizer)
+        self.resume_from = ckpt_io.latest_checkpoint(self.out) if resume and cfg.checkpoint.resume else None
+        if not resume and self.is_main and ckpt_io.complete_checkpoints(self.out):
+            print(f"--no-resume: starting fresh; existing checkpoints in {self.out} will be replaced", flush=True)
+
+        torch.manual_seed(cfg.train.seed)  # the same on every rank: TP shards are cut from one full init
+        self.model = self.build_model()
+        ds_config = cfg.deepspeed_json()
+        optimizer, scheduler = build_optimizer(self.model, cfg.optim, cfg.train.max_steps)
+        self.engine: Engine = build_engine(
+            self.model,
+            optimizer,
+            scheduler,
+            state=self.state,
+            grad_accum=self.grad_accum,
+            grad_clip=cfg.optim.grad_clip,
+            ds_config=ds_config,
+            micro_batch_size=cfg.train.micro_batch_size,
+            bf16=self.dtype == torch.bfloat16,
+        )
+        self.loader = self.build_data()
+        self._batches = None
+        self.step, self.tokens_seen, self.nonfinite_total = 0, 0, 0
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+        self.stop_signal: int | None = None
+
+    # ---- hooks (sft.py overrides these) ----
+
+    def build_model(self) -> LlamaForCausalLM:
+        """The model on this rank's device, from init_from or the checkpoint we resume (weights load here)."""
+        param_dtype = self.dtype if self.cfg.parallel.deepspeed_config is None else torch.float32
+        model = LlamaForCausalLM(self.model_cfg, self.state, device=self.device, dtype=param_dtype)
+        model.activation_checkpointing = self.cfg.train.activation_checkpointing
+        source = self.resume_from or self.cfg.model.init_from
+        if source is not None:
+            ckpt_io.load_model_weights(model, Path(source), self.state)
+        return model
+
+    def build_data(self) -> Any:
+        """This rank's infinite, resumable training loader."""
+        return build_train_loader(
+            self.cfg,
+            self.tokenizer,
+            vocab_size=self.model_cfg.vocab_size,
+            dp_rank=self.state.dp_rank,
+            dp_size=self.state.dp_size,
+        )
+
+    # ---- setup helpers ----
+
+    def _dtype(self) -> torch.dtype:
+        d = self.cfg.train.dtype
+        if d == "auto":
+            return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        return torch.bfloat16 if d == "bf16" else torch.float32
+
+    def _restore(self, path: Path) -> None:
+        meta = ckpt_io.read_trainer_state(path)
+        rank_state = ckpt_io.load_rank_state(path, self.state)
+        self.engine.load_optimizer_state(rank_state)
+        self.loader.load_state_dict(rank_state["data"])
+        ckpt_io.set_rng_state(rank_state["rng"])
+        self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
+        self.nonfinite_total = meta.get("nonfinite_steps", 0)
+        if self.is_main:
+            print(f"resumed from {path} at step {self.step}", flush=True)
+
+    # ---- the loop ----
+
+    def save(self) -> Path:
+        """A checkpoint of the current step (collective)."""
+        return ckpt_io.save_checkpoint(
+            self.out,
+            self.step,
+            model=self.model,
+            engine=self.engine,
+            state=self.state,
+            trainer_state={"tokens_seen": self.tokens_seen, "nonfinite_steps": self.nonfinite_total},
+            rank_state={"data": self.loader.state_dict()},
+            config_dict=self.cfg.to_dict(),
+            keep_last=self.cfg.checkpoint.keep_last,
+        )
+
+    def _any_rank(self, flag: bool) -> bool:
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        kwargs = {"targets": batch["targets"].to(self.device)}
+        if "document_ids" in batch and self.cfg.data.document_attention:
+            kwargs["document_ids"] = batch["document_ids"].to(self.device)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self._autocast()):
+            return self.engine.forward(batch["input_ids"].to(self.device), **kwargs).loss
+
+    def _autocast(self) -> bool:
+        # torch engine on CUDA keeps fp32 master weights and autocasts; DeepSpeed casts the module itself
+        return self.dtype == torch.bfloat16 and self.device.type == "cuda" and self.engine.zero_stage == 0
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over grad_accum micro-batches; returns the step's metrics."""
+        losses, nonfinite, tokens = [], False, 0
+        if self._batches is None:
+            self._batches = iter(self.loader)  # after any load_state_dict
+        for _ in range(self.grad_accum):
+            batch = next(self._batches)
+            loss = self._forward(batch)
+            tokens += int((batch["targets"] != -100).sum())
+            if self._any_rank(not torch.isfinite(loss).item()):
+                nonfinite = True
+                break
+            self.engine.backward(loss)
+            losses.append(loss.detach())
+        if nonfinite:
+            if self.engine.zero_stage:
+                raise TrainingError(
+                    f"non-finite loss at step {self.step + 1}; under ZeRO the accumulated gradients cannot be "
+                    f"discarded, so the run stops here with the last checkpoint intact. Lower optim.lr or raise "
+                    f"optim.warmup_steps and rerun (it resumes from the last checkpoint)"
+                )
+            for _ in range(self.grad_accum - len(losses) - 1):  # consume the step's remaining batches
+                next(self._batches)
+            self.engine.skip_step()
+            return {"loss": float("nan"), "grad_norm": float("nan"), "nonfinite": True, "tokens": tokens}
+        grad_norm = self.engine.step()
+        loss = torch.stack(losses).mean()
+        if self.state.dp_size > 1:
+            dist.all_reduce(loss, group=self.state.dp_group)
+            loss /= self.state.dp_size
+        tokens_t = torch.tensor([tokens], device=self.device)
+        if self.state.dp_size > 1:
+            dist.all_reduce(tokens_t, group=self.state.dp_group)
+        return {"loss": loss.item(), "grad_norm": grad_norm, "nonfinite": False, "tokens": int(tokens_t.item())}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss, perplexity and bits per byte over the first eval_batches batches of data.valid."""
+        self.model.eval()
+        byte_len = token_byte_lengths(self.tokenizer, self.model_cfg.vocab_size).to(self.device)
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # nats, tokens, bytes
+        for batch in build_eval_batches(
+            self.cfg, self.tokenizer, dp_rank=self.state.dp_rank, dp_size=self.state.dp_size
+        ):
+            loss = self._forward(batch).double()
+            targets = batch["targets"].to(self.device)
+            valid = targets != -100
+            n = valid.sum()
+            totals += torch.stack([loss * n, n.double(), byte_len[targets[valid]].sum()])
+        if self.state.dp_size > 1:
+            dist.all_reduce(totals, group=self.state.dp_group)
+        self.model.train()
+        nats, n, nbytes = totals.tolist()
+        if n == 0:
+            raise TrainingError(f"data.valid={self.cfg.data.valid}: no eval batches (too little held-out text?)")
+        loss = nats / n
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50)), "eval_bpb": nats / math.log(2) / max(nbytes, 1)}
+
+    @torch.no_grad()
+    def sample(self) -> list[str]:
+        """Greedy continuations of the configured prompts (all tensor ranks take part; rank 0 decodes)."""
+        if self.tokenizer is None:
+            return []
+        prompts = [self.tokenizer.encode(p, bos=True) for p in self.cfg.train.sample_prompts]
+        with self.engine.full_parameters():
+            ids = generate(
+                self.model,
+                prompts,
+                max_new_tokens=self.cfg.train.sample_tokens,
+                eos_token_id=self.tokenizer.eos_id if self.tokenizer.eos_id >= 0 else None,
+            )
+        self.model.train()
+        return [p + self.tokenizer.decode(out) for p, out in zip(self.cfg.train.sample_prompts, ids, strict=True)]
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum: int, frame: Any) -> None:
+            self.stop_signal = signum
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def run(self) -> None:
+        """Train to max_steps (or until a signal), checkpointing, evaluating and sampling on the way."""
+        cfg, t = self.cfg, self.cfg.train
+        self._install_signal_handlers()
+        logger = MetricsLogger(self.out, cfg.logging, cfg.to_dict(), enabled=self.is_main, resume_step=self.step)
+        flops_token = flops_per_token(self.model_cfg, cfg.data.seq_len)
+        peak = peak_flops(self.device, self.dtype) * self.state.dims.world_size
+        bar = None
+        if self.is_main and cfg.logging.progress_bar:
+            from tqdm import tqdm
+
+            bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        if self.is_main:
+            n = self.model_cfg.num_params()
+            print(
+                f"model {n / 1e6:.1f}M parameters | {self.state.describe()} | engine zero_stage="
+                f"{self.engine.zero_stage} | grad_accum {self.grad_accum} | dtype {self.dtype} | device {self.device}",
+                flush=True,
+            )
+        in_a_row, window_t0, window_tokens = 0, time.perf_counter(), 0
+        self.model.train()
+        while self.step < t.max_steps:
+            t0, lr = time.perf_counter(), self.engine.lr
+            m = self.train_step()
+            self.step += 1
+            step_time = time.perf_counter() - t0
+            self.tokens_seen += m["tokens"]
+            window_tokens += m["tokens"]
+            if m["nonfinite"]:
+                in_a_row += 1
+                self.nonfinite_total += 1
+                if in_a_row >= t.max_nonfinite_steps:
+                    raise TrainingError(
+                        f"{in_a_row} non-finite losses in a row (train.max_nonfinite_steps={t.max_nonfinite_steps}) "
+                        f"at step {self.step}: lower optim.lr or check the data; the last checkpoint is intact"
+                    )
+            else:
+                in_a_row = 0
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{lr:.2e}")
+            last = self.step == t.max_steps
+            if self.step % cfg.logging.log_every == 0 or last or self.step == 1:
+                elapsed = time.perf_counter() - window_t0
+                tok_s = window_tokens / max(elapsed, 1e-9)
+                row = {
+                    "step": self.step,
+                    "loss": m["loss"],
+                    "lr": lr,
+                    "grad_norm": m["grad_norm"],
+                    "tokens_per_s": tok_s,
+                    "tokens_seen": self.tokens_seen,
+                    "mfu": tok_s * flops_token / peak,
+                    "memory_gb": memory_bytes(self.device) / 2**30,
+                    "step_time_s": step_time,
+                    "nonfinite_steps": self.nonfinite_total,
+                    "data_skipped": _skipped(self.loader),
+                }
+                logger.log(row)
+                window_t0, window_tokens = time.perf_counter(), 0
+            if cfg.data.valid and ((t.eval_every and self.step % t.eval_every == 0) or last):
+                ev = self.evaluate()
+                logger.log({"step": self.step, **ev})
+                logger.plot(self.out / "loss_curve.png")
+                if bar is not None:
+                    bar.write(
+                        f"step {self.step}: eval loss {ev['eval_loss']:.4f} ppl {ev['eval_ppl']:.2f} bpb {ev['eval_bpb']:.3f}"
+                    )
+            if (t.sample_every and self.step % t.sample_every == 0) or last:
+                for i, text in enumerate(self.sample()):
+                    if self.is_main:
+                        (bar.write if bar is not None else print)(f"sample {i} @ step {self.step}: {text!r}")
+                        logger.log_text(self.step, f"sample_{i}", text)
+            stop = self._any_rank(self.stop_signal is not None)
+            stop = stop or bool(t.exit_interval and self.step % t.exit_interval == 0 and not last)
+            if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or last or stop:
+                path = self.save()
+                if self.is_main and (stop or last):
+                    (bar.write if bar is not None else print)(f"checkpoint: {path}")
+            if stop:
+                if self.is_main:
+                    why = "a signal" if self.stop_signal is not None else "train.exit_interval"
+                    print(f"stopped by {why} at step {self.step}; rerun the same command to resume", flush=True)
+                break
+        if bar is not None:
+            bar.close()
+        logger.plot(self.out / "loss_curve.png")
+        logger.finish()
+
+
+def _skipped(loader: Any) -> int:
+    stats = loader.stats() if hasattr(loader, "stats") else {}
+    skipped = stats.get("skipped", 0)
+    return sum(skipped.values()) if isinstance(skipped, dict) else int(skipped)
+
+
+def run_training(cfg: TrainConfig, *, resume: bool, trainer_cls: type[Trainer] = Trainer) -> None:
+    """Build a Trainer and run it; collective failures become one clear message instead of a hang or a trace dump."""
+    try:
+        trainer_cls(cfg, resume=resume).run()
+    except (ConfigError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        _exit(2)
+    except RuntimeError as e:
+        text = str(e)
+        if dist.is_initialized() and any(s in text for s in ("timed out", "Connection closed", "Connection reset")):
+            rank = dist.get_rank()
+            print(
+                f"error: rank {rank}: a collective failed ({text.splitlines()[0]}). Another rank probably died: see "
+                f"its log above. The last complete checkpoint is intact; rerun the same command to resume.",
+                file=sys.stderr,
+                flush=True,
+            )
+            _exit(3)
+        raise
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _exit(code: int) -> None:
+    # a dead peer can make destroy_process_group (and interpreter shutdown) block: leave at once
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,51 @@
+"""AdamW with decoupled weight decay on matrices only, and a warmup-then-decay learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from configs.schema import OptimSection
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: weight matrices decay; norms, biases and embeddings do not (as Megatron and Open-Llama)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "embed" in name or "norm" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def lr_lambda(cfg: OptimSection, max_steps: int) -> Callable[[int], float]:
+    """Multiplier of cfg.lr at optimizer step `step` (0-based): linear warmup, then cosine/linear/constant to min_lr."""
+    floor = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
+    warmup = cfg.warmup_steps
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.decay == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+        if cfg.decay == "linear":
+            return floor + (1 - floor) * (1 - progress)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def build_optimizer(
+    model: nn.Module, cfg: OptimSection, max_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over param_groups(model) and its LambdaLR schedule."""
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, max_steps))
