@@ -223,12 +223,11 @@ class DeepSpeedEngine(Engine):
 
     def load_optimizer_state(self, sd: dict[str, Any]) -> None:
         """Restore this rank's ZeRO partition (the fp32 master weights included) and the scheduler."""
+        mine = [sd["optimizer"]] * self.state.dp_size  # ZeRO indexes the list by data-parallel rank
         if self.zero_stage == 3:
-            self.ds.optimizer.load_state_dict([sd["optimizer"]], load_optimizer_states=True)
+            self.ds.optimizer.load_state_dict(mine, load_optimizer_states=True)
         else:
-            self.ds.optimizer.load_state_dict(
-                [sd["optimizer"]], load_optimizer_states=True, load_from_fp32_weights=True
-            )
+            self.ds.optimizer.load_state_dict(mine, load_optimizer_states=True, load_from_fp32_weights=True)
         self.scheduler.load_state_dict(sd["scheduler"])
 
     def full_parameters(self) -> Any:
