@@ -336,6 +336,11 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         return value
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typ is float and isinstance(value, str):  # yaml 1.1 reads 3e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
     if typ is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
