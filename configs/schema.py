@@ -182,7 +182,10 @@ class TrainConfig:
                 raise ConfigError(f"model.preset={self.model.preset!r}: no {path}; known presets: {known}")
             keys.update(yaml.safe_load(path.read_text()) or {})
         keys.update(self.model.overrides)
-        return keys
+        from modeling.config import ModelConfig
+
+        hints = get_type_hints(ModelConfig)
+        return {k: _coerce(f"model.{k}", v, hints[k]) if k in hints else v for k, v in keys.items()}
 
     # ---- validation ----
 

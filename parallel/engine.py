@@ -63,10 +63,16 @@ class Engine:
             (loss / self.grad_accum).backward()
 
     def step(self) -> float:
-        """Clip by the global norm, step optimizer and schedule, zero the gradients; return the pre-clip norm."""
+        """Clip by the global norm, step optimizer and schedule, zero the gradients; return the pre-clip norm.
+
+        A non-finite norm skips the optimizer step (the caller sees the norm and counts the skip).
+        """
         params = [p for p in self.module.parameters() if p.grad is not None]
         norm = global_grad_norm(params, self.state)
-        if self.grad_clip > 0 and math.isfinite(norm):
+        if not math.isfinite(norm):  # the same on every rank: the norm is global
+            self.skip_step()
+            return norm
+        if self.grad_clip > 0:
             coef = self.grad_clip / (norm + 1e-6)
             if coef < 1:
                 torch._foreach_mul_([p.grad for p in params], coef)
@@ -207,7 +213,11 @@ class DeepSpeedEngine(Engine):
             self.ds.step()  # a micro-step: DeepSpeed counts it and steps nothing
 
     def step(self) -> float:
-        """The boundary step: DeepSpeed clips, steps optimizer and schedule, zeroes the gradients."""
+        """The boundary step: DeepSpeed clips, steps optimizer and schedule, zeroes the gradients.
+
+        ZeRO-1/2 skip the step themselves when the gradient norm is not finite; ZeRO-3 does not in fp32/bf16, and
+        the trainer stops the run on a non-finite norm there.
+        """
         self.ds.step()
         self._micro = 0
         norm = self.ds.get_global_grad_norm()

@@ -234,6 +234,11 @@ class Trainer:
             self.engine.skip_step()
             return {"loss": float("nan"), "grad_norm": float("nan"), "nonfinite": True, "tokens": tokens}
         grad_norm = self.engine.step()
+        if not math.isfinite(grad_norm) and self.engine.zero_stage == 3:
+            raise TrainingError(
+                f"non-finite gradient norm at step {self.step + 1} under ZeRO-3, which cannot skip the update in "
+                f"fp32/bf16; the last checkpoint is intact: lower optim.lr and rerun to resume from it"
+            )
         loss = torch.stack(losses).mean()
         if self.state.dp_size > 1:
             dist.all_reduce(loss, group=self.state.dp_group)
@@ -241,7 +246,8 @@ class Trainer:
         tokens_t = torch.tensor([tokens], device=self.device)
         if self.state.dp_size > 1:
             dist.all_reduce(tokens_t, group=self.state.dp_group)
-        return {"loss": loss.item(), "grad_norm": grad_norm, "nonfinite": False, "tokens": int(tokens_t.item())}
+        nonfinite = not math.isfinite(grad_norm)  # the engine skipped the update
+        return {"loss": loss.item(), "grad_norm": grad_norm, "nonfinite": nonfinite, "tokens": int(tokens_t.item())}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -320,18 +326,13 @@ class Trainer:
             if m["nonfinite"]:
                 in_a_row += 1
                 self.nonfinite_total += 1
-                if in_a_row >= t.max_nonfinite_steps:
-                    raise TrainingError(
-                        f"{in_a_row} non-finite losses in a row (train.max_nonfinite_steps={t.max_nonfinite_steps}) "
-                        f"at step {self.step}: lower optim.lr or check the data; the last checkpoint is intact"
-                    )
             else:
                 in_a_row = 0
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{lr:.2e}")
             last = self.step == t.max_steps
-            if self.step % cfg.logging.log_every == 0 or last or self.step == 1:
+            if self.step % cfg.logging.log_every == 0 or last or self.step == 1 or m["nonfinite"]:
                 elapsed = time.perf_counter() - window_t0
                 tok_s = window_tokens / max(elapsed, 1e-9)
                 row = {
@@ -349,6 +350,12 @@ class Trainer:
                 }
                 logger.log(row)
                 window_t0, window_tokens = time.perf_counter(), 0
+            if in_a_row >= t.max_nonfinite_steps:
+                raise TrainingError(
+                    f"{in_a_row} non-finite losses or gradients in a row (train.max_nonfinite_steps="
+                    f"{t.max_nonfinite_steps}) at step {self.step}: lower optim.lr or check the data; the last "
+                    f"checkpoint is intact"
+                )
             if cfg.data.valid and ((t.eval_every and self.step % t.eval_every == 0) or last):
                 ev = self.evaluate()
                 logger.log({"step": self.step, **ev})

@@ -2,7 +2,6 @@
 write, non-finite losses, a dead rank. The reference is an uninterrupted run of the same command; on CPU fp32 the
 resumed losses are required to be bitwise equal."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -123,12 +122,15 @@ def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     assert resumed.step == 5
 
 
-def test_nonfinite_losses_are_skipped_then_stop(tmp_path):
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
+    # Weights of 1e30 give a finite loss (RMSNorm rescales) but an infinite gradient: every update is skipped.
     proc = pretrain(tmp_path, ["model.initializer_range=1e30", "train.max_nonfinite_steps=3"], check=False)
     assert proc.returncode == 2, proc.stderr
-    assert "3 non-finite losses in a row (train.max_nonfinite_steps=3) at step 3" in proc.stderr
+    assert "3 non-finite losses or gradients in a row (train.max_nonfinite_steps=3) at step 3" in proc.stderr
     rows = metrics(tmp_path)
-    assert [r["nonfinite_steps"] for r in rows] == [1]  # logged at step 1 (log_every=1 ... step 2 logged too)
+    assert [r["nonfinite_steps"] for r in rows] == [1, 2, 3]
+    assert all(r["grad_norm"] is None for r in rows)  # inf, written as null
+    assert not list(tmp_path.glob("step-*"))  # nothing was saved from a broken state
 
 
 def test_dead_rank_stops_the_other_with_a_message(tmp_path):
