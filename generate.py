@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from dataset.tokenizer import Tokenizer, TokenizerError
-from modeling.convert import CheckpointError, load_model
+from modeling.convert import CheckpointError, load_model, resolve_checkpoint_dir
 from modeling.generation import generate
 from parallel.state import ParallelState
 
@@ -26,7 +26,9 @@ from parallel.state import ParallelState
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt", required=True, help="native checkpoint or Hugging Face model directory")
+    ap.add_argument(
+        "--ckpt", required=True, help="native checkpoint, training run directory (its latest) or Hugging Face directory"
+    )
     ap.add_argument("--prompt", action="append", help="prompt text (repeat for a batch); needs a tokenizer")
     ap.add_argument("--prompt-ids", action="append", help="comma-separated prompt token ids (repeat for a batch)")
     ap.add_argument("--tokenizer", help="directory with tokenizer.model or tokenizer.json (default: --ckpt)")
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = None
     if args.prompt:
         try:
-            tokenizer = Tokenizer(args.tokenizer or args.ckpt)
+            tokenizer = Tokenizer(args.tokenizer or resolve_checkpoint_dir(args.ckpt))
         except TokenizerError as e:
             raise SystemExit(f"error: --tokenizer {e}") from None
         prompts = [tokenizer.encode(p, bos=True) for p in args.prompt]

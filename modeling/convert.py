@@ -210,9 +210,20 @@ def save_hf_checkpoint(config: ModelConfig, state_dict: dict[str, torch.Tensor],
 # ---- one entry point for any checkpoint ----
 
 
-def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Config and full state dict of a native or Hugging Face checkpoint directory, validated."""
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """A checkpoint directory; a training run directory resolves to the step its `latest` file names."""
     path = Path(path)
+    if (path / "latest").is_file() and not is_native(path):
+        step = path / (path / "latest").read_text().strip()
+        if not step.is_dir():
+            raise CheckpointError(f"{path / 'latest'} names {step.name}, which does not exist; pass a step-* directory")
+        return step
+    return path
+
+
+def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Config and full state dict of a native or Hugging Face checkpoint directory (or a run's latest), validated."""
+    path = resolve_checkpoint_dir(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory; pass a native checkpoint or a Hugging Face model directory")
     if not is_native(path):
@@ -254,17 +265,18 @@ def hf_to_native(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, dtype:
     for rank in range(tp):
         write_shard(split_for_rank(full, config, rank, tp), dims, out, rank, tp)
     config.save(out / "config.json")
-    _copy_tokenizer(Path(hf_dir), out)
+    copy_tokenizer(Path(hf_dir), out)
 
 
 def native_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: str | None = None) -> None:
     """Merge native shards into a Hugging Face directory that AutoModelForCausalLM.from_pretrained loads."""
     config, full = load_checkpoint(ckpt_dir)
     save_hf_checkpoint(config, _cast(full, dtype), out_dir)
-    _copy_tokenizer(Path(ckpt_dir), Path(out_dir))
+    copy_tokenizer(resolve_checkpoint_dir(ckpt_dir), Path(out_dir))
 
 
-def _copy_tokenizer(src: Path, dst: Path) -> None:
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    """Copy the tokenizer files found in src (SentencePiece and Hugging Face) into dst."""
     for name in TOKENIZER_FILES:
         if (src / name).exists():
             shutil.copyfile(src / name, dst / name)

@@ -25,7 +25,14 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from modeling.convert import CheckpointError, expected_tensors, load_checkpoint, save_native, split_for_rank
+from modeling.convert import (
+    CheckpointError,
+    copy_tokenizer,
+    expected_tensors,
+    load_checkpoint,
+    save_native,
+    split_for_rank,
+)
 from parallel.engine import Engine
 from parallel.state import ParallelState
 
@@ -71,6 +78,7 @@ def save_checkpoint(
     rank_state: dict[str, Any],
     config_dict: dict[str, Any],
     keep_last: int,
+    tokenizer_dir: str | None = None,
 ) -> Path:
     """Collectively write the checkpoint of `step` (every rank calls this) and prune to the last `keep_last`."""
     root = Path(root)
@@ -87,6 +95,8 @@ def save_checkpoint(
     _barrier()
     if state.rank == 0:
         (tmp / "train_config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
+        if tokenizer_dir:  # so that generate.py and the HF export find it beside the weights
+            copy_tokenizer(Path(tokenizer_dir), tmp)
         layout = {"world_size": state.dims.world_size, "tp": state.tp_size, "ep": state.ep_size}
         (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step, "layout": layout}, indent=2))
         _fsync_dir(tmp)

@@ -189,6 +189,7 @@ class Trainer:
             rank_state={"data": self.loader.state_dict()},
             config_dict=self.cfg.to_dict(),
             keep_last=self.cfg.checkpoint.keep_last,
+            tokenizer_dir=None if self.tokenizer is None else self.cfg.data.tokenizer,
         )
 
     def _any_rank(self, flag: bool) -> bool:
