@@ -88,4 +88,6 @@ def test_zero3_checkpoint_holds_the_same_weights_as_one_process(tmp_path):
     _, b = load_checkpoint(zero3)
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst < 1e-5, worst
+    # Adam turns reduction-order differences of the gradients (~1e-7) into weight differences of ~1e-5 at lr 3e-3;
+    # a wrongly consolidated partition would be off by the init scale (0.02).
+    assert worst < 1e-4, worst
