@@ -107,7 +107,9 @@ def save_checkpoint(
         pointer.write_text(final.name + "\n")
         os.replace(pointer, root / "latest")
         _fsync_dir(root)
-        for old in complete_checkpoints(root)[:-keep_last]:
+        # keep the most recently written ones: after --no-resume, an older run's higher steps go first
+        by_age = sorted(complete_checkpoints(root), key=lambda p: (p / STATE_FILE).stat().st_mtime_ns)
+        for old in by_age[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final

@@ -43,7 +43,8 @@ class MetricsLogger:
             import wandb
 
             run_id_file = output_dir / "wandb_run_id"
-            run_id = run_id_file.read_text().strip() if run_id_file.exists() else uuid.uuid4().hex[:8]
+            resuming = resume_step > 0 and run_id_file.exists()
+            run_id = run_id_file.read_text().strip() if resuming else uuid.uuid4().hex[:8]
             run_id_file.write_text(run_id)
             self.run = wandb.init(
                 project=cfg.wandb_project,
