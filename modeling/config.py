@@ -49,6 +49,19 @@ class ModelConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
+    # Mixture of experts (Mixtral's names where it has them). num_local_experts=0 is a dense Llama.
+    num_local_experts: int = 0
+    num_experts_per_tok: int = 2
+    moe_layer_interval: int = 1  # every k-th layer is MoE (layers k-1, 2k-1, ...); 1 = all
+    moe_layers: list[int] | None = None  # explicit MoE layer indices; overrides moe_layer_interval
+    router_score: str = "softmax"  # softmax | sigmoid
+    norm_topk_prob: bool = True  # renormalise the top-k weights to sum to 1 (Mixtral does)
+    router_aux_loss_coef: float = 0.001  # Switch/Mixtral load-balancing loss
+    router_z_loss_coef: float = 0.0  # ST-MoE router z-loss
+    capacity_factor: float | None = None  # None = dropless; else tokens per expert <= cf * tokens * k / experts
+    num_shared_experts: int = 0  # DeepSeek-style experts every token goes through
+    router_expert_bias: bool = False  # auxiliary-loss-free balancing: a per-expert bias used only for selection
+    router_bias_update_rate: float = 0.001
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
@@ -71,6 +84,33 @@ class ModelConfig:
                 f"model.num_key_value_heads={self.num_key_value_heads}"
             )
         self.rope_scaling = self._check_rope_scaling(self.rope_scaling)
+        self._check_moe()
+
+    def _check_moe(self) -> None:
+        if self.num_local_experts == 0:
+            return
+        if not 1 <= self.num_experts_per_tok <= self.num_local_experts:
+            raise ConfigError(
+                f"model.num_experts_per_tok={self.num_experts_per_tok} must be between 1 and "
+                f"model.num_local_experts={self.num_local_experts}"
+            )
+        if self.router_score not in ("softmax", "sigmoid"):
+            raise ConfigError(f"model.router_score={self.router_score!r}; choose softmax or sigmoid")
+        if self.moe_layer_interval < 1:
+            raise ConfigError(f"model.moe_layer_interval={self.moe_layer_interval} must be >= 1")
+        bad = [i for i in self.moe_layers or [] if not 0 <= i < self.num_hidden_layers]
+        if bad:
+            raise ConfigError(f"model.moe_layers has {bad}, outside 0..{self.num_hidden_layers - 1}")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ConfigError(f"model.capacity_factor={self.capacity_factor} must be positive (or null: dropless)")
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Whether decoder layer `index` has a mixture-of-experts MLP."""
+        if self.num_local_experts == 0:
+            return False
+        if self.moe_layers is not None:
+            return index in self.moe_layers
+        return index % self.moe_layer_interval == self.moe_layer_interval - 1
 
     @staticmethod
     def _check_rope_scaling(scaling: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -98,8 +138,13 @@ class ModelConfig:
         """'default', 'linear', 'dynamic' or 'llama3'."""
         return self.rope_scaling["rope_type"] if self.rope_scaling else "default"
 
-    def validate_parallel(self, tp: int) -> None:
-        """Check that every sharded dimension splits over `tp` tensor ranks; the error names the key."""
+    def validate_parallel(self, tp: int, ep: int = 1) -> None:
+        """Check that every sharded dimension splits over `tp` tensor ranks (experts over `ep`); errors name the key."""
+        if ep > 1 and (self.num_local_experts == 0 or self.num_local_experts % ep):
+            raise ParallelConfigError(
+                f"model.num_local_experts={self.num_local_experts} is not divisible by parallel.ep={ep}"
+                + (" (this model has no experts: use parallel.ep=1)" if self.num_local_experts == 0 else "")
+            )
         checks = [
             ("num_attention_heads", self.num_attention_heads),
             ("num_key_value_heads", self.num_key_value_heads),
