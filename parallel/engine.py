@@ -27,7 +27,7 @@ from parallel.state import ParallelState
 
 
 class Engine:
-    """Torch engine: DDP over the data-parallel group (no wrapping at dp=1), local accumulation, global-norm clipping."""
+    """Torch engine: DDP over the data-parallel group (none at dp=1), local accumulation, global-norm clipping."""
 
     zero_stage = 0
 
@@ -45,7 +45,11 @@ class Engine:
         self.state, self.grad_accum, self.grad_clip = state, grad_accum, grad_clip
         self._micro = 0
         self._ddp = None
+        self._experts = [p for p in model.parameters() if getattr(p, "expert_parallel", False)]
         if state.dp_size > 1:
+            # expert shards differ across the expert-parallel group: DDP must not average them over dp
+            expert_names = [n for n, p in model.named_parameters() if getattr(p, "expert_parallel", False)]
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_names)
             self._ddp = nn.parallel.DistributedDataParallel(
                 model, process_group=state.dp_group, broadcast_buffers=False
             )
@@ -67,6 +71,7 @@ class Engine:
 
         A non-finite norm skips the optimizer step (the caller sees the norm and counts the skip).
         """
+        self._reduce_expert_grads()
         params = [p for p in self.module.parameters() if p.grad is not None]
         norm = global_grad_norm(params, self.state)
         if not math.isfinite(norm):  # the same on every rank: the norm is global
@@ -80,6 +85,24 @@ class Engine:
         self.scheduler.step()
         self.zero_grad()
         return norm
+
+    def _reduce_expert_grads(self) -> None:
+        """Expert gradients: sum over the expert-data-parallel replicas, then / dp, as DDP's mean over dp.
+
+        Each rank's loss already reached the experts of its whole ep group through the all-to-all, so the sum over
+        the edp group covers every data-parallel rank's tokens exactly once.
+        """
+        grads = [p.grad for p in self._experts if p.grad is not None]
+        if not grads or self.state.dp_size == 1:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])  # (n,): one collective for all expert gradients
+        if self.state.dims.edp > 1:
+            dist.all_reduce(flat, group=self.state.edp_group)
+        flat /= self.state.dp_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
 
     def zero_grad(self) -> None:
         """Drop the accumulated gradients (also the way to skip a step)."""
@@ -111,17 +134,23 @@ class Engine:
 
 
 def global_grad_norm(params: list[nn.Parameter], state: ParallelState) -> float:
-    """L2 norm of the whole model's gradient: tensor-split parameters summed over the tensor group.
+    """L2 norm of the whole model's gradient, each parameter counted once.
 
+    Tensor-split parameters are summed over the tensor group, expert shards over the expert-parallel group.
     Replicated parameters (norm weights) carry the same gradient on every tensor rank, so they are counted once.
     """
-    split = [p.grad for p in params if getattr(p, "tp_split_dim", None) is not None]
-    replicated = [p.grad for p in params if getattr(p, "tp_split_dim", None) is None]
+    experts = [p.grad for p in params if getattr(p, "expert_parallel", False)]
+    dense = [p for p in params if not getattr(p, "expert_parallel", False)]
+    split = [p.grad for p in dense if getattr(p, "tp_split_dim", None) is not None]
+    replicated = [p.grad for p in dense if getattr(p, "tp_split_dim", None) is None]
     device = params[0].device if params else torch.device("cpu")
     sq_split = _sum_sq(split, device)
     if state.tp_size > 1:
         dist.all_reduce(sq_split, group=state.tp_group)
-    return math.sqrt((sq_split + _sum_sq(replicated, device)).item())
+    sq_experts = _sum_sq(experts, device)  # each ep rank holds other experts (the same on every tensor rank)
+    if state.ep_size > 1:
+        dist.all_reduce(sq_experts, group=state.ep_group)
+    return math.sqrt((sq_split + sq_experts + _sum_sq(replicated, device)).item())
 
 
 def _sum_sq(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:

@@ -363,7 +363,8 @@ class Trainer:
                 logger.plot(self.out / "loss_curve.png")
                 if bar is not None:
                     bar.write(
-                        f"step {self.step}: eval loss {ev['eval_loss']:.4f} ppl {ev['eval_ppl']:.2f} bpb {ev['eval_bpb']:.3f}"
+                        f"step {self.step}: eval loss {ev['eval_loss']:.4f} ppl {ev['eval_ppl']:.2f} "
+                        f"bpb {ev['eval_bpb']:.3f}"
                     )
             if (t.sample_every and self.step % t.sample_every == 0) or last:
                 for i, text in enumerate(self.sample()):
