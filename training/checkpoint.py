@@ -184,7 +184,8 @@ def load_rank_state(ckpt: Path, state: ParallelState) -> dict[str, Any]:
     if not path.exists():
         raise CheckpointError(
             f"{path}: missing. The checkpoint was written by another world layout "
-            f"({read_trainer_state(ckpt)['layout']}); resume with that layout, or start a new run from its weights with model.init_from={ckpt}"
+            f"({read_trainer_state(ckpt)['layout']}); resume with that layout, or start a new run from its "
+            f"weights with model.init_from={ckpt}"
         )
     with torch.serialization.safe_globals(_deepspeed_safe_globals()):
         return torch.load(path, map_location="cpu", weights_only=True)
