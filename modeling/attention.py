@@ -53,10 +53,11 @@ class Attention(nn.Module):
         """
         q, k, v = fused_column_parallel(x, (self.q_proj, self.k_proj, self.v_proj))  # (B, T, heads/tp * hd) etc.
         B, T = q.shape[:2]  # the full sequence, also when x holds a sequence-parallel chunk
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q = apply_rotary(q.view(B, T, self.n_heads, self.head_dim), cos, sin)  # (B, T, nh, hd)
+        k = apply_rotary(k.view(B, T, self.n_kv_heads, self.head_dim), cos, sin)  # (B, T, nkv, hd)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hd)
+        # heads-first views of the (B, T, heads, hd) memory, the layout transformers gives sdpa too
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh or nkv, T, hd)
         if cache is not None:
             k_buf, v_buf, start = cache
             k_buf[:, :, start : start + T] = k

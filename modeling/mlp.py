@@ -1,4 +1,10 @@
-"""SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate/up column-parallel, down row-parallel."""
+"""SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate/up column-parallel, down row-parallel.
+
+The product silu(g) * u is one autograd function that stores only g and u (views of the fused gate/up matmul's
+output, alive anyway) and recomputes silu in backward, where autograd would also keep silu(g):
+
+    d u = dh * silu(g),    d g = dh * u * sigma(g) (1 + g (1 - sigma(g)))    (aten's silu_backward)
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,29 @@ from torch import nn
 from modeling.config import ModelConfig
 from parallel.layers import ColumnParallelLinear, InitMethod, RowParallelLinear, fused_column_parallel
 from parallel.state import ParallelState
+
+
+class _SwiGLUFunction(torch.autograd.Function):
+    """fwd: h = silu(gate) * up / bwd: dgate = silu'(gate) dh up, dup = silu(gate) dh, silu recomputed."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate).mul_(up)
+
+    @staticmethod
+    def backward(ctx, dh: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        dgate = torch.mul(dh, up)
+        # silu_backward(g, x) = g * silu'(x), one fused pass, written over its own input
+        torch.ops.aten.silu_backward.grad_input(dgate, gate, grad_input=dgate)
+        dup = F.silu(gate).mul_(dh)
+        return dgate, dup
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, elementwise."""
+    return _SwiGLUFunction.apply(gate, up)
 
 
 class SwiGLUMLP(nn.Module):
@@ -31,4 +60,4 @@ class SwiGLUMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, H) -> (B, T, H) (T/tp under sequence parallelism)."""
         gate, up = fused_column_parallel(x, (self.gate_proj, self.up_proj))  # (B, T, intermediate/tp) each
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(swiglu(gate, up))

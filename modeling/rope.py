@@ -57,18 +57,47 @@ class RotaryEmbedding(nn.Module):
             seq_len = int(position_ids.max()) + 1
             if seq_len > self.config.max_position_embeddings:
                 inv_freq = inv_frequencies(self.config, seq_len, device=position_ids.device)
-        freqs = position_ids.unsqueeze(-1).float() * inv_freq.float()  # (B, T, d/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, d)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        B = position_ids.shape[0]
+        if B > 1 and position_ids.stride(0) == 0:
+            # one row of positions expanded over the batch: compute it once and return stride-0 tables, which
+            # also lets every rotation broadcast over the batch instead of reading B copies
+            position_ids = position_ids[:1]
+        freqs = position_ids.unsqueeze(-1).float() * inv_freq.float()  # (B or 1, T, d/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B or 1, T, d)
+        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        return cos.expand(B, -1, -1), sin.expand(B, -1, -1)  # (B, T, d)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """[x1, x2] -> [-x2, x1] along the last dimension."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    """[x1, x2] -> [x1 c - sign x2 s, x2 c + sign x1 s] for halves x1, x2 and (.., d/2) tables c, s."""
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous whatever x's strides
+    torch.mul(x1, cos, out=out[..., :h]).addcmul_(x2, sin, value=-sign)
+    torch.mul(x2, cos, out=out[..., h:]).addcmul_(x1, sin, value=sign)
+    return out
+
+
+class _Rotary(torch.autograd.Function):
+    """fwd: rotate each pair (x1_i, x2_i) by +p f_i / bwd: rotate the gradient by -p f_i (the transpose).
+
+    Written into one output in two half-passes each: autograd through x cos + rotate_half(x) sin would allocate
+    the negated half, the concatenation and two products, and store nothing it needs less than cos and sin.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, -1.0), None, None
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, heads, T, d) by (B, T, d) tables."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, d)
-    return x * cos + rotate_half(x) * sin
+    """Rotate x (B, T, heads, d) by (B, T, d) tables: x cos + rotate_half(x) sin, as a contiguous tensor."""
+    h = x.shape[-1] // 2
+    # the tables repeat their first half (emb = [freqs, freqs]): the rotation needs only that half
+    return _Rotary.apply(x, cos[..., :h].unsqueeze(2), sin[..., :h].unsqueeze(2))  # tables (B, T, 1, d/2)
