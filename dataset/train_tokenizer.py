@@ -53,6 +53,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dataset.jsonl_zst import FORMATS, DataError, file_format, iter_texts
+from dataset.sft import install_chat_template
 from dataset.tokenizer import CHAT_TOKENS, SPECIAL_TOKENS
 
 logger = logging.getLogger(__name__)
@@ -437,6 +438,7 @@ def train_tokenizer(
         stats.split_long_sentences, stats.sampling,
     )  # fmt: skip
     write_hf_files(out_dir / "tokenizer.model", out_dir)
+    install_chat_template(out_dir)  # the SFT chat format, so apply_chat_template renders what sft.py trains on
     grouped = ["\n".join(sample.texts[i : i + 8]) for i in range(0, len(sample.texts), 8)]
     texts = [*PROBES, *sample.texts, *grouped]
     if mismatches := parity_mismatches(out_dir, texts):
