@@ -20,6 +20,7 @@ a resumed reader can start from.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import warnings
@@ -232,23 +233,23 @@ def iter_lines(
             if check != b"\n":
                 raise DataError(moved)
             check = None
-        pos = 0
-        while (nl := block.find(b"\n", pos)) >= 0:
-            parts.append(block[pos:nl])
-            raw = b"".join(parts) if len(parts) > 1 else parts[0]
-            parts.clear()
+        pieces = block.split(b"\n")
+        parts.append(pieces[0])
+        if len(pieces) == 1:
+            continue
+        pieces[0] = b"".join(parts) if len(parts) > 1 else parts[0]
+        parts = [pieces.pop()]  # the start of the next line
+        for raw in pieces:
             end = offset + len(raw) + 1
             if drop_lines:
                 drop_lines -= 1
             else:
                 yield line_no, offset, end, raw[:-1] if raw.endswith(b"\r") else raw
-            line_no, offset, pos = line_no + 1, end, nl + 1
-        if pos < len(block):
-            parts.append(block[pos:])
+            line_no, offset = line_no + 1, end
     if offset < start_offset:
         raise DataError(f"{path}: byte offset {start_offset} (line {start_line}) is past the end of the file")
-    if parts and not drop_lines:  # the last line has no newline
-        raw = b"".join(parts)
+    raw = b"".join(parts)
+    if raw and not drop_lines:  # the last line has no newline
         yield line_no, offset, offset + len(raw), raw[:-1] if raw.endswith(b"\r") else raw
 
 
@@ -330,7 +331,8 @@ def iter_documents(
     line_no = start_line - 1
     try:
         for line_no, offset, end, raw in iter_lines(path, start_line=start_line, start_offset=start_offset):
-            content = content or bool(raw.strip())
+            if not content and raw.strip():
+                content = True
             if (line_no - 1) % stride != phase:
                 continue
             try:
@@ -374,3 +376,45 @@ def iter_texts(
     """Yield the text of each document of a `.jsonl[.zst]` or `.txt[.zst]` file, in file order."""
     for doc in iter_documents(path, text_field=text_field, on_error=on_error, skipped=skipped):
         yield doc.text
+
+
+def resolve_paths(spec, *, on_error: str = "raise", skipped: Counter | None = None) -> list[Path]:
+    """The data files named by `spec`: a file, a directory (its data files), a glob, or a list of these.
+
+    Files of other types in a directory or glob (a `manifest.json` beside the shards) are ignored. A glob or
+    directory with no data file, or a missing path, is a DataError, or with on_error="skip" a warning counted as
+    `no_match` in `skipped`; no file at all is always an error, and so is a file named twice.
+    """
+    _check_on_error(on_error)
+    items = [spec] if isinstance(spec, str | Path) else list(spec)
+    skipped = Counter() if skipped is None else skipped
+    kinds = "/".join(FORMATS)
+    found: dict[Path, tuple[Path, str]] = {}  # resolved path -> (path as found, the item that named it)
+    for item in items:
+        name = str(item)
+        if any(c in name for c in "*?["):
+            matches = [Path(p) for p in sorted(glob.glob(name, recursive=True))]
+            where = f"glob {name!r} matches no {kinds} file"
+        elif Path(name).is_dir():
+            matches = sorted(Path(name).iterdir())
+            where = f"directory {name} holds no {kinds} file"
+        elif Path(name).exists():
+            if file_format(name) is None:
+                raise DataError(f"{name}: unsupported file type; use one of {', '.join(FORMATS)}")
+            matches, where = [Path(name)], ""
+        else:
+            matches, where = [], f"{name}: no such file or directory"
+        matches = [p for p in matches if file_format(p) is not None and p.is_file()]
+        if not matches:
+            if on_error == "raise":
+                raise DataError(f"{where}; check the data path (data config or --data)")
+            skipped["no_match"] += 1
+            warnings.warn(f"skipped: {where}", DataWarning, stacklevel=2)
+        for p in matches:
+            key = p.resolve()
+            if key in found:
+                raise DataError(f"{p}: named twice (by {found[key][1]!r} and {name!r}); give each file once")
+            found[key] = (p, name)
+    if not found:
+        raise DataError(f"no {kinds} file in {items}; check the data path (data config or --data)")
+    return [p for p, _ in found.values()]

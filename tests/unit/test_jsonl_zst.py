@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from dataset.jsonl_zst import DataError, DataWarning, iter_documents, iter_lines, iter_records, iter_texts
+from dataset.jsonl_zst import (
+    DataError,
+    DataWarning,
+    iter_documents,
+    iter_lines,
+    iter_records,
+    iter_texts,
+    resolve_paths,
+)
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -220,3 +228,23 @@ def test_real_crlf_chinese_text():
     expected = [ln for ln in raw.decode("utf-8").split("\r\n") if ln.strip()]
     texts = list(iter_texts(DATA / "hongloumeng_zh.txt"))
     assert texts == expected and not any("\r" in t for t in texts)
+
+
+def test_resolve_paths(tmp_path):
+    d = tmp_path / "shards"
+    d.mkdir()
+    for name in ("part-00001.jsonl.zst", "part-00000.jsonl.zst", "notes.txt", "manifest.json", "x.jsonl.zst.tmp"):
+        (d / name).write_bytes(b"")
+    names = ["notes.txt", "part-00000.jsonl.zst", "part-00001.jsonl.zst"]
+    assert [p.name for p in resolve_paths(d)] == names  # sorted, manifest and partial files ignored
+    assert [p.name for p in resolve_paths(str(d / "*"))] == names
+    assert [p.name for p in resolve_paths([str(d / "part-*.zst")])] == names[1:]
+    with pytest.raises(DataError, match=r"part-00000\.jsonl\.zst: named twice \(by '.*part-\*\.zst' and '.*shards'\)"):
+        resolve_paths([str(d / "part-*.zst"), str(d)])
+    with pytest.raises(DataError, match=r"manifest\.json: unsupported file type"):
+        resolve_paths(d / "manifest.json")
+    with pytest.raises(DataError, match=r"missing: no such file or directory; check the data path"):
+        resolve_paths(tmp_path / "missing")
+    with pytest.raises(DataError, match=r"directory .*empty holds no \.jsonl/"):
+        (tmp_path / "empty").mkdir()
+        resolve_paths(tmp_path / "empty")
