@@ -28,11 +28,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelSection:
-    """Which architecture: a preset plus Hugging Face config.json keys that override it."""
+    """Which architecture: a preset, or the checkpoint to start from, plus config.json keys that override it."""
 
-    preset: str | None = "tiny"
+    preset: str | None = None  # configs/model/<preset>.yaml; required unless init_from gives the architecture
     overrides: dict[str, Any] = field(default_factory=dict)
-    init_from: str | None = None  # native or Hugging Face checkpoint to start from (weights only)
+    init_from: str | None = None  # native checkpoint, run directory or HF directory: architecture and weights
 
 
 @dataclass
@@ -58,6 +58,8 @@ class DataSection:
     num_workers: int = 0
     on_error: str = "raise"  # raise | skip
     synthetic: bool = False  # random tokens instead of text (benchmarks, equivalence tests); needs model.vocab_size
+    pack: bool = True  # SFT: several conversations per sequence (needs document_attention) or one padded per row
+    truncation: str = "drop"  # SFT: a conversation longer than seq_len + 1 is dropped or cut (drop | truncate)
 
 
 @dataclass
@@ -130,6 +132,19 @@ class LoggingSection:
 
 
 @dataclass
+class LoraSection:
+    """LoRA adapters for sft.py (frozen base; checkpoints hold only the adapter)."""
+
+    enabled: bool = False
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
 class TrainConfig:
     """The whole training configuration."""
 
@@ -140,6 +155,7 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    lora: LoraSection = field(default_factory=LoraSection)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (saved beside every checkpoint, logged to wandb)."""
@@ -173,9 +189,19 @@ class TrainConfig:
         return int((ds or {}).get("zero_optimization", {}).get("stage", 0))
 
     def model_overrides(self) -> dict[str, Any]:
-        """Hugging Face config keys of the model: the preset's, then the overrides."""
+        """Model config keys: the init_from checkpoint's or the preset's, then the overrides."""
         keys: dict[str, Any] = {}
-        if self.model.preset:
+        if self.model.init_from:
+            from modeling.config import ConfigError as ModelConfigError
+            from modeling.config import ModelConfig
+            from modeling.convert import resolve_checkpoint_dir
+
+            try:
+                base = ModelConfig.load(resolve_checkpoint_dir(resolve_path(self.model.init_from)) / "config.json")
+            except (ModelConfigError, OSError) as e:
+                raise ConfigError(f"model.init_from={self.model.init_from}: {e}") from None
+            keys.update(dataclasses.asdict(base))
+        elif self.model.preset:
             path = CONFIG_DIR / "model" / f"{self.model.preset}.yaml"
             if not path.exists():
                 known = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
@@ -204,6 +230,21 @@ class TrainConfig:
         _choice("parallel.backend", p.backend, ("auto", "nccl", "gloo"))
         _choice("logging.wandb_mode", self.logging.wandb_mode, ("auto", "online", "offline", "disabled"))
         _choice("data.on_error", d.on_error, ("raise", "skip"))
+        _choice("data.truncation", d.truncation, ("drop", "truncate"))
+        if self.model.init_from and self.model.preset:
+            raise ConfigError(
+                f"model.preset={self.model.preset!r} and model.init_from are both set: the checkpoint's config.json "
+                f"defines the architecture; remove model.preset"
+            )
+        if not self.model.init_from and not self.model.preset:
+            raise ConfigError("model.preset is not set: choose one of tiny, 125m, 1b, 7b (or set model.init_from)")
+        if self.lora.enabled:
+            _positive(self, ["lora.r", "lora.alpha"])
+            if not 0 <= self.lora.dropout < 1:
+                raise ConfigError(f"lora.dropout={self.lora.dropout} must be in [0, 1)")
+            allowed = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+            if not self.lora.targets or set(self.lora.targets) - allowed:
+                raise ConfigError(f"lora.targets={self.lora.targets}; choose among {sorted(allowed)}")
         if o.min_lr > o.lr:
             raise ConfigError(f"optim.min_lr={o.min_lr} is above optim.lr={o.lr}; the floor must be <= the peak")
         if world_size % p.tp:

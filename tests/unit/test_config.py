@@ -4,7 +4,7 @@ import pytest
 
 from configs.schema import ConfigError, load_config
 
-BASE = ["data.train=shards/*.jsonl.zst", "data.tokenizer=tok"]
+BASE = ["model.preset=tiny", "data.train=shards/*.jsonl.zst", "data.tokenizer=tok"]
 
 
 def _cfg(*overrides, path=None):
