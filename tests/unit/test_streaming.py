@@ -321,6 +321,12 @@ def test_plain_dataloader_over_the_dataset_gives_single_windows(tmp_path, tok):
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
     ref = next(iter(build_dataloader(ds, 4)))
     assert batches_equal([batch], [ref])
+    boundaries = 0
+    for _, b in run(build_dataloader(ds, 4), 20):  # document ids step up right after each EOS
+        eos_before = torch.cumsum(b["input_ids"] == tok.eos_id, dim=1) - (b["input_ids"] == tok.eos_id).long()
+        assert torch.equal(b["document_ids"], eos_before)
+        boundaries += int(b["document_ids"][:, -1].sum())
+    assert boundaries > 3
 
 
 def test_finite_pass_is_deterministic_and_loses_no_token(tmp_path, tok):
