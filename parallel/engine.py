@@ -50,9 +50,7 @@ class Engine:
             # expert shards differ across the expert-parallel group: DDP must not average them over dp
             expert_names = [n for n, p in model.named_parameters() if getattr(p, "expert_parallel", False)]
             nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_names)
-            self._ddp = nn.parallel.DistributedDataParallel(
-                model, process_group=state.dp_group, broadcast_buffers=False
-            )
+            self._ddp = nn.parallel.DistributedDataParallel(model, process_group=state.dp_group)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The model's forward (through DDP when data-parallel, so that its reduction hooks are armed)."""

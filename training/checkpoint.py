@@ -18,6 +18,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,6 @@ from modeling.convert import (
     copy_tokenizer,
     expected_tensors,
     load_checkpoint,
-    save_native,
     split_for_rank,
 )
 from parallel.engine import Engine
@@ -71,7 +71,7 @@ def save_checkpoint(
     root: str | Path,
     step: int,
     *,
-    model: torch.nn.Module,
+    write_weights: Callable[[Path], None],
     engine: Engine,
     state: ParallelState,
     trainer_state: dict[str, Any],
@@ -89,8 +89,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)  # left over by a crash during an earlier save
         tmp.mkdir()
     _barrier()
-    with engine.full_parameters():
-        save_native(model, tmp)  # dp_rank 0 of each tensor rank writes its shard
+    write_weights(tmp)  # e.g. the native model shards: dp_rank 0 of each tensor rank writes its own
     torch.save({**engine.optimizer_state(), **rank_state, "rng": rng_state()}, tmp / f"rank-{state.rank:05d}.pt")
     _barrier()
     if state.rank == 0:

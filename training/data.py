@@ -92,7 +92,7 @@ def build_train_loader(cfg: TrainConfig, tokenizer: Tokenizer | None, *, vocab_s
 def build_eval_batches(
     cfg: TrainConfig, tokenizer: Tokenizer, *, dp_rank: int, dp_size: int
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """The first cfg.train.eval_batches batches of one deterministic pass over data.valid (same at every eval)."""
+    """The first cfg.train.eval_batches batches of data.valid in file order (the same at every eval)."""
     from dataset.streaming import StreamingDataset, build_dataloader
 
     d = cfg.data
@@ -107,7 +107,7 @@ def build_eval_batches(
         text_field=d.text_field,
         return_document_ids=d.document_attention,
         on_error=d.on_error,
-        infinite=False,
+        infinite=True,  # every rank gets exactly eval_batches batches (ZeRO-3 forwards are collective)
         shuffle=False,
     )
     for i, batch in enumerate(build_dataloader(ds, cfg.train.micro_batch_size, num_workers=0)):

@@ -21,9 +21,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from configs.schema import ConfigError, TrainConfig
+from configs.schema import ConfigError, TrainConfig, resolve_path
 from dataset.tokenizer import Tokenizer
 from modeling.config import ModelConfig
+from modeling.convert import save_native
 from modeling.generation import generate
 from modeling.llama import LlamaForCausalLM
 from parallel.engine import Engine, build_engine
@@ -57,6 +58,23 @@ def init_distributed(cfg: TrainConfig) -> torch.device:
         backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if want_cuda else "gloo")
         dist.init_process_group(backend, timeout=timedelta(minutes=cfg.parallel.timeout_minutes))
     return device
+
+
+def adopt_accelerate_deepspeed_config(cfg: TrainConfig) -> None:
+    """Under `accelerate launch` with DeepSpeed, use its json unless parallel.deepspeed_config names another."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        return
+    given = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not given:
+        return
+    ours = cfg.parallel.deepspeed_config
+    if ours is None:
+        cfg.parallel.deepspeed_config = given
+    elif resolve_path(ours).resolve() != resolve_path(given).resolve():
+        raise ConfigError(
+            f"parallel.deepspeed_config={ours} but the accelerate config launches DeepSpeed with {given}; "
+            f"make them the same (or drop parallel.deepspeed_config to use accelerate's)"
+        )
 
 
 def _free_port() -> int:
@@ -97,6 +115,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, *, resume: bool = True) -> None:
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        adopt_accelerate_deepspeed_config(cfg)
         cfg.validate(world_size=world)
         self.cfg = cfg
         self.device = init_distributed(cfg)
@@ -138,8 +157,8 @@ class Trainer:
 
     def build_model(self) -> LlamaForCausalLM:
         """The model on this rank's device, from init_from or the checkpoint we resume (weights load here)."""
-        param_dtype = self.dtype if self.cfg.parallel.deepspeed_config is None else torch.float32
-        model = LlamaForCausalLM(self.model_cfg, self.state, device=self.device, dtype=param_dtype)
+        # fp32 master weights: the torch engine autocasts to bf16, DeepSpeed keeps its own bf16 copy
+        model = LlamaForCausalLM(self.model_cfg, self.state, device=self.device, dtype=torch.float32)
         model.activation_checkpointing = self.cfg.train.activation_checkpointing
         source = self.resume_from or self.cfg.model.init_from
         if source is not None:
@@ -155,6 +174,15 @@ class Trainer:
             dp_rank=self.state.dp_rank,
             dp_size=self.state.dp_size,
         )
+
+    def eval_batches(self) -> Any:
+        """The held-out batches of one evaluation (the same at every eval)."""
+        return build_eval_batches(self.cfg, self.tokenizer, dp_rank=self.state.dp_rank, dp_size=self.state.dp_size)
+
+    def write_weights(self, directory: Path) -> None:
+        """Write what a checkpoint holds of the model (this rank's share; the native format)."""
+        with self.engine.full_parameters():
+            save_native(self.model, directory)
 
     # ---- setup helpers ----
 
@@ -182,7 +210,7 @@ class Trainer:
         return ckpt_io.save_checkpoint(
             self.out,
             self.step,
-            model=self.model,
+            write_weights=self.write_weights,
             engine=self.engine,
             state=self.state,
             trainer_state={"tokens_seen": self.tokens_seen, "nonfinite_steps": self.nonfinite_total},
@@ -206,8 +234,8 @@ class Trainer:
             return self.engine.forward(batch["input_ids"].to(self.device), **kwargs).loss
 
     def _autocast(self) -> bool:
-        # torch engine on CUDA keeps fp32 master weights and autocasts; DeepSpeed casts the module itself
-        return self.dtype == torch.bfloat16 and self.device.type == "cuda" and self.engine.zero_stage == 0
+        # the torch engine keeps fp32 weights and autocasts; DeepSpeed casts the module to bf16 itself
+        return self.dtype == torch.bfloat16 and self.engine.zero_stage == 0
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over grad_accum micro-batches; returns the step's metrics."""
@@ -217,7 +245,7 @@ class Trainer:
         for _ in range(self.grad_accum):
             batch = next(self._batches)
             loss = self._forward(batch)
-            tokens += int((batch["targets"] != -100).sum())
+            tokens += batch["input_ids"].numel()
             if self._any_rank(not torch.isfinite(loss).item()):
                 nonfinite = True
                 break
@@ -256,9 +284,7 @@ class Trainer:
         self.model.eval()
         byte_len = token_byte_lengths(self.tokenizer, self.model_cfg.vocab_size).to(self.device)
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # nats, tokens, bytes
-        for batch in build_eval_batches(
-            self.cfg, self.tokenizer, dp_rank=self.state.dp_rank, dp_size=self.state.dp_size
-        ):
+        for batch in self.eval_batches():
             loss = self._forward(batch).double()
             targets = batch["targets"].to(self.device)
             valid = targets != -100
