@@ -13,6 +13,15 @@ the same rotate-half layout, so conversion renames nothing and permutes nothing.
 
     python -m modeling.convert --from-hf HF_DIR --out DIR [--tp N] [--dtype bf16]
     python -m modeling.convert --to-hf DIR --out HF_DIR [--dtype bf16]
+
+LoRA adapters (parallel.lora: a native adapter directory, adapter_config.json + adapter-tpNN-of-NN.safetensors saved
+at any tp degree, or a PEFT LoRA export). `--merge-lora` folds the adapter into the weights being converted,
+W <- W + (alpha / r) B A, so the output is a plain model; `--to-peft` writes the adapter alone in PEFT's format,
+which peft.PeftModel.from_pretrained loads onto the Hugging Face export of the base model:
+
+    python -m modeling.convert --to-hf BASE_DIR --merge-lora ADAPTER_DIR --out HF_DIR [--dtype bf16]
+    python -m modeling.convert --from-hf HF_DIR --merge-lora ADAPTER_DIR --out DIR [--tp N]
+    python -m modeling.convert --to-peft ADAPTER_DIR --out PEFT_DIR [--dtype bf16]
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from safetensors.torch import save_file
 
 from modeling.config import ConfigError, ModelConfig
 from modeling.llama import LlamaForCausalLM
+from parallel.lora import AdapterError, load_adapter_full, merge_lora_state_dict, save_peft_adapter
 from parallel.state import ParallelState
 
 SHARD_RE = re.compile(r"model-tp(\d+)-of-(\d+)\.safetensors$")
@@ -254,10 +264,25 @@ def _cast(state_dict: dict[str, torch.Tensor], dtype: str | None) -> dict[str, t
     return state_dict if dtype is None else {k: v.to(DTYPES[dtype]) for k, v in state_dict.items()}
 
 
-def hf_to_native(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, dtype: str | None = None) -> None:
-    """Convert a Hugging Face Llama directory into native shards for `tp` tensor ranks."""
+def merge_adapter(state_dict: dict[str, torch.Tensor], adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The full state dict with the LoRA adapter in `adapter_dir` (native or PEFT; a run's latest) folded in."""
+    config, adapter = load_adapter_full(resolve_checkpoint_dir(adapter_dir))
+    return merge_lora_state_dict(state_dict, adapter, config.scaling)
+
+
+def hf_to_native(
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    tp: int = 1,
+    dtype: str | None = None,
+    merge_lora: str | Path | None = None,
+) -> None:
+    """Convert a Hugging Face Llama directory into native shards for `tp` tensor ranks, a LoRA adapter merged in."""
     config, full = load_hf_checkpoint(hf_dir)
     config.validate_parallel(tp)
+    if merge_lora is not None:
+        full = merge_adapter(full, merge_lora)
     full = _cast(full, dtype)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -268,11 +293,28 @@ def hf_to_native(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, dtype:
     copy_tokenizer(Path(hf_dir), out)
 
 
-def native_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: str | None = None) -> None:
-    """Merge native shards into a Hugging Face directory that AutoModelForCausalLM.from_pretrained loads."""
+def native_to_hf(
+    ckpt_dir: str | Path, out_dir: str | Path, *, dtype: str | None = None, merge_lora: str | Path | None = None
+) -> None:
+    """Merge native shards (and a LoRA adapter) into a directory that AutoModelForCausalLM.from_pretrained loads."""
     config, full = load_checkpoint(ckpt_dir)
+    if merge_lora is not None:
+        full = merge_adapter(full, merge_lora)
     save_hf_checkpoint(config, _cast(full, dtype), out_dir)
     copy_tokenizer(resolve_checkpoint_dir(ckpt_dir), Path(out_dir))
+
+
+def adapter_to_peft(adapter_dir: str | Path, out_dir: str | Path, *, dtype: str | None = None) -> None:
+    """Write a native LoRA adapter (saved at any tp degree; a run's latest) in PEFT's format."""
+    config, full = load_adapter_full(resolve_checkpoint_dir(adapter_dir))
+    save_peft_adapter(
+        _cast(full, dtype),
+        r=config.r,
+        alpha=config.alpha,
+        dropout=config.dropout,
+        targets=config.targets,
+        out_dir=out_dir,
+    )
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:
@@ -283,21 +325,29 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: --from-hf or --to-hf."""
+    """Command line: --from-hf, --to-hf (either with --merge-lora) or --to-peft."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-hf", metavar="HF_DIR", help="Hugging Face Llama directory to convert to native shards")
     src.add_argument("--to-hf", metavar="DIR", help="native checkpoint directory to export to Hugging Face")
+    src.add_argument("--to-peft", metavar="ADAPTER_DIR", help="native LoRA adapter directory to export to PEFT")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel degree of the native shards (--from-hf)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: keep their dtype)")
+    ap.add_argument(
+        "--merge-lora", metavar="ADAPTER_DIR", help="fold this LoRA adapter into the weights (--from-hf, --to-hf)"
+    )
     args = ap.parse_args(argv)
+    if args.to_peft and args.merge_lora:
+        ap.error("--merge-lora folds an adapter into model weights: use it with --to-hf or --from-hf, not --to-peft")
     try:
         if args.from_hf:
-            hf_to_native(args.from_hf, args.out, tp=args.tp, dtype=args.dtype)
+            hf_to_native(args.from_hf, args.out, tp=args.tp, dtype=args.dtype, merge_lora=args.merge_lora)
+        elif args.to_hf:
+            native_to_hf(args.to_hf, args.out, dtype=args.dtype, merge_lora=args.merge_lora)
         else:
-            native_to_hf(args.to_hf, args.out, dtype=args.dtype)
-    except (CheckpointError, ConfigError, ValueError) as e:
+            adapter_to_peft(args.to_peft, args.out, dtype=args.dtype)
+    except (CheckpointError, ConfigError, AdapterError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"wrote {args.out}")
 

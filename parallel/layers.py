@@ -111,7 +111,8 @@ class ColumnParallelLinear(nn.Module):
     Rank r holds A_r (out/tp, in) and b_r and computes Y_r = X A_r^T + b_r, its slice of the output features.
     The input enters with copy_to_region (fwd identity, bwd all-reduce of the partial dX = dY_r A_r), or, under
     sequence parallelism, with all_gather_from_region along the sequence (fwd all-gather, bwd reduce-scatter).
-    With `gather_output` the slices are all-gathered into the full Y.
+    With `gather_output` the slices are all-gathered into the full Y. A LoRA adapter (parallel.lora) adds
+    lora_B(lora_A(X)) to Y_r, computed from the same replicated X.
     """
 
     def __init__(
@@ -134,10 +135,13 @@ class ColumnParallelLinear(nn.Module):
         kw = {"device": device, "dtype": dtype}
         self.weight = _shard_param((out_features, in_features), 0, self.state, init_method or _linear_weight_init, **kw)
         self.bias = _shard_param((out_features,), 0, self.state, _linear_bias_init(in_features), **kw) if bias else None
+        self.lora_A: nn.Module | None = None  # LoRA factors, set by parallel.lora.apply_lora
+        self.lora_B: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in) replicated, or (B, T/tp, in) under sequence parallelism -> (..., out/tp) or (..., out)."""
-        y = linear(_enter_column_region(x, self.state), self.weight, self.bias)
+        x = _enter_column_region(x, self.state)
+        y = _add_lora(self, x, linear(x, self.weight, self.bias))
         return gather_from_region(y, self.state.tp_group, -1) if self.gather_output else y
 
     def extra_repr(self) -> str:
@@ -153,12 +157,18 @@ def _enter_column_region(x: torch.Tensor, state: ParallelState) -> torch.Tensor:
     return copy_to_region(x, state.tp_group)
 
 
+def _add_lora(layer: ColumnParallelLinear | RowParallelLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The output y plus lora_B(lora_A(x)) when parallel.lora.apply_lora gave the layer an adapter, else y."""
+    return y if layer.lora_A is None else y + layer.lora_B(layer.lora_A(x))
+
+
 def fused_column_parallel(x: torch.Tensor, layers: Sequence[ColumnParallelLinear]) -> list[torch.Tensor]:
     """[x A_1^T + b_1, ..., x A_k^T + b_k] for column-parallel layers that share their input (q/k/v, gate/up).
 
     The input enters the tensor-parallel region once (one all-reduce of dX in backward, or one all-gather under
     sequence parallelism, instead of k) and one matmul runs over the concatenated local shards [A_1,r; ...; A_k,r].
     Each layer keeps its own parameters, so names, shards and checkpoints are those of the separate layers.
+    A layer's LoRA adapter, if any, adds its delta to that layer's output chunk.
     """
     if any(layer.gather_output for layer in layers):
         raise ValueError("fused_column_parallel returns local shards: build the layers with gather_output=False")
@@ -167,7 +177,8 @@ def fused_column_parallel(x: torch.Tensor, layers: Sequence[ColumnParallelLinear
     biases = [layer.bias for layer in layers]
     bias = torch.cat(biases) if biases[0] is not None else None
     y = linear(x, weight, bias)  # (..., sum out_i/tp)
-    return list(y.split([layer.weight.shape[0] for layer in layers], dim=-1))
+    ys = y.split([layer.weight.shape[0] for layer in layers], dim=-1)
+    return [_add_lora(layer, x, y_i) for layer, y_i in zip(layers, ys, strict=True)]
 
 
 class RowParallelLinear(nn.Module):
@@ -175,7 +186,8 @@ class RowParallelLinear(nn.Module):
 
     Rank r holds A_r (out, in/tp) and computes the partial sum Y_r = X_r A_r^T, so Y = sum_r Y_r. The sum is an
     all-reduce (reduce_from_region), or under sequence parallelism a reduce-scatter along the sequence. The bias is
-    replicated and added once, after the sum.
+    replicated and added once, after the sum. A LoRA adapter (parallel.lora) adds its delta lora_B(lora_A(X_r)), a
+    partial sum like Y_r, before the sum, so the base layer's collective also reduces the adapter's output.
     """
 
     def __init__(
@@ -199,11 +211,13 @@ class RowParallelLinear(nn.Module):
         self.bias = (
             _shard_param((out_features,), None, self.state, _linear_bias_init(in_features), **kw) if bias else None
         )
+        self.lora_A: nn.Module | None = None  # LoRA factors, set by parallel.lora.apply_lora
+        self.lora_B: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in/tp) -> (..., out) replicated, or (B, T/tp, out) under sequence parallelism."""
         group = self.state.tp_group
-        y = linear(x, self.weight)
+        y = _add_lora(self, x, linear(x, self.weight))  # partial sums, adapter's included
         if self.state.sequence_parallel:
             y = reduce_scatter_to_region(y, group, SEQ_DIM)
             # each rank sees only its sequence chunk: the replicated bias's gradient must be summed over ranks
