@@ -211,7 +211,8 @@ class TrainConfig:
         from modeling.config import ModelConfig
 
         hints = get_type_hints(ModelConfig)
-        return {k: _coerce(f"model.{k}", v, hints[k]) if k in hints else v for k, v in keys.items()}
+        # null means "not set": the default (vocab_size: the tokenizer's) applies
+        return {k: _coerce(f"model.{k}", v, hints[k]) if k in hints else v for k, v in keys.items() if v is not None}
 
     # ---- validation ----
 

@@ -341,6 +341,7 @@ class Trainer:
                 f"{self.engine.zero_stage} | grad_accum {self.grad_accum} | dtype {self.dtype} | device {self.device}",
                 flush=True,
             )
+        say = bar.write if bar is not None else (lambda s: print(s, flush=True))
         in_a_row, window_t0, window_tokens = 0, time.perf_counter(), 0
         self.model.train()
         while self.step < t.max_steps:
@@ -387,22 +388,22 @@ class Trainer:
                 ev = self.evaluate()
                 logger.log({"step": self.step, **ev})
                 logger.plot(self.out / "loss_curve.png")
-                if bar is not None:
-                    bar.write(
+                if self.is_main:
+                    say(
                         f"step {self.step}: eval loss {ev['eval_loss']:.4f} ppl {ev['eval_ppl']:.2f} "
                         f"bpb {ev['eval_bpb']:.3f}"
                     )
             if (t.sample_every and self.step % t.sample_every == 0) or last:
                 for i, text in enumerate(self.sample()):
                     if self.is_main:
-                        (bar.write if bar is not None else print)(f"sample {i} @ step {self.step}: {text!r}")
+                        say(f"sample {i} @ step {self.step}: {text!r}")
                         logger.log_text(self.step, f"sample_{i}", text)
             stop = self._any_rank(self.stop_signal is not None)
             stop = stop or bool(t.exit_interval and self.step % t.exit_interval == 0 and not last)
             if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or last or stop:
                 path = self.save()
                 if self.is_main and (stop or last):
-                    (bar.write if bar is not None else print)(f"checkpoint: {path}")
+                    say(f"checkpoint: {path}")
             if stop:
                 if self.is_main:
                     why = "a signal" if self.stop_signal is not None else "train.exit_interval"
