@@ -1,0 +1,246 @@
+"""MoEMLP at ep=1 against transformers' Mixtral sparse MoE block and a per-token Python loop over the same weights.
+
+transformers is the reference for the Mixtral path (softmax, top-k renormalised, dropless, no bias): output, router
+logits, every gradient and the load-balancing loss. Everything Mixtral lacks (capacity dropping, sigmoid scores,
+shared experts, expert bias) is checked against `_naive`, which routes token by token with plain Python sorting.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
+from transformers import MixtralConfig
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock, load_balancing_loss_func
+
+from modeling.config import ModelConfig
+from modeling.moe import MoEMLP, mixtral_aux_loss
+from parallel.experts import combine, dispatch
+from parallel.state import ParallelConfigError, ParallelState
+
+ATOL = 1e-5
+B, T, H, I, E, K = 2, 5, 16, 24, 4, 2  # noqa: E741
+
+
+def _config(**kw) -> ModelConfig:
+    base = dict(vocab_size=32, hidden_size=H, intermediate_size=I, num_hidden_layers=3, num_attention_heads=2)
+    return ModelConfig(**base, **{"num_local_experts": E, "num_experts_per_tok": K, **kw})
+
+
+def _moe(seed: int = 0, **kw) -> MoEMLP:
+    torch.manual_seed(seed)
+    return MoEMLP(_config(**kw), ParallelState(), init_method=lambda w: torch.nn.init.normal_(w, 0.0, 0.5))
+
+
+def _x(seed: int = 1, requires_grad: bool = False) -> torch.Tensor:
+    x = torch.randn(B, T, H, generator=torch.Generator().manual_seed(seed))
+    return x.requires_grad_(requires_grad)
+
+
+def _mixtral_block(moe: MoEMLP) -> MixtralSparseMoeBlock:
+    hf = MixtralConfig(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=K)
+    hf._experts_implementation = "eager"
+    block = MixtralSparseMoeBlock(hf)
+    with torch.no_grad():  # transformers 5 stores the experts fused: gate_up_proj (E, 2I, H) = [w1; w3]
+        block.gate.weight.copy_(moe.gate.weight)
+        block.experts.gate_up_proj.copy_(torch.cat([moe.w1, moe.w3], dim=1))
+        block.experts.down_proj.copy_(moe.w2)
+    return block
+
+
+def _naive(moe: MoEMLP, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Route token by token in plain Python; returns (output (B, T, H), dropped assignments)."""
+    cfg = moe.config
+    tokens = x.detach().reshape(-1, H)  # (N, H)
+    n_tokens = tokens.shape[0]
+    bias = moe.expert_bias.tolist() if moe.expert_bias is not None else [0.0] * E
+    assignments = []  # (expert, weight, assignment id, token)
+    for n in range(n_tokens):
+        logits = moe.gate.weight.detach() @ tokens[n]
+        scores = (logits.softmax(0) if cfg.router_score == "softmax" else logits.sigmoid()).tolist()
+        chosen = sorted(range(E), key=lambda e: -(scores[e] + bias[e]))[:K]
+        total = sum(scores[e] for e in chosen) if cfg.norm_topk_prob else 1.0
+        assignments += [(e, scores[e] / total, n * K + j, n) for j, e in enumerate(chosen)]
+    kept = assignments
+    if cfg.capacity_factor is not None:
+        capacity = math.ceil(cfg.capacity_factor * n_tokens * K / E)
+        kept = []
+        for e in range(E):
+            mine = sorted((a for a in assignments if a[0] == e), key=lambda a: (-a[1], a[2]))
+            kept += mine[:capacity]
+    out = torch.zeros_like(tokens)
+    for e, w, _, n in kept:
+        h = F.silu(moe.w1[e] @ tokens[n]) * (moe.w3[e] @ tokens[n])
+        out[n] += w * (moe.w2[e] @ h).detach()
+    if moe.shared_experts is not None:
+        s = moe.shared_experts
+        out += F.linear(F.silu(F.linear(tokens, s.gate_proj.weight)) * F.linear(tokens, s.up_proj.weight),
+                        s.down_proj.weight).detach()  # fmt: skip
+    return out.view(x.shape), len(assignments) - len(kept)
+
+
+def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max abs difference, relative to b's largest magnitude where that exceeds 1 (fp32 rounding scales with it)."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    b = b.detach().double()
+    return ((a.detach().double() - b).abs().max() / b.abs().max().clamp(min=1.0)).item()
+
+
+def test_matches_transformers_mixtral_block():
+    moe = _moe(router_z_loss_coef=0.01)
+    block = _mixtral_block(moe)
+    logits_hf = []
+    block.gate.register_forward_hook(lambda _m, _i, out: logits_hf.append(out[0]))
+    x, x_hf = _x(requires_grad=True), _x(requires_grad=True)
+    dy = torch.randn(B, T, H, generator=torch.Generator().manual_seed(2))
+
+    y, y_hf = moe(x), block(x_hf)
+    assert _diff(y, y_hf) <= ATOL
+    assert _diff(moe.router_logits, logits_hf[0]) <= ATOL
+    y.backward(dy)
+    y_hf.backward(dy)
+    assert _diff(x.grad, x_hf.grad) <= ATOL
+    assert _diff(moe.gate.weight.grad, block.gate.weight.grad) <= ATOL
+    gate_up = block.experts.gate_up_proj.grad  # (E, 2I, H)
+    assert _diff(moe.w1.grad, gate_up[:, :I]) <= ATOL
+    assert _diff(moe.w3.grad, gate_up[:, I:]) <= ATOL
+    assert _diff(moe.w2.grad, block.experts.down_proj.grad) <= ATOL
+
+    lb = load_balancing_loss_func((logits_hf[0],), E, K)
+    z = torch.stack([torch.log(torch.exp(row).sum()) ** 2 for row in logits_hf[0]]).mean()
+    assert moe.stats["lb_loss"] == pytest.approx(lb.item(), abs=ATOL)
+    assert moe.stats["z_loss"] == pytest.approx(z.item(), abs=ATOL)
+    assert _diff(moe.aux_loss, 0.001 * lb + 0.01 * z) <= ATOL
+    assert moe.stats["dropped_fraction"] == 0.0
+    chosen = logits_hf[0].topk(K, dim=-1).indices.reshape(-1)
+    assert moe.stats["tokens_per_expert"].tolist() == [int((chosen == e).sum()) for e in range(E)]
+
+
+def test_mixtral_aux_loss_over_layers_is_transformers_not_the_mean_of_layers():
+    moes = [_moe(seed) for seed in range(3)]
+    x = _x()
+    per_layer = []
+    for moe in moes:
+        moe(x)
+        per_layer.append(moe.stats["lb_loss"])
+    logits = tuple(moe.router_logits for moe in moes)
+    hf = load_balancing_loss_func(logits, E, K)
+    assert _diff(mixtral_aux_loss(logits, K, E), hf) <= ATOL
+    assert abs(sum(per_layer) / 3 - hf.item()) > 1e-3  # one loss over all layers, not a mean of per-layer losses
+    assert mixtral_aux_loss(logits[:1], K, E).item() == pytest.approx(per_layer[0], abs=ATOL)
+
+
+@pytest.mark.parametrize("capacity_factor", [0.5, 1.0])
+def test_capacity_drops_what_a_python_loop_drops(capacity_factor):
+    moe = _moe(capacity_factor=capacity_factor)
+    x = _x()
+    y = moe(x)
+    expected, dropped = _naive(moe, x)
+    assert dropped > 0  # the test must exercise dropping
+    assert moe.stats["dropped_fraction"] == dropped / (B * T * K)
+    assert _diff(y, expected) <= ATOL
+
+
+def test_large_capacity_drops_nothing():
+    x = _x()
+    assert _diff(_moe(capacity_factor=E)(x), _moe()(x)) == 0.0
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(router_score="sigmoid", num_shared_experts=2),
+        dict(router_score="sigmoid", norm_topk_prob=False, capacity_factor=1.0),
+        dict(norm_topk_prob=False, num_shared_experts=1),
+    ],
+    ids=["sigmoid-shared", "sigmoid-unnormalised-capacity", "softmax-unnormalised-shared"],
+)
+def test_variants_match_python_loop(kw):
+    moe = _moe(**kw)
+    x = _x()
+    assert _diff(moe(x), _naive(moe, x)[0]) <= ATOL
+    if kw.get("router_score") == "sigmoid":
+        s = moe.router_logits.sigmoid()
+        p = (s / s.sum(-1, keepdim=True)).mean(0)
+        f = moe.stats["tokens_per_expert"].float() / (B * T)
+        assert moe.stats["lb_loss"] == pytest.approx(E * (f * p).sum().item(), abs=ATOL)
+
+
+def test_expert_bias_selects_but_does_not_weight():
+    moe = _moe(router_expert_bias=True)
+    x = _x()
+    with torch.no_grad():
+        moe.expert_bias[1] = 10.0  # every token picks expert 1, with its unbiased (renormalised) weight
+    y = moe(x)
+    assert moe.stats["tokens_per_expert"][1] == B * T
+    assert _diff(y, _naive(moe, x)[0]) <= ATOL
+
+
+def test_expert_bias_update_direction_and_accounting():
+    rate = 0.01
+    moe = _moe(router_expert_bias=True, router_bias_update_rate=rate).train()
+    x1, x2 = _x(1, requires_grad=True), _x(3)
+    # once plain, once under activation checkpointing: the recompute in backward must not count twice
+    moe(x2)
+    load = moe.stats["tokens_per_expert"].clone()
+    with set_checkpoint_early_stop(False):  # recompute the whole forward, as a layer with later ops would
+        checkpoint(moe, x1, use_reentrant=False).sum().backward()
+    load += moe.stats["tokens_per_expert"]
+    moe.eval()(x2)  # evaluation does not count
+    assert moe.expert_load.tolist() == load.float().tolist()
+    assert load.max() > load.float().mean() > load.min()  # the test needs an imbalance
+    moe.update_expert_bias()
+    expected = rate * torch.sign(load.float().mean() - load.float())
+    assert moe.expert_bias.tolist() == expected.tolist()
+    assert moe.expert_bias[load.argmax()] == -rate and moe.expert_bias[load.argmin()] == rate  # over down, under up
+    assert moe.expert_load.sum() == 0
+    assert "expert_bias" in moe.state_dict() and "expert_load" not in moe.state_dict()
+
+
+def test_gradients_reach_router_and_experts():
+    moe = _moe(router_z_loss_coef=0.01)
+    x = _x(requires_grad=True)
+    moe(x)
+    moe.aux_loss.backward()  # the balancing losses alone train the router
+    assert moe.gate.weight.grad.abs().sum() > 0
+    moe.zero_grad()
+    with torch.no_grad():
+        moe.gate.weight[3] = -100.0  # with positive inputs, expert 3 has by far the lowest logit: never chosen
+    x = torch.rand(B, T, H) + 0.1
+    moe(x).square().sum().backward()
+    assert moe.stats["tokens_per_expert"][3] == 0
+    assert moe.gate.weight.grad.abs().sum() > 0
+    for w in (moe.w1, moe.w2, moe.w3):
+        assert (w.grad[:3].flatten(1).abs().sum(1) > 0).all()
+        assert w.grad[3].abs().sum() == 0  # an expert without tokens gets a zero gradient, not None
+
+
+def test_expert_parameters_are_marked_and_sliced_from_the_full_draw():
+    moe = _moe(num_shared_experts=1)
+    for name, p in moe.named_parameters():
+        is_expert = name in ("w1", "w2", "w3")
+        assert getattr(p, "expert_parallel", False) == is_expert, name
+        assert p.tp_split_dim is None or name.startswith("shared_experts."), name
+    assert moe.w1.shape == (E, I, H) and moe.w3.shape == (E, I, H) and moe.w2.shape == (E, H, I)
+    torch.manual_seed(0)
+    expected = torch.empty(E, H).normal_(0.0, 0.5), torch.empty(E, I, H).normal_(0.0, 0.5)
+    assert torch.equal(moe.gate.weight, expected[0]) and torch.equal(moe.w1, expected[1])
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ParallelConfigError, match="model.num_local_experts"):
+        MoEMLP(_config(num_local_experts=0), ParallelState(), init_method=torch.nn.init.normal_)
+
+
+def test_dispatch_and_combine_are_a_permutation_on_one_rank():
+    x = torch.arange(6.0).unsqueeze(1).repeat(1, 3).requires_grad_()  # (6, 3): row n holds n
+    idx = torch.tensor([[2, 0], [0, -1], [3, 2], [0, 3], [-1, 2], [2, 0]])  # expert 1: no token; two dropped
+    rows, counts, plan = dispatch(x, idx, 4, None)
+    assert counts == [4, 0, 4, 2]
+    assert rows[:, 0].tolist() == [0, 1, 3, 5, 0, 2, 4, 5, 2, 3]  # by expert, token order within an expert
+    out = combine(rows * 2, plan)  # (12, 3) in assignment order, zeros where dropped
+    expected = torch.stack([2 * x[n // 2] if idx.view(-1)[n] >= 0 else torch.zeros(3) for n in range(12)])
+    assert torch.equal(out, expected)
+    out.sum().backward()
+    assert x.grad[:, 0].tolist() == [4.0, 2.0, 4.0, 4.0, 2.0, 4.0]
