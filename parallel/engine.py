@@ -16,6 +16,7 @@ ZeRO stage 0 is plain data parallelism and runs on torch DDP, so a DeepSpeed con
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import nullcontext
 from typing import Any
 
@@ -110,7 +111,9 @@ class Engine:
     def skip_step(self) -> None:
         """Discard this step's gradients; the schedule still advances, as the data was consumed."""
         self.zero_grad()
-        self.scheduler.step()
+        with warnings.catch_warnings():  # torch warns when the schedule moves before any optimizer step: intended
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.scheduler.step()
 
     @property
     def lr(self) -> float:
