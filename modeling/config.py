@@ -4,6 +4,11 @@ Every LlamaConfig field that changes the numbers is here: sizes, head_dim, rms_n
 rope_scaling (none / linear / dynamic / llama3), tie_word_embeddings, attention_bias, mlp_bias. Both the
 transformers 4 form (`rope_theta` + `rope_scaling`) and the transformers 5 form (`rope_parameters`) are read; both
 are written, so either version loads an export.
+
+A model with experts (num_local_experts > 0) reads and writes Mixtral's config.json (architectures
+MixtralForCausalLM, model_type mixtral: num_local_experts, num_experts_per_tok, router_aux_loss_coef, ...); the
+fields Mixtral lacks (router_score, capacity_factor, shared experts, ...) are written beside them, so a native
+checkpoint reloads exactly. A dense model's config.json has no MoE keys.
 """
 
 from __future__ import annotations
@@ -21,6 +26,22 @@ ROPE_TYPES = {
     "dynamic": {"factor"},
     "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
 }
+
+
+MOE_FIELDS = (
+    "num_local_experts",
+    "num_experts_per_tok",
+    "moe_layer_interval",
+    "moe_layers",
+    "router_score",
+    "norm_topk_prob",
+    "router_aux_loss_coef",
+    "router_z_loss_coef",
+    "capacity_factor",
+    "num_shared_experts",
+    "router_expert_bias",
+    "router_bias_update_rate",
+)
 
 
 class ConfigError(ValueError):
@@ -164,12 +185,17 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
-        """Read a Hugging Face LlamaConfig dict (transformers 4 or 5 layout)."""
+        """Read a Hugging Face LlamaConfig or MixtralConfig dict (transformers 4 or 5 layout)."""
         model_type = d.get("model_type", "llama")
-        if model_type != "llama":
+        if model_type not in ("llama", "mixtral"):
             raise ConfigError(
-                f"{source}: model_type={model_type!r}; this converter reads Llama checkpoints (model_type 'llama', "
-                f"architectures ['LlamaForCausalLM'])"
+                f"{source}: model_type={model_type!r}; this converter reads Llama and Mixtral checkpoints (model_type "
+                f"'llama' or 'mixtral', architectures ['LlamaForCausalLM'] or ['MixtralForCausalLM'])"
+            )
+        if model_type == "mixtral" and d.get("sliding_window") is not None:
+            raise ConfigError(
+                f"{source}: sliding_window={d['sliding_window']}: sliding-window attention is not supported; set "
+                f'"sliding_window": null if the model was trained with full attention'
             )
         if d.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"{source}: hidden_act={d['hidden_act']!r} is not supported (Llama uses 'silu')")
@@ -184,20 +210,40 @@ class ModelConfig:
         return cls(**kwargs, rope_theta=float(rope_theta), rope_scaling=rope or None)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """A config.json that transformers 4 and 5 load as LlamaForCausalLM."""
-        d = {k: v for k, v in asdict(self).items() if k != "rope_scaling"}  # asdict copies: no aliasing
+        """A config.json that transformers 4 and 5 load as LlamaForCausalLM (with experts: MixtralForCausalLM)."""
+        moe = self.num_local_experts > 0
+        skip = {"rope_scaling", *(() if moe else MOE_FIELDS)}
+        d = {k: v for k, v in asdict(self).items() if k not in skip}  # asdict copies: no aliasing
         rope_scaling = dict(self.rope_scaling) if self.rope_scaling else None
         rope_parameters = {**(rope_scaling or {}), "rope_type": self.rope_type, "rope_theta": self.rope_theta}
+        arch = (
+            {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "sliding_window": None}
+            if moe
+            else {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "pretraining_tp": 1}
+        )
         return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            **arch,
             "hidden_act": "silu",
             "attention_dropout": 0.0,
-            "pretraining_tp": 1,
             **d,
             "rope_scaling": rope_scaling,
             "rope_parameters": rope_parameters,
         }
+
+    def mixtral_incompatibilities(self) -> list[str]:
+        """The settings transformers' MixtralForCausalLM cannot represent (empty: the model exports exactly)."""
+        wrong = {
+            "num_local_experts": self.num_local_experts < 1,
+            "moe_layer_interval / moe_layers": any(not self.is_moe_layer(i) for i in range(self.num_hidden_layers)),
+            "router_score": self.router_score != "softmax",
+            "norm_topk_prob": not self.norm_topk_prob,
+            "capacity_factor": self.capacity_factor is not None,
+            "num_shared_experts": self.num_shared_experts > 0,
+            "router_expert_bias": self.router_expert_bias,
+            "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias,
+        }
+        return [k for k, bad in wrong.items() if bad]
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
@@ -217,9 +263,18 @@ class ModelConfig:
 
     def num_params(self) -> int:
         """Parameter count of the full (unsharded) model."""
+        return self._count_params(self.num_local_experts)
+
+    def num_active_params(self) -> int:
+        """Parameters one token passes through: a MoE layer counts its top-k routed experts (FLOPs per token)."""
+        return self._count_params(self.num_experts_per_tok)
+
+    def _count_params(self, experts_counted: int) -> int:
         h, kv = self.hidden_size, self.num_key_value_heads * self.head_dim
         attn = h * self.num_attention_heads * self.head_dim * 2 + h * kv * 2
-        mlp = 3 * h * self.intermediate_size
-        per_layer = attn + mlp + 2 * h
+        dense_mlp = 3 * h * self.intermediate_size
+        moe_mlp = dense_mlp * (experts_counted + self.num_shared_experts) + h * self.num_local_experts  # + router
+        n_moe = sum(self.is_moe_layer(i) for i in range(self.num_hidden_layers))
+        mlps = (self.num_hidden_layers - n_moe) * dense_mlp + n_moe * moe_mlp
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_hidden_layers * per_layer + embed + h
+        return self.num_hidden_layers * (attn + 2 * h) + mlps + embed + h

@@ -1,17 +1,22 @@
-"""Checkpoint formats and conversion: Hugging Face <-> native, tensor-parallel shard <-> merge.
+"""Checkpoint formats and conversion: Hugging Face <-> native, tensor/expert-parallel shard <-> merge.
 
 Native format (what training checkpoints use), a directory holding
     config.json                          the model config, in Hugging Face's layout
     model-tp00-of-02.safetensors, ...    one file per tensor rank; each file's metadata records its rank, the
                                          tensor degree and, per tensor, the dimension it is split along
-Because every shard says how it was cut, weights saved at one tp degree load at any other: the shards are
+    experts-ep00-of-02.safetensors, ...  (mixture of experts only) the stacked expert tensors (E/ep, ...) of one
+                                         expert rank, the same on every tensor rank; the metadata records the rank,
+                                         the expert degree and, per tensor, the dimension the experts are split along
+Because every shard says how it was cut, weights saved at one tp (and ep) degree load at any other: the shards are
 concatenated along that dimension and re-split for the new degree.
 
 Hugging Face format: config.json + model.safetensors (or sharded with model.safetensors.index.json, or
 pytorch_model*.bin read with weights_only=True). Llama's tensor names are the same in both formats, and RoPE uses
-the same rotate-half layout, so conversion renames nothing and permutes nothing.
+the same rotate-half layout, so conversion renames nothing and permutes nothing. Mixtral (MixtralForCausalLM) renames
+and stacks only its expert tensors (modeling.hf_mixtral); settings Mixtral cannot represent (sigmoid routing,
+capacity, shared experts, expert bias, dense layers between MoE ones) stop the export with the config key named.
 
-    python -m modeling.convert --from-hf HF_DIR --out DIR [--tp N] [--dtype bf16]
+    python -m modeling.convert --from-hf HF_DIR --out DIR [--tp N] [--ep N] [--dtype bf16]
     python -m modeling.convert --to-hf DIR --out HF_DIR [--dtype bf16]
 
 LoRA adapters (parallel.lora: a native adapter directory, adapter_config.json + adapter-tpNN-of-NN.safetensors saved
@@ -37,11 +42,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from modeling.config import ConfigError, ModelConfig
+from modeling.hf_mixtral import MixtralLayoutError, mixtral_to_native, native_to_mixtral
 from modeling.llama import LlamaForCausalLM
 from parallel.lora import AdapterError, load_adapter_full, merge_lora_state_dict, save_peft_adapter
 from parallel.state import ParallelState
 
 SHARD_RE = re.compile(r"model-tp(\d+)-of-(\d+)\.safetensors$")
+EXPERT_SHARD_RE = re.compile(r"experts-ep(\d+)-of-(\d+)\.safetensors$")
+EXPERT_SPLIT_DIM = 0  # expert tensors are stacked (E, ...): expert ranks hold consecutive blocks of E/ep
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_MAX_SHARD_BYTES = 5 * 2**30
@@ -56,10 +64,31 @@ def shard_file_name(tp_rank: int, tp_size: int) -> str:
     return f"model-tp{tp_rank:02d}-of-{tp_size:02d}.safetensors"
 
 
+def expert_shard_file_name(ep_rank: int, ep_size: int) -> str:
+    """File name of one expert rank's shard of the expert tensors."""
+    return f"experts-ep{ep_rank:02d}-of-{ep_size:02d}.safetensors"
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds of a model: its parameters and its persistent buffers (MoE expert_bias)."""
+    tensors = dict(model.named_parameters())
+    for prefix, module in model.named_modules():
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None and name not in module._non_persistent_buffers_set:
+                tensors[f"{prefix}.{name}" if prefix else name] = buf
+    return tensors
+
+
 def expected_tensors(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], int | None]]:
     """Full shape and tensor-parallel split dimension of every tensor of the model, from a meta-device build."""
     model = LlamaForCausalLM(config, device="meta")
-    return {name: (tuple(p.shape), p.tp_split_dim) for name, p in model.named_parameters()}
+    return {name: (tuple(p.shape), getattr(p, "tp_split_dim", None)) for name, p in model_tensors(model).items()}
+
+
+def expert_tensor_names(config: ModelConfig) -> set[str]:
+    """Names of the expert-parallel tensors (split over expert ranks along EXPERT_SPLIT_DIM)."""
+    model = LlamaForCausalLM(config, device="meta")
+    return {name for name, p in model.named_parameters() if getattr(p, "expert_parallel", False)}
 
 
 def check_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig, source: str) -> None:
@@ -80,15 +109,24 @@ def check_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig, s
 
 
 def split_for_rank(
-    state_dict: dict[str, torch.Tensor], config: ModelConfig, tp_rank: int, tp_size: int
+    state_dict: dict[str, torch.Tensor],
+    config: ModelConfig,
+    tp_rank: int,
+    tp_size: int,
+    *,
+    ep_rank: int = 0,
+    ep_size: int = 1,
 ) -> dict[str, torch.Tensor]:
-    """This tensor rank's shard of a full state dict."""
-    config.validate_parallel(tp_size)
+    """This (tensor rank, expert rank)'s shard of a full state dict."""
+    config.validate_parallel(tp_size, ep_size)
     dims = expected_tensors(config)
+    experts = expert_tensor_names(config)
     out = {}
     for name, tensor in state_dict.items():
-        dim = dims[name][1]
-        out[name] = tensor if dim is None or tp_size == 1 else tensor.chunk(tp_size, dim=dim)[tp_rank].contiguous()
+        dim, size, rank = dims[name][1], tp_size, tp_rank
+        if name in experts:
+            dim, size, rank = EXPERT_SPLIT_DIM, ep_size, ep_rank
+        out[name] = tensor if dim is None or size == 1 else tensor.chunk(size, dim=dim)[rank].contiguous()
     return out
 
 
@@ -103,45 +141,72 @@ def write_shard(
     save_file(tensors, str(out_dir / shard_file_name(tp_rank, tp_size)), metadata=meta)
 
 
+def write_expert_shard(tensors: dict[str, torch.Tensor], out_dir: Path, ep_rank: int, ep_size: int) -> None:
+    """Write one expert rank's expert tensors, the metadata recording rank, degree and each tensor's split dim."""
+    dims = json.dumps(dict.fromkeys(tensors, EXPERT_SPLIT_DIM))
+    meta = {"format": "llama-ep", "ep_rank": str(ep_rank), "ep_size": str(ep_size), "split_dims": dims}
+    save_file(tensors, str(out_dir / expert_shard_file_name(ep_rank, ep_size)), metadata=meta)
+
+
 def is_native(path: str | Path) -> bool:
     """True when the directory holds native tensor-parallel shards."""
     return any(SHARD_RE.search(p.name) for p in Path(path).glob("model-tp*-of-*.safetensors"))
 
 
 def save_native(model: LlamaForCausalLM, out_dir: str | Path) -> None:
-    """Write this tensor rank's shard (ranks with dp_rank 0 only) and, on tensor rank 0, config.json."""
+    """Write this rank's share: the tensor shard (dp_rank 0), the expert shard (tp_rank 0 of the first expert group).
+
+    Tensor rank 0 of dp_rank 0 also writes config.json.
+    """
     state = model.state
-    if state.dp_rank != 0:
-        return
+    coords = state.dims.coords(state.rank)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors, dims = {}, {}
-    for name, p in model.named_parameters():
-        tensors[name] = p.detach().contiguous().cpu()
-        dims[name] = p.tp_split_dim
-    write_shard(tensors, dims, out, state.tp_rank, state.tp_size)
-    if state.tp_rank == 0:
-        model.config.save(out / "config.json")
+    tensors, dims, experts = {}, {}, {}
+    for name, p in model_tensors(model).items():
+        if getattr(p, "expert_parallel", False):
+            experts[name] = p.detach().contiguous().cpu()
+        else:
+            tensors[name] = p.detach().contiguous().cpu()
+            dims[name] = getattr(p, "tp_split_dim", None)
+    if state.dp_rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_shard(tensors, dims, out, state.tp_rank, state.tp_size)
+        if state.tp_rank == 0:
+            model.config.save(out / "config.json")
+    if experts and coords["edp"] == 0 and state.tp_rank == 0:  # one copy of each expert shard
+        out.mkdir(parents=True, exist_ok=True)
+        write_expert_shard(experts, out, state.ep_rank, state.ep_size)
 
 
-def load_native_state_dict(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The full (merged) state dict of a native checkpoint, whatever tp degree it was saved at."""
-    ckpt = Path(ckpt_dir)
-    files = sorted(p for p in ckpt.glob("model-tp*-of-*.safetensors") if SHARD_RE.search(p.name))
-    if not files:
-        raise CheckpointError(f"{ckpt}: no model-tpNN-of-NN.safetensors shards (is this a Hugging Face directory?)")
-    sizes = {int(SHARD_RE.search(p.name).group(2)) for p in files}
+def _complete_set(ckpt: Path, pattern: str, regex: re.Pattern, what: str) -> list[Path]:
+    files = sorted(p for p in ckpt.glob(pattern) if regex.search(p.name))
+    sizes = {int(regex.search(p.name).group(2)) for p in files}
     if len(sizes) != 1 or len(files) != next(iter(sizes)):
         raise CheckpointError(
             f"{ckpt}: shards {[p.name for p in files]} do not form one complete set; remove stale shards of "
-            f"another tp degree"
+            f"another {what} degree"
         )
+    return files
+
+
+def _merge_shards(files: list[Path]) -> dict[str, torch.Tensor]:
     handles = [safe_open(str(p), framework="pt") for p in files]
     dims = json.loads(handles[0].metadata()["split_dims"])
     merged = {}
     for name, dim in dims.items():
         parts = [h.get_tensor(name) for h in handles] if dim is not None else [handles[0].get_tensor(name)]
         merged[name] = torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]
+    return merged
+
+
+def load_native_state_dict(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The full (merged) state dict of a native checkpoint, whatever tp (and ep) degree it was saved at."""
+    ckpt = Path(ckpt_dir)
+    if not any(SHARD_RE.search(p.name) for p in ckpt.glob("model-tp*-of-*.safetensors")):
+        raise CheckpointError(f"{ckpt}: no model-tpNN-of-NN.safetensors shards (is this a Hugging Face directory?)")
+    merged = _merge_shards(_complete_set(ckpt, "model-tp*-of-*.safetensors", SHARD_RE, "tp"))
+    if any(EXPERT_SHARD_RE.search(p.name) for p in ckpt.glob("experts-ep*-of-*.safetensors")):
+        merged.update(_merge_shards(_complete_set(ckpt, "experts-ep*-of-*.safetensors", EXPERT_SHARD_RE, "ep")))
     return merged
 
 
@@ -171,10 +236,12 @@ def read_hf_state_dict(hf_dir: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_hf_checkpoint(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Config and validated full state dict of a Hugging Face Llama directory."""
+    """Config and validated full state dict (native names) of a Hugging Face Llama or Mixtral directory."""
     hf = Path(hf_dir)
     config = ModelConfig.load(hf / "config.json")
     state_dict = read_hf_state_dict(hf)
+    if config.num_local_experts:
+        state_dict = mixtral_to_native(state_dict, config, str(hf))
     state_dict = {k: v for k, v in state_dict.items() if not k.endswith("rotary_emb.inv_freq")}  # old exports
     if config.tie_word_embeddings:
         state_dict.pop("lm_head.weight", None)  # same tensor as the embedding
@@ -183,7 +250,20 @@ def load_hf_checkpoint(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch
 
 
 def save_hf_checkpoint(config: ModelConfig, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> None:
-    """Write config.json, generation_config.json and safetensors (sharded above 5 GiB) that transformers loads."""
+    """Write config.json, generation_config.json and safetensors (sharded above 5 GiB) that transformers loads.
+
+    A mixture-of-experts model is written as Mixtral; CheckpointError when it uses what Mixtral cannot represent.
+    """
+    if config.num_local_experts:
+        bad = config.mixtral_incompatibilities()
+        if bad:
+            raise CheckpointError(
+                f"this model cannot be exported as Hugging Face Mixtral, which has no equivalent of model.{bad[0]}"
+                f" (all: {', '.join(bad)}); transformers would compute other numbers. Keep the native checkpoint, "
+                f"or train with Mixtral's settings (softmax routing, norm_topk_prob, every layer MoE, dropless, "
+                f"no shared experts or expert bias)"
+            )
+        state_dict = native_to_mixtral(state_dict)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hf_config = config.to_hf_dict()
@@ -255,7 +335,7 @@ def load_model(
     state = state or ParallelState()
     config, full = load_checkpoint(path)
     model = LlamaForCausalLM(config, state, device=device, dtype=dtype, skip_init=True)
-    shard = split_for_rank(full, config, state.tp_rank, state.tp_size)
+    shard = split_for_rank(full, config, state.tp_rank, state.tp_size, ep_rank=state.ep_rank, ep_size=state.ep_size)
     model.load_state_dict(shard, strict=False)  # lm_head.weight is absent when tied: it is the embedding
     return model
 
@@ -275,20 +355,26 @@ def hf_to_native(
     out_dir: str | Path,
     *,
     tp: int = 1,
+    ep: int = 1,
     dtype: str | None = None,
     merge_lora: str | Path | None = None,
 ) -> None:
-    """Convert a Hugging Face Llama directory into native shards for `tp` tensor ranks, a LoRA adapter merged in."""
+    """Convert a Hugging Face Llama or Mixtral directory into native shards for tp x ep ranks, LoRA merged in."""
     config, full = load_hf_checkpoint(hf_dir)
-    config.validate_parallel(tp)
+    config.validate_parallel(tp, ep)
     if merge_lora is not None:
         full = merge_adapter(full, merge_lora)
     full = _cast(full, dtype)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dims = {name: dim for name, (_, dim) in expected_tensors(config).items()}
+    experts = expert_tensor_names(config)
+    dims = {name: dim for name, (_, dim) in expected_tensors(config).items() if name not in experts}
+    dense = {k: v for k, v in full.items() if k not in experts}
     for rank in range(tp):
-        write_shard(split_for_rank(full, config, rank, tp), dims, out, rank, tp)
+        write_shard(split_for_rank(dense, config, rank, tp), dims, out, rank, tp)
+    for rank in range(ep if experts else 0):
+        shard = split_for_rank({k: full[k] for k in experts}, config, 0, 1, ep_rank=rank, ep_size=ep)
+        write_expert_shard(shard, out, rank, ep)
     config.save(out / "config.json")
     copy_tokenizer(Path(hf_dir), out)
 
@@ -328,11 +414,14 @@ def main(argv: list[str] | None = None) -> None:
     """Command line: --from-hf, --to-hf (either with --merge-lora) or --to-peft."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--from-hf", metavar="HF_DIR", help="Hugging Face Llama directory to convert to native shards")
+    src.add_argument(
+        "--from-hf", metavar="HF_DIR", help="Hugging Face Llama or Mixtral directory to convert to native shards"
+    )
     src.add_argument("--to-hf", metavar="DIR", help="native checkpoint directory to export to Hugging Face")
     src.add_argument("--to-peft", metavar="ADAPTER_DIR", help="native LoRA adapter directory to export to PEFT")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel degree of the native shards (--from-hf)")
+    ap.add_argument("--ep", type=int, default=1, help="expert-parallel degree of the native expert shards (--from-hf)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: keep their dtype)")
     ap.add_argument(
         "--merge-lora", metavar="ADAPTER_DIR", help="fold this LoRA adapter into the weights (--from-hf, --to-hf)"
@@ -342,12 +431,12 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--merge-lora folds an adapter into model weights: use it with --to-hf or --from-hf, not --to-peft")
     try:
         if args.from_hf:
-            hf_to_native(args.from_hf, args.out, tp=args.tp, dtype=args.dtype, merge_lora=args.merge_lora)
+            hf_to_native(args.from_hf, args.out, tp=args.tp, ep=args.ep, dtype=args.dtype, merge_lora=args.merge_lora)
         elif args.to_hf:
             native_to_hf(args.to_hf, args.out, dtype=args.dtype, merge_lora=args.merge_lora)
         else:
             adapter_to_peft(args.to_peft, args.out, dtype=args.dtype)
-    except (CheckpointError, ConfigError, AdapterError, ValueError) as e:
+    except (CheckpointError, ConfigError, AdapterError, MixtralLayoutError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"wrote {args.out}")
 

@@ -4,7 +4,13 @@
         -> vocab-parallel cross-entropy (training: full-vocabulary logits never gathered)
         or gathered logits (inference)
 
-At tp=1 the state_dict equals transformers' LlamaForCausalLM's, key for key.
+The mlp of layer i is a SwiGLUMLP, or a MoEMLP (modeling.moe) where config.is_moe_layer(i). The training loss of a
+mixture-of-experts model is, as in Megatron-LM,
+
+    loss = CE + sum_{MoE layers l} aux_loss_l       (aux_loss_l = aux_coef lb_l + z_coef z_l, this rank's tokens)
+
+At tp=1 the state_dict of a dense model equals transformers' LlamaForCausalLM's, key for key; with experts, every
+tensor outside the MoE layers keeps its Llama/Mixtral name (modeling.convert renames the expert tensors).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from modeling.attention import Attention, LayerCache
 from modeling.config import ModelConfig
 from modeling.mlp import SwiGLUMLP
+from modeling.moe import MoEMLP
 from modeling.norm import RMSNorm
 from modeling.rope import RotaryEmbedding
 from parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -39,10 +46,15 @@ class Cache(Protocol):
 
 @dataclass
 class CausalLMOutput:
-    """`loss` when targets were given (no logits then); otherwise full-vocabulary `logits` (B, T', V)."""
+    """With targets: `loss` = `ce_loss` + `aux_loss` (no logits then); otherwise full-vocabulary `logits` (B, T', V).
+
+    `aux_loss` is the sum of the MoE layers' auxiliary losses (None for a dense model, whose loss is the CE alone).
+    """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    ce_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
 
 
 def positions_from_documents(document_ids: torch.Tensor) -> torch.Tensor:
@@ -65,13 +77,14 @@ def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
 class DecoderLayer(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config: ModelConfig, state: ParallelState, **kw: object) -> None:
+    def __init__(self, config: ModelConfig, state: ParallelState, index: int, **kw: object) -> None:
         super().__init__()
         norm_kw = {k: v for k, v in kw.items() if k != "init_method"}
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, state=state, **norm_kw)
         self.self_attn = Attention(config, state, **kw)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, state=state, **norm_kw)
-        self.mlp = SwiGLUMLP(config, state, **kw)
+        mlp = MoEMLP if config.is_moe_layer(index) else SwiGLUMLP
+        self.mlp = mlp(config, state, **kw)
 
     def forward(
         self,
@@ -95,7 +108,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, state=state, init_method=kw["init_method"], **factory
         )
-        self.layers = nn.ModuleList(DecoderLayer(config, state, **kw) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, state, i, **kw) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, state=state, **factory)
         self.rotary_emb = RotaryEmbedding(config, device=factory.get("device"))
 
@@ -106,6 +119,7 @@ class LlamaForCausalLM(nn.Module):
     Weights are drawn from N(0, initializer_range) (norms 1, biases 0), as transformers initialises Llama;
     `skip_init` leaves them uninitialised, for a model whose weights are about to be loaded.
     `activation_checkpointing` recomputes each decoder layer in backward instead of storing its activations.
+    The expert-parallel degree is the state's (parallel.ep): the experts of every MoE layer are split over it.
     """
 
     def __init__(
@@ -119,7 +133,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> None:
         super().__init__()
         self.config, self.state = config, state or ParallelState()
-        config.validate_parallel(self.state.tp_size)
+        config.validate_parallel(self.state.tp_size, self.state.ep_size)
         self.state.require_groups()
         std = config.initializer_range
         init = (lambda w: None) if skip_init else (lambda w: nn.init.normal_(w, 0.0, std))
@@ -183,10 +197,24 @@ class LlamaForCausalLM(nn.Module):
 
         if targets is not None:
             logits = self.lm_head(x)  # (B, T, V/tp): this rank's vocabulary slice only
-            return CausalLMOutput(loss=vocab_parallel_cross_entropy(logits, targets, self.state.tp_group))
+            ce = vocab_parallel_cross_entropy(logits, targets, self.state.tp_group)
+            moe = self.moe_layers()
+            if not moe:
+                return CausalLMOutput(loss=ce, ce_loss=ce)
+            aux = torch.stack([m.aux_loss for _, m in moe]).sum()
+            return CausalLMOutput(loss=ce + aux, ce_loss=ce, aux_loss=aux)
         if num_logits_to_keep and not self.state.sequence_parallel:
             x = x[:, -num_logits_to_keep:]  # (B, N, H)
         logits = self.lm_head(x)  # (B, T', V/tp)
         if num_logits_to_keep:
             logits = logits[:, -num_logits_to_keep:]
         return CausalLMOutput(logits=gather_from_region(logits, self.state.tp_group, -1))  # (B, T', V)
+
+    def moe_layers(self) -> list[tuple[int, MoEMLP]]:
+        """(layer index, MoEMLP) of every mixture-of-experts layer, in layer order (empty for a dense model)."""
+        return [(i, layer.mlp) for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, MoEMLP)]
+
+    def update_expert_bias(self) -> None:
+        """After an optimizer step: each MoE layer's auxiliary-loss-free bias update (collective; see MoEMLP)."""
+        for _, moe in self.moe_layers():
+            moe.update_expert_bias()

@@ -1,7 +1,8 @@
 """Atomic training checkpoints: write into a temporary directory, rename it, then move the `latest` pointer.
 
     <dir>/step-00000010/
-        config.json, model-tpNN-of-NN.safetensors   the model in the native format (modeling.convert reads it)
+        config.json, model-tpNN-of-NN.safetensors   the model in the native format (modeling.convert reads it;
+        experts-epNN-of-NN.safetensors              mixture-of-experts models also write their expert shards)
         rank-00000.pt ...                           per rank: optimizer partition, scheduler, data-loader state, RNG
         train_config.yaml                           the resolved training config
         trainer_state.json                          step, tokens seen, layout; written last: its presence = complete
@@ -158,7 +159,7 @@ def read_trainer_state(ckpt: Path) -> dict[str, Any]:
 
 
 def load_model_weights(model: torch.nn.Module, ckpt: Path, state: ParallelState) -> None:
-    """Load this tensor rank's shard of a native or HF checkpoint, whatever tp degree it was written at."""
+    """Load this rank's tensor and expert shard of a native or HF checkpoint, whatever tp/ep it was written at."""
     config, full = load_checkpoint(ckpt)  # validated against its own config.json
     expected = {k: tuple(v) for k, v in expected_full_shapes(model.config).items()}
     got = {k: tuple(v.shape) for k, v in full.items()}
@@ -169,7 +170,9 @@ def load_model_weights(model: torch.nn.Module, ckpt: Path, state: ParallelState)
             f"(checkpoint {[got.get(k) for k in diff[:6]]}, model {[expected.get(k) for k in diff[:6]]}); "
             f"make model.* match the checkpoint's config.json"
         )
-    model.load_state_dict(split_for_rank(full, model.config, state.tp_rank, state.tp_size), strict=False)
+    ranks = {"ep_rank": state.ep_rank, "ep_size": state.ep_size}
+    shard = split_for_rank(full, model.config, state.tp_rank, state.tp_size, **ranks)
+    model.load_state_dict(shard, strict=False)
 
 
 def expected_full_shapes(config: Any) -> dict[str, torch.Size]:
