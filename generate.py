@@ -1,11 +1,13 @@
-"""Sample text from a native or Hugging Face Llama checkpoint, on one process or tensor-parallel.
+"""Sample text from a native or Hugging Face Llama (or Mixtral) checkpoint, on one process, tensor- or expert-parallel.
 
     python generate.py --ckpt DIR --prompt "Once upon a time" --tokenizer DIR --max-new-tokens 50 --temperature 0.8
     python generate.py --ckpt DIR --prompt-ids 1,2,3 --prompt-ids 4,5 --max-new-tokens 20 --temperature 0 --print-ids
     torchrun --nproc_per_node 2 generate.py --ckpt DIR --prompt-ids 1,2,3 --max-new-tokens 20 --temperature 0 --tp 2
+    torchrun --nproc_per_node 2 generate.py --ckpt MIXTRAL_DIR --prompt-ids 1,2,3 --temperature 0 --ep 2
 
 `--temperature 0` is greedy. `--print-ids` prints the new token ids of each prompt, space-separated, one line per
-prompt, and nothing else on stdout. Under torchrun every rank runs the model shard it owns; rank 0 prints.
+prompt, and nothing else on stdout. Under torchrun every rank runs the model shard it owns; rank 0 prints. The number
+of processes is tp x ep: `--ep N` splits a mixture-of-experts model's experts over N ranks (each holds E/N of them).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--top-p", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--print-ids", action="store_true", help="print only the new ids, one line per prompt")
-    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (= torchrun --nproc_per_node)")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (tp x ep = torchrun --nproc_per_node)")
+    ap.add_argument("--ep", type=int, default=1, help="expert-parallel degree of a mixture-of-experts model")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on GPU, fp32 on CPU")
     args = ap.parse_args(argv)
     if bool(args.prompt) == bool(args.prompt_ids):
@@ -50,12 +53,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def setup_distributed(tp: int) -> tuple[ParallelState, torch.device]:
-    """Initialise torch.distributed under torchrun (nccl on CUDA, gloo on CPU) and build the tensor group."""
+def setup_distributed(tp: int, ep: int = 1) -> tuple[ParallelState, torch.device]:
+    """Initialise torch.distributed under torchrun (nccl on CUDA, gloo on CPU) and build the tensor/expert groups."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != tp:
+    if world != tp * ep:
         raise SystemExit(
-            f"error: --tp {tp} must equal the number of processes ({world}); generation is tensor-parallel only"
+            f"error: --tp {tp} x --ep {ep} = {tp * ep} must equal the number of processes ({world}); launch with "
+            f"torchrun --nproc_per_node {tp * ep}"
         )
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -64,13 +68,13 @@ def setup_distributed(tp: int) -> tuple[ParallelState, torch.device]:
         device = torch.device("cpu")
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return ParallelState.build(tp=tp), device
+    return ParallelState.build(tp=tp, ep=ep), device
 
 
 def main(argv: list[str] | None = None) -> None:
     """Load, generate, print."""
     args = parse_args(argv)
-    state, device = setup_distributed(args.tp)
+    state, device = setup_distributed(args.tp, args.ep)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32
     )

@@ -3,6 +3,8 @@
 A batch of prompts of different lengths is left-padded; padded keys are masked out and positions count real
 tokens only, so each row generates what it would alone. Under tensor parallelism every rank runs the same loop;
 the gathered logits are identical on all tensor ranks and the chosen tokens are broadcast from tensor rank 0.
+Expert-parallel ranks (a mixture-of-experts model run with ep > 1) all run the same prompts, exchanging tokens with
+their experts' ranks in every MoE layer; the chosen tokens are broadcast from expert rank 0 first.
 """
 
 from __future__ import annotations
@@ -101,9 +103,11 @@ def generate(
     logits = cache.forward(model, ids, positions, valid)  # (B, V)
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
-    tp_group = model.state.tp_group
+    tp_group, ep_group = model.state.tp_group, model.state.ep_group
     for step in range(max_new_tokens):
         token = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)  # (B,)
+        if group_size(ep_group) > 1:  # expert ranks must feed the same tokens: their all-to-alls pair up
+            dist.broadcast(token, src=dist.get_global_rank(ep_group, 0), group=ep_group)
         if group_size(tp_group) > 1:
             dist.broadcast(token, src=dist.get_global_rank(tp_group, 0), group=tp_group)
         for b, t in enumerate(token.tolist()):
