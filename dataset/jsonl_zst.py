@@ -118,6 +118,36 @@ def _frame_end(f, pos: int, size: int, path: Path) -> int | None:
     return end if end <= size else None
 
 
+def decompressed_size(path: str | Path) -> int | None:
+    """Bytes `path` decompresses to, from its zstd frame headers alone (its size if not .zst); None when unknown.
+
+    shard.py and the `zstd` CLI write each frame's content size; a frame written as a stream may lack it, and a
+    truncated or corrupt file has no size either (reading it reports why).
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if not path.name.endswith(".zst"):
+        return size
+    total = pos = 0
+    with open(path, "rb") as f:
+        while pos < size:
+            try:
+                end = _frame_end(f, pos, size, path)
+            except _StreamFault:
+                return None
+            if end is None:
+                return None
+            f.seek(pos)
+            head = f.read(18)
+            if int.from_bytes(head[:4], "little") == ZSTD_MAGIC:  # skippable frames hold no content
+                content = zstandard.frame_content_size(head)
+                if content < 0:
+                    return None
+                total += content
+            pos = end
+    return total
+
+
 class _Slice:
     """The next `n` bytes of a file, as a readable file (the decoder reads ahead; this keeps it inside one frame)."""
 

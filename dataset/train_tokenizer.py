@@ -17,8 +17,9 @@ so quote them. Everything is streamed; each line, and each line of a JSON docume
 longer than SentencePiece's limit is cut at a space (pieces never span a space) or a character boundary, and
 counted; nothing is dropped. Bounds: `--max-sentences N` is SentencePiece's own reservoir sample, uniform over the
 whole input (every file is read; memory holds N sentences). `--max-bytes B` keeps each sentence with probability
-B / (total input bytes), seeded, when every input size is known (.txt, .jsonl: the file size, so JSON overhead makes
-the sample smaller than B), and the first B bytes in input order when a `.zst` file makes the total unknown.
+B / (total input bytes), seeded, when every input size is known (the file size, or for `.zst` the content sizes its
+frame headers record, as data/shard.py and the `zstd` CLI write them; JSON overhead makes the sample smaller than B),
+and the first B bytes in input order when a `.zst` file without recorded sizes makes the total unknown.
 
 Why not `transformers.LlamaTokenizer`: in transformers 5 it rebuilds a fixed pipeline from the vocabulary, which
 differs from SentencePiece on leading spaces (" x"), on a chat marker at the start of the text and under NFKC. The
@@ -52,7 +53,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dataset.jsonl_zst import FORMATS, DataError, file_format, iter_texts
+from dataset.jsonl_zst import FORMATS, DataError, decompressed_size, file_format, iter_texts
 from dataset.sft import install_chat_template
 from dataset.tokenizer import CHAT_TOKENS, SPECIAL_TOKENS
 
@@ -179,9 +180,13 @@ def _bounded(sentences: Iterator[str], paths: Sequence[Path], max_bytes: int | N
     if max_bytes is None:
         yield from sentences
         return
-    known = not any(p.name.endswith(".zst") for p in paths)
-    keep = min(1.0, max_bytes / max(1, sum(p.stat().st_size for p in paths))) if known else 1.0
-    how = f"each sentence kept with probability {keep:.4g} (seed {seed})" if known else "the first bytes (.zst)"
+    sizes = [decompressed_size(p) for p in paths]
+    known = None not in sizes
+    keep = min(1.0, max_bytes / max(1, sum(sizes))) if known else 1.0
+    unknown = next((p for p, n in zip(paths, sizes, strict=True) if n is None), None)
+    how = f"each sentence kept with probability {keep:.4g} (seed {seed})"
+    if not known:
+        how = f"the first bytes in input order ({unknown}: its zstd frames do not record their size)"
     then = "" if stats.sampling == "all" else f", then {stats.sampling}"
     stats.sampling = f"--max-bytes {max_bytes}: {how}{then}"
     rng = random.Random(seed)

@@ -12,6 +12,7 @@ import zstandard
 from dataset.jsonl_zst import (
     DataError,
     DataWarning,
+    decompressed_size,
     iter_documents,
     iter_lines,
     iter_records,
@@ -49,6 +50,24 @@ def test_zst_equals_plain_across_frames_and_blocks(tmp_path):
     assert [ln for ln, *_ in lines] == list(range(1, 301))
     for _, offset, end, line in lines:
         assert raw[offset:end] == line + b"\n"
+
+
+def test_decompressed_size_from_frame_headers(tmp_path):
+    data = jsonl_bytes(TEXTS)
+    assert decompressed_size(write_zst(tmp_path / "a.jsonl.zst", data, frames=3)) == len(data)
+    skippable = (0x184D2A50).to_bytes(4, "little") + (5).to_bytes(4, "little") + b"12345"
+    (tmp_path / "s.jsonl.zst").write_bytes(skippable + (tmp_path / "a.jsonl.zst").read_bytes())
+    assert decompressed_size(tmp_path / "s.jsonl.zst") == len(data)
+    (tmp_path / "a.jsonl").write_bytes(data)
+    assert decompressed_size(tmp_path / "a.jsonl") == len(data)
+    with open(tmp_path / "stream.jsonl.zst", "wb") as f, zstandard.ZstdCompressor().stream_writer(f) as w:
+        w.write(data)  # a stream: the frame does not record its size
+    assert decompressed_size(tmp_path / "stream.jsonl.zst") is None
+    blob = (tmp_path / "a.jsonl.zst").read_bytes()
+    (tmp_path / "cut.jsonl.zst").write_bytes(blob[:-10])
+    assert decompressed_size(tmp_path / "cut.jsonl.zst") is None
+    (tmp_path / "junk.jsonl.zst").write_bytes(b"not zstd")
+    assert decompressed_size(tmp_path / "junk.jsonl.zst") is None
 
 
 def test_resume_by_line_and_by_offset(tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import sentencepiece as spm
+import zstandard
 from sentencepiece import sentencepiece_model_pb2
 
 from dataset.tokenizer import CHAT_TOKENS, SPECIAL_TOKENS, Tokenizer
@@ -247,19 +248,47 @@ def _two_halves(directory: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("bound", [{"max_sentences": 400}, {"max_bytes": 40_000}])
-def test_bounds_sample_the_whole_input(tmp_path, bound):
-    # A head-of-file sample would never see the second half's characters; a uniform one does.
+def _as_zst_shards(path: Path) -> list[str]:
+    # The halves as two .jsonl.zst shards, English then Chinese, like two sources sharded one after the other.
+    lines = path.read_text(encoding="utf-8").splitlines()
+    shards = []
+    for k, half in enumerate((lines[:2000], lines[2000:])):
+        data = "".join(json.dumps({"text": line}, ensure_ascii=False) + "\n" for line in half).encode()
+        shard = path.parent / f"part-{k:05d}.jsonl.zst"
+        shard.write_bytes(zstandard.ZstdCompressor(write_checksum=True).compress(data))  # records the content size
+        shards.append(str(shard))
+    return shards
+
+
+@pytest.mark.parametrize(
+    ("bound", "zst"), [({"max_sentences": 400}, False), ({"max_bytes": 40_000}, False), ({"max_bytes": 40_000}, True)]
+)
+def test_bounds_sample_the_whole_input(tmp_path, bound, zst):
+    # A head-of-input sample would never see the second half's characters; a uniform one does.
     path = _two_halves(tmp_path)
-    out = train_tokenizer([str(path)], tmp_path / "tok", vocab_size=400, character_coverage=1.0, **bound)
+    inputs = _as_zst_shards(path) if zst else [str(path)]
+    out = train_tokenizer(inputs, tmp_path / "tok", vocab_size=400, character_coverage=1.0, **bound)
     sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
     assert all(sp.piece_to_id(c) != sp.unk_id() for c in HANZI[:60])
     corpus = json.loads((out / "train_tokenizer.json").read_text())["corpus"]
     if "max_bytes" in bound:
         assert 0.8 * 40_000 < corpus["bytes"] <= 40_000
         assert corpus["skipped_by_max_bytes"] > 2000
+        assert "each sentence kept with probability" in corpus["sampling"]
     else:
         assert corpus["sentences"] == 4000  # SentencePiece reads all and keeps its reservoir sample
+
+
+def test_max_bytes_without_recorded_sizes_takes_the_head_and_says_so(tmp_path):
+    path = _two_halves(tmp_path)
+    shards = _as_zst_shards(path)
+    data = zstandard.ZstdDecompressor().decompress(Path(shards[1]).read_bytes())
+    with open(shards[1], "wb") as f, zstandard.ZstdCompressor().stream_writer(f) as w:  # no content size
+        w.write(data)
+    out = train_tokenizer(shards, tmp_path / "tok", vocab_size=400, character_coverage=1.0, max_bytes=40_000)
+    corpus = json.loads((out / "train_tokenizer.json").read_text())["corpus"]
+    assert f"the first bytes in input order ({shards[1]}: its zstd frames do not record" in corpus["sampling"]
+    assert corpus["skipped_by_max_bytes"] == 0 and 0.9 * 40_000 < corpus["bytes"] <= 40_000
 
 
 def test_long_lines_are_cut_not_dropped(tmp_path):
