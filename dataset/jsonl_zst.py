@@ -372,8 +372,10 @@ def iter_documents(
                 continue
             yield Document(line_no, text, offset, end)
     except _StreamFault as fault:
-        # Lines before the fault were whole and are kept; nothing after it can be decoded.
-        skip(fault.reason, f"{fault} after line {line_no}, the rest of the file is unreadable")
+        # Lines before the fault were whole and are kept; nothing after it can be decoded. Readers that share the
+        # file by stride all stop here; phase 0 counts the fault, so a skipped file is counted once.
+        if phase == 0 or on_error == "raise":
+            skip(fault.reason, f"{fault} after line {line_no}, the rest of the file is unreadable")
         return
     if not content and phase == 0:
         skip("empty_file", f"{path}: empty shard (no documents)")

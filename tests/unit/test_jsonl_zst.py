@@ -175,6 +175,14 @@ def test_truncated_zst_keeps_only_whole_frames(tmp_path):
         texts = list(iter_texts(p, on_error="skip", skipped=skipped))
     assert skipped == {"truncated_zstd": 1}
     assert texts == whole_lines(data[: cut[2]]) and 0 < len(texts) < len(TEXTS)
+    shared, parts = Counter(), []  # three readers sharing the file by stride: the fault is counted once
+    with pytest.warns(DataWarning, match="truncated zstd"):
+        for k in range(3):
+            parts += [d.text for d in iter_documents(p, on_error="skip", stride=3, phase=k, skipped=shared)]
+    assert shared == {"truncated_zstd": 1} and sorted(parts) == sorted(texts)
+    for k in range(3):
+        with pytest.raises(DataError, match="truncated zstd stream"):
+            list(iter_documents(p, stride=3, phase=k))
     p.write_bytes(whole[:-2])  # the last frame's checksum is cut
     with pytest.raises(DataError, match="truncated zstd stream"):
         list(iter_texts(p))
