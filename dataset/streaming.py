@@ -13,8 +13,9 @@ so it decodes only its own data; the last `F % N` files (all of them when F < N)
 `F // N * N + s % r` is read by the streams with that remainder r, each keeping every m-th line (decoding a file m
 times is cheap next to tokenizing it). So streams get nearly equal shares (no stream runs through its epochs much
 faster than another) and every line belongs to exactly one stream per epoch. Tensor/expert-parallel peers pass
-the same dp_rank, so they see the same batches. Documents inside a file keep their order; shards are expected to
-be shuffled when they are written (a shuffle buffer would make the resume state as large as the buffer).
+the same dp_rank, so they see the same batches. The reshuffle is of files: documents inside a file keep their order
+(a shuffle buffer would make the resume state as large as the buffer), and data/shard.py keeps the input order, so
+shuffle a sorted corpus before sharding it, and write more shards than streams.
 
 Mixtures. Each source is read on its own (its own epochs); the next document comes from the source furthest below
 its share of the tokens taken so far (`taken / weight` smallest), so token fractions track the weights within one
@@ -114,6 +115,7 @@ class _Reader:
         self._skips: Counter = Counter()  # skips seen since the last document read
         self._docs = self._read(*pos)
         self.tail_skips: Counter = Counter()  # skips after the last document of a finite pass
+        self._token_epoch = pos[0]  # the last epoch a document with tokens came from (or the starting one)
 
     def _read(self, epoch: int, unit: int, line: int, offset: int) -> Iterator[tuple]:
         ds, files = self.ds, self.ds.files[self.source]
@@ -169,8 +171,16 @@ class _Reader:
             if before:
                 skips = before if skips is None else skips + before
             if tokens:
+                self._token_epoch = start[0]
                 return tokens, start, skips
             skips = (skips or Counter()) + Counter(empty_tokens=1)  # a text that tokenizes to nothing
+            if start[0] > self._token_epoch + 1:  # a whole epoch without a token: an endless loop otherwise
+                name = self.ds.sources[self.source].name
+                raise DataError(
+                    f"data source {name!r}: stream {self.stream} of {self.n_streams} (dp_rank {self.ds.dp_rank}) "
+                    f"read a whole epoch whose every document tokenizes to no id (skipped: {dict(skips)}); "
+                    "check the text field (data.text_field) and the tokenizer, or keep BOS/EOS on"
+                )
         self.tail_skips.update(skips or {})
         self.tail_skips.update(self._skips)  # lines skipped after the last document
         self._skips.clear()

@@ -297,6 +297,11 @@ def test_a_stream_without_documents_is_an_error_not_a_hang(tmp_path, tok):
     ds = StreamingDataset(str(d), tok, 16, on_error="skip")
     with pytest.raises(DataError, match=r"skipped: \{'missing_field': 3\}"), pytest.warns(DataWarning):
         run(build_dataloader(ds, 1), 1)
+    (d / "one.jsonl").write_text('{"text": "   "}\n' * 2)  # documents, but no token without BOS/EOS
+    assert tok.encode("   ") == []
+    ds = StreamingDataset(str(d), tok, 16, add_bos=False, add_eos=False)
+    with pytest.raises(DataError, match=r"stream 0 of 1 \(dp_rank 0\) read a whole epoch whose every document"):
+        run(build_dataloader(ds, 1), 1)
 
 
 def test_truncated_and_empty_shards_through_the_loader(tmp_path, tok):
