@@ -139,7 +139,7 @@ def expand_inputs(patterns: Sequence[str | os.PathLike], *, exclude: Path | None
             errors(ShardError(empty))
         for m in matches:
             if not _supported(m):
-                hint = " (parquet needs pyarrow, not installed here: convert to .jsonl)" if ".parquet" in m.name else ""
+                hint = " (no parquet reader installed here: convert to .jsonl)" if ".parquet" in m.name else ""
                 errors(ShardError(f"input {m}: unsupported type{hint}; supported: {', '.join(SUFFIXES)}"))
             elif m.resolve() in seen:
                 raise ShardError(f"input {m} is given twice (check overlapping INPUT patterns)")

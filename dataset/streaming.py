@@ -348,7 +348,7 @@ class StreamingDataset(IterableDataset):
         if seq_len < 1:
             raise ValueError(f"seq_len={seq_len}: must be at least 1 (data.seq_len / --seq-len)")
         if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
+            raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size}) (--dp-rank / --dp-size)")
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error={on_error!r}: use one of {', '.join(ON_ERROR)} (data.on_error / --on-error)")
         if isinstance(sources, list) and sources and all(isinstance(s, DataSource) for s in sources):
@@ -462,7 +462,10 @@ class StreamingLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a state_dict() (call before iterating): the next batch is the one that would have come."""
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"data loader state version {state.get('version')!r}; this code reads {STATE_VERSION}")
+            raise ValueError(
+                f"data loader state version {state.get('version')!r}; this code reads {STATE_VERSION}: resume with "
+                "the code that saved it, or start the data stream afresh (without the saved loader state)"
+            )
         mine, saved = self.dataset.fingerprint(self.n_streams), state["fingerprint"]
         diff = [f"{k}: saved {saved.get(k)!r}, now {mine.get(k)!r}" for k in mine if saved.get(k) != mine.get(k)]
         if diff:
