@@ -9,6 +9,10 @@ ratio >= 0.70.
 
     python -m bench.dataloader                                   # the shared arxiv sample, a tokenizer trained here
     python -m bench.dataloader --data 'shards/*.jsonl.zst' --tokenizer tok --seq-len 2048 --batch-size 8
+
+Measured on a busy 2-core machine (--rounds 3): the default corpus (corpus/default/train, 1.8 MB, vocab 4096):
+bare 2.0 M tokens/s per core, loader 1.7 M, ratio 0.85; the shared arxiv sample (1.2 MB, vocab 8000 trained
+here): bare 1.28 M, loader 1.23 M, ratio 0.96.
 """
 
 from __future__ import annotations

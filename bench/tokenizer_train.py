@@ -8,6 +8,9 @@ generated lines up to --megabytes: random lines of those files with their words 
 shuffled by a seeded RNG, so the character and word statistics stay those of real text. Each configuration runs
 `train_tokenizer` in a fresh process, which reports the SentencePiece phase (reading + training) and its peak RSS,
 then the whole call (HF files and the parity check included) and its peak RSS.
+
+Measured on a busy 2-core machine (10.0 MB, 98,481 sentences, --num-threads 2): BPE 32000: SentencePiece 3.8 s at
+372 MB peak RSS, the whole call 6.1 s at 421 MB; BPE 8192: 2.2 s at 353 MB, the whole call 3.9 s at 385 MB.
 """
 
 import argparse
