@@ -8,9 +8,9 @@ before the first corrupt or truncated frame, then reports it. A cut that falls e
 seen from the file alone.
 
 A line of a `.jsonl` file is one JSON object whose `text_field` holds the document; a line of a `.txt` file is
-one document (a trailing CR of CRLF files is dropped). Line numbers are 1-based and offsets count bytes of the
-decompressed stream, so `path:line` in an error points at the line to look at, and `(line, offset)` is a position
-a resumed reader can start from.
+one document (a trailing CR of CRLF files is dropped; so is a UTF-8 byte order mark that starts a file). Line
+numbers are 1-based and offsets count bytes of the decompressed stream, so `path:line` in an error points at the
+line to look at, and `(line, offset)` is a position a resumed reader can start from.
 
     for text in iter_texts("shards/part-00000.jsonl.zst"):
         ...
@@ -39,6 +39,7 @@ NOT_ERRORS = ("blank_line", "empty_text")
 BLOCK_SIZE = 1 << 16  # decompressed bytes read per step
 ZSTD_MAGIC, SKIPPABLE_MAGIC = 0xFD2FB528, 0x184D2A50
 WARN_LIMIT = 10  # skips warned about per file; later ones are only counted
+UTF8_BOM = b"\xef\xbb\xbf"  # dropped at the start of a file (json.loads refuses it, a text would keep it)
 
 
 class DataError(ValueError):
@@ -361,6 +362,8 @@ def iter_documents(
     line_no = start_line - 1
     try:
         for line_no, offset, end, raw in iter_lines(path, start_line=start_line, start_offset=start_offset):
+            if offset == 0 and raw.startswith(UTF8_BOM):  # editors on Windows start text files with one
+                raw = raw[len(UTF8_BOM) :]
             if not content and raw.strip():
                 content = True
             if (line_no - 1) % stride != phase:

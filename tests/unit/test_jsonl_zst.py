@@ -94,6 +94,11 @@ def test_txt_crlf_blank_lines_and_last_line_without_newline(tmp_path):
     assert list(iter_records(p, start_line=5, start_offset=last.end)) == []
     z = write_zst(tmp_path / "a.txt.zst", p.read_bytes())
     assert list(iter_records(z)) == list(iter_records(p))
+    bom = b"\xef\xbb\xbf"
+    for name, data in (("b.txt", b"first\nsecond\n"), ("b.jsonl", b'{"text": "first"}\n{"text": "second"}\n')):
+        (tmp_path / name).write_bytes(bom + data)
+        assert list(iter_texts(tmp_path / name)) == ["first", "second"]
+        assert list(iter_texts(write_zst(tmp_path / (name + ".zst"), bom + data))) == ["first", "second"]
 
 
 def test_stride_partitions_lines(tmp_path):
