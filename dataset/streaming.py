@@ -561,7 +561,7 @@ def main(argv: list[str] | None = None) -> None:
                 if args.decode:
                     print(f"--- sequence {n} (dp_rank {args.dp_rank}, {len(window)} tokens) ---")
                     print(_render(window, tokenizer))
-    except (DataError, TokenizerError, ValueError) as e:
+    except (DataError, TokenizerError, ValueError, OSError) as e:  # OSError: --dump-ids cannot be written
         sys.exit(f"error: {e}")
     print(json.dumps(loader.stats()), file=sys.stderr)
 

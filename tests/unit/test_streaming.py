@@ -357,6 +357,10 @@ def test_cli_dump_ids_and_decode(tmp_path, tok, capsys):
     shown = capsys.readouterr()
     assert shown.out.count("--- sequence") == 5 and "</s><s>doc-a-" in shown.out
     assert '"documents":' in shown.err
+    with pytest.raises(SystemExit, match=r"error: .*No such file or directory: .*missing"):
+        main(args + ["--max-seqs", "1", "--dump-ids", str(tmp_path / "missing" / "ids.jsonl")])
+    with pytest.raises(SystemExit, match=r"error: dp_rank=2 must be in \[0, dp_size=2\) \(--dp-rank / --dp-size\)"):
+        main(args + ["--max-seqs", "1", "--decode", "--dp-rank", "2", "--dp-size", "2"])
 
 
 @pytest.mark.skipif(not (DATA / "arxiv_sample.jsonl.zst").exists(), reason="shared test data absent")
