@@ -286,6 +286,11 @@ class TrainConfig:
             stage = self.zero_stage()
             if stage not in (0, 1, 2, 3):
                 raise ConfigError(f"{p.deepspeed_config}: zero_optimization.stage={stage}; must be 0, 1, 2 or 3")
+            if stage == 3 and p.ep > 1:
+                raise ConfigError(
+                    f"parallel.ep={p.ep} with {p.deepspeed_config} (ZeRO stage 3): expert parallelism runs under "
+                    f"ZeRO 1 or 2 (configs/deepspeed/zero1.json, zero2.json) or the torch engine"
+                )
         self._validate_model(world_size)
 
     def _validate_model(self, world_size: int) -> None:
@@ -299,7 +304,7 @@ class TrainConfig:
                 raise ConfigError(f"model.overrides.{k}: unknown model key; known keys: {sorted(known)}")
         keys.setdefault("vocab_size", 64 * self.parallel.tp)  # the tokenizer's size is checked when it is loaded
         try:
-            ModelConfig(**keys).validate_parallel(self.parallel.tp)
+            ModelConfig(**keys).validate_parallel(self.parallel.tp, self.parallel.ep)
         except (ModelConfigError, ValueError) as e:
             raise ConfigError(str(e)) from None
         if self.data.seq_len > keys.get("max_position_embeddings", 2048):

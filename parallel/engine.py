@@ -11,6 +11,15 @@ once), and steps the optimizer and the LR schedule. Both engines have the same s
     grad_norm = engine.step()                    # clip, optimizer step, schedule step, zero grads
 
 ZeRO stage 0 is plain data parallelism and runs on torch DDP, so a DeepSpeed config with stage 0 needs no DeepSpeed.
+
+Expert parameters (`expert_parallel = True`, the MoE experts) hold different experts on the ranks of an expert group.
+Their gradients are summed over the expert-data-parallel group only (the replicas of the same shard) and divided by
+dp, as DDP's mean: each rank's loss reached the experts of its whole expert group through the all-to-all, so that
+sum covers every data-parallel rank's tokens exactly once. The torch engine does this itself. Under DeepSpeed ZeRO 1/2
+(ep > 1) the experts become DeepSpeed MoE parameters: `allreduce = False` and `group_name = "ep_size_<ep>"`, with this
+ParallelState's expert and expert-data-parallel groups registered under that name in `deepspeed.utils.groups`
+(instead of groups DeepSpeed would create) and the optimizer's `"moe"` param group named after it, so ZeRO reduces
+expert gradients and partitions their fp32 master weights and Adam states over the expert-data-parallel group.
 """
 
 from __future__ import annotations
@@ -222,14 +231,23 @@ class DeepSpeedEngine(Engine):
         offload = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
         if offload:  # ZeRO-Offload steps on the CPU with DeepSpeed's own Adam, built from the same groups
             config["zero_force_ds_cpu_optimizer"] = False
-        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model,
-            optimizer=optimizer,
-            lr_scheduler=scheduler,
-            config=config,
-            mpu=_Mpu(state),
-            dist_init_required=False,
-        )
+        if state.ep_size > 1 and any(getattr(p, "expert_parallel", False) for p in model.parameters()):
+            if self.zero_stage == 3:
+                raise ValueError(
+                    "ZeRO stage 3 with expert parallelism (parallel.ep > 1) is not supported: use "
+                    "configs/deepspeed/zero1.json or zero2.json, or parallel.ep=1"
+                )
+            self.ds = _expert_parallel_deepspeed(model, optimizer, scheduler, config, state)
+            self.optimizer, self.scheduler = self.ds.optimizer, self.ds.lr_scheduler
+        else:
+            self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model,
+                optimizer=optimizer,
+                lr_scheduler=scheduler,
+                config=config,
+                mpu=_Mpu(state),
+                dist_init_required=False,
+            )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The wrapped module's forward (ZeRO-3 gathers parameters around it)."""
@@ -277,6 +295,63 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+
+
+def _expert_parallel_deepspeed(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    config: dict[str, Any],
+    state: ParallelState,
+) -> Any:
+    """A DeepSpeed engine that treats the expert parameters as MoE parameters over this state's groups.
+
+    What deepspeed.initialize does for a plain model, plus: the groups registered, the parameters and the optimizer's
+    "moe" group named, and `has_moe_layers` set (DeepSpeed sets it only for its own deepspeed.moe.layer.MoE modules,
+    and its ZeRO optimizer reads it to reduce and partition expert groups over the expert-data-parallel group).
+    """
+    from deepspeed import comm
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.engine import DeepSpeedEngine as _DeepSpeedEngine
+    from deepspeed.utils import groups
+
+    name = f"ep_size_{state.ep_size}"  # DeepSpeed parses the degree back out of this exact form
+    groups._EXPERT_PARALLEL_GROUP[name] = state.ep_group
+    groups._EXPERT_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(state.ep_group)
+    groups._EXPERT_DATA_PARALLEL_GROUP[name] = state.edp_group
+    groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(state.edp_group)
+    for p in model.parameters():
+        if getattr(p, "expert_parallel", False):
+            p.allreduce, p.group_name = False, name
+    moe_groups = [g for g in optimizer.param_groups if g.get("moe")]
+    if not moe_groups or any(not getattr(p, "expert_parallel", False) for g in moe_groups for p in g["params"]):
+        raise ValueError(
+            'expert parallelism under DeepSpeed needs the optimizer\'s expert parameters in groups marked "moe": True '
+            "(training.optim.param_groups does this)"
+        )
+    for g in moe_groups:
+        g["name"] = name
+
+    class ExpertParallelEngine(_DeepSpeedEngine):
+        def _configure_distributed_model(self, module: nn.Module) -> None:
+            super()._configure_distributed_model(module)
+            self.has_moe_layers = True
+
+    mpu = _Mpu(state)
+    comm.init_distributed(dist_backend=get_accelerator().communication_backend_name(), dist_init_required=False)
+    engine = ExpertParallelEngine(
+        args=None,
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        mpu=mpu,
+        dist_init_required=False,
+        config=config,
+        config_class=DeepSpeedConfig(config, mpu),
+    )
+    engine._configure_python_gc()
+    return engine
 
 
 def fill_auto(

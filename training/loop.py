@@ -26,12 +26,13 @@ from dataset.tokenizer import Tokenizer
 from modeling.config import ModelConfig
 from modeling.convert import save_native
 from modeling.generation import generate
-from modeling.llama import LlamaForCausalLM
+from modeling.llama import CausalLMOutput, LlamaForCausalLM
 from parallel.engine import Engine, build_engine
 from parallel.state import ParallelState
 from training import checkpoint as ckpt_io
 from training.data import build_eval_batches, build_train_loader, token_byte_lengths
 from training.metrics import MetricsLogger, memory_bytes, peak_flops
+from training.moe_metrics import MoEStepStats
 from training.optim import build_optimizer
 
 
@@ -106,8 +107,8 @@ def model_config(cfg: TrainConfig, tokenizer: Tokenizer | None) -> ModelConfig:
 
 
 def flops_per_token(mc: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x parameters (forward + backward) + attention's 12 x layers x width x seq."""
-    return 6 * mc.num_params() + 12 * mc.num_hidden_layers * mc.num_attention_heads * mc.head_dim * seq_len
+    """Training FLOPs per token: 6 x active parameters (forward + backward) + attention's 12 x layers x width x seq."""
+    return 6 * mc.num_active_params() + 12 * mc.num_hidden_layers * mc.num_attention_heads * mc.head_dim * seq_len
 
 
 class Trainer:
@@ -133,6 +134,7 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)  # the same on every rank: TP shards are cut from one full init
         self.model = self.build_model()
+        self.moe_stats = MoEStepStats(self.model, self.state)  # nothing to count in a dense model
         ds_config = cfg.deepspeed_json()
         optimizer, scheduler = build_optimizer(self.model, cfg.optim, cfg.train.max_steps)
         self.engine: Engine = build_engine(
@@ -226,31 +228,36 @@ class Trainer:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
-    def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _forward(self, batch: dict[str, torch.Tensor]) -> CausalLMOutput:
         kwargs = {"targets": batch["targets"].to(self.device)}
         if "document_ids" in batch and self.cfg.data.document_attention:
             kwargs["document_ids"] = batch["document_ids"].to(self.device)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self._autocast()):
-            return self.engine.forward(batch["input_ids"].to(self.device), **kwargs).loss
+            return self.engine.forward(batch["input_ids"].to(self.device), **kwargs)
 
     def _autocast(self) -> bool:
         # the torch engine keeps fp32 weights and autocasts; DeepSpeed casts the module to bf16 itself
         return self.dtype == torch.bfloat16 and self.engine.zero_stage == 0
 
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step over grad_accum micro-batches; returns the step's metrics."""
+        """One optimizer step over grad_accum micro-batches; returns the step's metrics.
+
+        The objective is the model's loss (cross-entropy + the MoE layers' aux losses); `loss` reports the
+        cross-entropy alone, so that dense and MoE runs compare, and the MoE terms come as `moe/...` keys.
+        """
         losses, nonfinite, tokens = [], False, 0
         if self._batches is None:
             self._batches = iter(self.loader)  # after any load_state_dict
         for _ in range(self.grad_accum):
             batch = next(self._batches)
-            loss = self._forward(batch)
+            out = self._forward(batch)
             tokens += batch["input_ids"].numel()
-            if self._any_rank(not torch.isfinite(loss).item()):
+            if self._any_rank(not torch.isfinite(out.loss).item()):
                 nonfinite = True
                 break
-            self.engine.backward(loss)
-            losses.append(loss.detach())
+            self.moe_stats.add(out.aux_loss)
+            self.engine.backward(out.loss)
+            losses.append(out.ce_loss.detach())
         if nonfinite:
             if self.engine.zero_stage:
                 raise TrainingError(
@@ -261,8 +268,11 @@ class Trainer:
             for _ in range(self.grad_accum - len(losses) - 1):  # consume the step's remaining batches
                 next(self._batches)
             self.engine.skip_step()
+            self.moe_stats.row()  # collective, like the step's: forget the skipped step's counts
             return {"loss": float("nan"), "grad_norm": float("nan"), "nonfinite": True, "tokens": tokens}
         grad_norm = self.engine.step()
+        if self.model_cfg.router_expert_bias:
+            self.model.update_expert_bias()  # with the loads of this step's forwards, summed over all replicas
         if not math.isfinite(grad_norm) and self.engine.zero_stage == 3:
             raise TrainingError(
                 f"non-finite gradient norm at step {self.step + 1} under ZeRO-3, which cannot skip the update in "
@@ -276,7 +286,13 @@ class Trainer:
         if self.state.dp_size > 1:
             dist.all_reduce(tokens_t, group=self.state.dp_group)
         nonfinite = not math.isfinite(grad_norm)  # the engine skipped the update
-        return {"loss": loss.item(), "grad_norm": grad_norm, "nonfinite": nonfinite, "tokens": int(tokens_t.item())}
+        return {
+            "loss": loss.item(),
+            "grad_norm": grad_norm,
+            "nonfinite": nonfinite,
+            "tokens": int(tokens_t.item()),
+            **self.moe_stats.row(),
+        }
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -285,7 +301,7 @@ class Trainer:
         byte_len = token_byte_lengths(self.tokenizer, self.model_cfg.vocab_size).to(self.device)
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # nats, tokens, bytes
         for batch in self.eval_batches():
-            loss = self._forward(batch).double()
+            loss = self._forward(batch).ce_loss.double()
             targets = batch["targets"].to(self.device)
             valid = targets != -100
             n = valid.sum()
@@ -375,6 +391,7 @@ class Trainer:
                     "step_time_s": step_time,
                     "nonfinite_steps": self.nonfinite_total,
                     "data_skipped": _skipped(self.loader),
+                    **{k: v for k, v in m.items() if k.startswith("moe/")},
                 }
                 logger.log(row)
                 window_t0, window_tokens = time.perf_counter(), 0

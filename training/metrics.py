@@ -73,7 +73,13 @@ class MetricsLogger:
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
         if self.run is not None:
-            self.run.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
+            scalars = {}
+            for k, v in row.items():
+                if isinstance(v, list):  # e.g. moe/layer{i}/tokens_per_expert: one wandb series per entry
+                    scalars.update({f"{k}/{j}": x for j, x in enumerate(v)})
+                elif k != "step" and v is not None:
+                    scalars[k] = v
+            self.run.log(scalars, step=row["step"])
 
     def log_text(self, step: int, key: str, text: str) -> None:
         """A text sample (wandb only; metrics.jsonl holds numbers and is read by tools)."""

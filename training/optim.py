@@ -12,16 +12,26 @@ from configs.schema import OptimSection
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weight matrices decay; norms, biases and embeddings do not (as Megatron and Open-Llama)."""
-    decay, no_decay = [], []
+    """Weight matrices decay; norms, biases and embeddings do not (as Megatron and Open-Llama).
+
+    Expert-parallel weights (MoE experts, all matrices) form a third group marked `"moe": True`, DeepSpeed's mark of
+    a group whose ZeRO partitions span the expert-data-parallel group (the engine names it; parallel.engine).
+    """
+    decay, no_decay, experts = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or "embed" in name or "norm" in name:
+        if getattr(p, "expert_parallel", False):
+            experts.append(p)
+        elif p.ndim < 2 or "embed" in name or "norm" in name:
             no_decay.append(p)
         else:
             decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+        {"params": experts, "weight_decay": weight_decay, "moe": True},
+    ]
     return [g for g in groups if g["params"]]
 
 

@@ -1,0 +1,87 @@
+"""A mixture-of-experts model trained through pretrain_llama.py on 4 processes, 2 expert-data-parallel replicas x 2
+expert ranks (parallel.ep=2: each rank holds 2 of the 4 experts of every layer), gives the one-process run's curve.
+
+The reference is the one-process run of the same global batch (grad_accum 4, no collectives). Compared per step:
+the cross-entropy `loss`, the gradient norm, the aux loss, and the expert load (tokens per expert, dropped fraction),
+which the one-process run counts on its own. Runs: the torch engine, ZeRO 1, and ZeRO 2 stopped at step 5 and
+resumed to 10 (with a capacity factor and the auxiliary-loss-free expert bias, whose state must survive the resume).
+The torch run's checkpoint exports to Hugging Face Mixtral and transformers gives our logits.
+"""
+
+import pytest
+import torch
+
+from tests.integration.train_utils import metrics, pretrain
+
+TOL = 1e-4
+STEPS = 10
+MOE = ["model.num_local_experts=4", "model.router_aux_loss_coef=0.01", "model.router_z_loss_coef=0.001"]
+BIAS_CAPACITY = ["model.router_expert_bias=true", "model.router_bias_update_rate=0.01", "model.capacity_factor=1.0"]
+EP2 = ["parallel.ep=2"]
+
+
+def _reference(tmp_path_factory, name: str, overrides: list[str]) -> list[dict]:
+    out = tmp_path_factory.mktemp(name)
+    pretrain(out, MOE + overrides)
+    rows = metrics(out)
+    assert len(rows) == STEPS
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.1, f"the reference run does not learn: {[r['loss'] for r in rows]}"
+    return rows
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> list[dict]:
+    return _reference(tmp_path_factory, "moe_ref", [])
+
+
+@pytest.fixture(scope="module")
+def reference_bias_capacity(tmp_path_factory) -> list[dict]:
+    rows = _reference(tmp_path_factory, "moe_ref_bias", BIAS_CAPACITY)
+    assert all(r["moe/layer0/dropped_frac"] > 0 for r in rows), "capacity 1.0 should drop some assignments"
+    return rows
+
+
+def _assert_same_curve(got: list[dict], ref: list[dict]) -> None:
+    assert [r["step"] for r in got] == [r["step"] for r in ref]
+    for key in ("loss", "grad_norm", "moe/aux_loss", "moe/layer0/lb_loss", "moe/layer1/z_loss"):
+        diff = max(abs(a[key] - b[key]) for a, b in zip(got, ref, strict=True))
+        assert diff < TOL, f"{key}: max diff {diff:.2e}\ngot {[a[key] for a in got]}\nref {[b[key] for b in ref]}"
+    for key in ("moe/layer0/tokens_per_expert", "moe/layer1/tokens_per_expert", "moe/layer1/dropped_frac"):
+        assert [a[key] for a in got] == [b[key] for b in ref], key
+
+
+def test_torch_engine_ep2_matches_one_process_and_exports_to_mixtral(reference, tmp_path):
+    pretrain(tmp_path, MOE + EP2, nproc=4)
+    _assert_same_curve(metrics(tmp_path), reference)
+
+    import transformers
+
+    from modeling.convert import load_model, native_to_hf
+
+    step = tmp_path / "step-00000010"
+    assert sorted(p.name for p in step.glob("experts-*")) == [
+        "experts-ep00-of-02.safetensors",
+        "experts-ep01-of-02.safetensors",
+    ]
+    native_to_hf(step, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == "MixtralForCausalLM"
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (load_model(step)(ids).logits - hf(ids).logits).abs().max().item()
+    assert diff < TOL
+
+
+def test_zero1_ep2_matches_one_process(reference, tmp_path):
+    pretrain(tmp_path, MOE + EP2 + ["parallel.deepspeed_config=configs/deepspeed/zero1.json"], nproc=4)
+    _assert_same_curve(metrics(tmp_path), reference)
+
+
+def test_zero2_ep2_resumed_at_5_matches_one_process(reference_bias_capacity, tmp_path):
+    run = (
+        MOE + BIAS_CAPACITY + EP2 + ["parallel.deepspeed_config=configs/deepspeed/zero2.json", "train.exit_interval=5"]
+    )
+    pretrain(tmp_path, run, nproc=4)
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4, 5]
+    pretrain(tmp_path, run, nproc=4)  # resumes from step 5
+    _assert_same_curve(metrics(tmp_path), reference_bias_capacity)
