@@ -71,7 +71,8 @@ class Tokenizer:
         return [head + ids + tail for ids in out] if head or tail else out
 
     def decode(self, ids: list[int]) -> str:
-        """Text of `ids` (special tokens dropped)."""
+        """Text of `ids` (special tokens dropped; ids past the vocabulary, from a model's padded rows, shown as unk)."""
+        ids = [int(i) if 0 <= int(i) < self.vocab_size else max(self.unk_id, 0) for i in ids]
         if self.sp is not None:
-            return self.sp.decode([int(i) for i in ids])
+            return self.sp.decode(ids)
         return self.hf.decode(ids, skip_special_tokens=True)

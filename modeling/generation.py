@@ -9,6 +9,8 @@ their experts' ranks in every MoE layer; the chosen tokens are broadcast from ex
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 
@@ -84,8 +86,12 @@ def generate(
     top_p: float | None = None,
     eos_token_id: int | list[int] | None = None,
     generator: torch.Generator | None = None,
+    on_token: Callable[[int, int], None] | None = None,
 ) -> list[list[int]]:
-    """New token ids for each prompt (EOS included when reached), at most `max_new_tokens` each."""
+    """New token ids for each prompt (EOS included when reached), at most `max_new_tokens` each.
+
+    `on_token(row, token)` is called for each new token as soon as it is chosen (streaming), on every rank.
+    """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     device = next(model.parameters()).device
@@ -114,6 +120,8 @@ def generate(
             if not done[b]:
                 out[b].append(t)
                 done[b] = t in eos
+                if on_token is not None:
+                    on_token(b, t)
         if all(done) or step == max_new_tokens - 1:
             break
         positions = positions[:, -1:] + 1  # (B, 1)

@@ -165,6 +165,18 @@ def test_tokenizer_class_through_hf_files_only(trained, tmp_path):
         assert hf.decode(sp.encode(text)) == text
 
 
+def test_ids_past_the_vocabulary_decode_as_unk(trained, hf, tmp_path):
+    # a model's vocabulary is padded to a multiple of 64 x tp: its extra rows can be sampled and must still decode
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(trained / name, tmp_path / name)
+    ids = Tokenizer(trained).encode(MIXED[0])
+    padded = [*ids, 1000, 1023]
+    assert Tokenizer(trained).decode(padded) == spm.SentencePieceProcessor(
+        model_file=str(trained / "tokenizer.model")
+    ).decode([*ids, 0, 0])
+    assert Tokenizer(tmp_path).decode(padded) == hf.decode([*ids, 0, 0], skip_special_tokens=True)
+
+
 def test_special_tokens_have_fixed_ids(trained, hf):
     tok = Tokenizer(trained)
     for i, piece in enumerate([*SPECIAL_TOKENS, *CHAT_TOKENS, "<|tool|>"]):
