@@ -1,0 +1,148 @@
+"""Supervised fine-tuning: chat-templated conversations, loss on assistant turns only, full or LoRA.
+
+    python sft.py --config configs/sft_tiny.yaml                                   # one process
+    torchrun --nproc_per_node 2 sft.py --config configs/sft_tiny.yaml parallel.tp=2 lora.enabled=true
+
+The training loop, launchers, checkpoints, resume and logging are pretrain_llama.py's (training/loop.py); this file
+only changes what is trained on and what is trained:
+- data: `dataset/sft.py` renders `.jsonl(.zst)` records (prompt/response, instruction/input/output or chat
+  `messages`) with the tokenizer's chat template; several conversations per sequence with document-aware
+  attention (`data.pack`), labels only on assistant turns and their end-of-turn token;
+- model: `model.init_from` (native checkpoint, run directory or Hugging Face directory) gives architecture and
+  weights; with `lora.enabled` the base is frozen, adapters (`parallel/lora.py`) train, and checkpoints hold only
+  the adapter: `python -m modeling.convert --to-hf BASE --merge-lora RUN_DIR --out HF_DIR` folds it in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from configs.schema import ConfigError, load_config, resolve_path
+from dataset.sft import ChatRenderer, SFTDataError, SFTDataset, build_sft_loader
+from dataset.tokenizer import TokenizerError
+from modeling.convert import resolve_checkpoint_dir
+from modeling.generation import generate
+from modeling.llama import LlamaForCausalLM
+from parallel.lora import apply_lora, load_adapter, save_adapter
+from training import checkpoint as ckpt_io
+from training.loop import Trainer, run_training
+
+
+class SFTTrainer(Trainer):
+    """The pretraining Trainer with SFT data, chat samples and optional LoRA."""
+
+    def __init__(self, cfg: Any, *, resume: bool = True) -> None:
+        if not cfg.model.init_from:
+            raise ConfigError(
+                "model.init_from is not set: fine-tuning starts from a checkpoint; set it to a native checkpoint, a "
+                "run directory (outputs/tiny) or a Hugging Face model directory"
+            )
+        if cfg.data.pack and not cfg.data.document_attention:
+            raise ConfigError(
+                "data.pack=true needs data.document_attention=true (or packed conversations attend to each other); "
+                "set it, or data.pack=false for one padded conversation per row"
+            )
+        if any(s.weight != 1.0 for s in cfg.data_sources()):
+            raise ConfigError(
+                "data.train: sft.py reads every listed file once per epoch and has no mixture weights; drop the "
+                "weight keys"
+            )
+        if not cfg.data.tokenizer:  # checkpoints and HF directories carry their tokenizer
+            cfg.data.tokenizer = str(resolve_checkpoint_dir(resolve_path(cfg.model.init_from)))
+        try:
+            super().__init__(cfg, resume=resume)
+        except (SFTDataError, TokenizerError) as e:  # bad records, a tokenizer without chat markers, a changed data set
+            raise ConfigError(str(e)) from None
+
+    def build_model(self) -> LlamaForCausalLM:
+        """The base from init_from; adapters on top with LoRA (loaded from the checkpoint we resume)."""
+        lora = self.cfg.lora
+        model = LlamaForCausalLM(self.model_cfg, self.state, device=self.device, dtype=torch.float32)
+        model.activation_checkpointing = self.cfg.train.activation_checkpointing
+        resumed_whole = self.resume_from is not None and not lora.enabled
+        base = self.resume_from if resumed_whole else resolve_path(self.cfg.model.init_from)
+        ckpt_io.load_model_weights(model, Path(base), self.state)
+        if lora.enabled:
+            apply_lora(model, targets=lora.targets, r=lora.r, alpha=lora.alpha, dropout=lora.dropout)
+            if self.resume_from is not None:
+                load_adapter(model, self.resume_from)
+        return model
+
+    def _dataset(self, key: str, paths: Any, seed: int) -> SFTDataset:
+        d = self.cfg.data
+        try:
+            return SFTDataset(
+                paths,
+                self.tokenizer,
+                d.seq_len,
+                dp_rank=self.state.dp_rank,
+                dp_size=self.state.dp_size,
+                seed=seed,
+                pack=d.pack,
+                truncation=d.truncation,
+                on_error=d.on_error,
+            )
+        except SFTDataError as e:
+            raise ConfigError(f"{key}: {e} (the on_error key is data.on_error)") from None
+
+    def build_data(self) -> Any:
+        """This rank's share of the conversations, reshuffled each epoch, resumable; data.valid is read here too."""
+        paths = [p for s in self.cfg.data_sources() for p in ([s.path] if isinstance(s.path, str) else s.path)]
+        self.valid = self._dataset("data.valid", self.cfg.data.valid, 0) if self.cfg.data.valid else None
+        train = self._dataset("data.train", paths, self.cfg.train.seed)
+        return build_sft_loader(train, self.cfg.train.micro_batch_size)
+
+    def eval_batches(self) -> Any:
+        """The first eval_batches batches of data.valid (a fixed order: same seed every time)."""
+        loader = build_sft_loader(self.valid, self.cfg.train.micro_batch_size)
+        return (next(loader) for _ in range(self.cfg.train.eval_batches))
+
+    def write_weights(self, directory: Path) -> None:
+        """LoRA checkpoints hold only the adapter; full fine-tuning writes the whole model."""
+        if not self.cfg.lora.enabled:
+            return super().write_weights(directory)
+        with self.engine.full_parameters():
+            save_adapter(self.model, directory)
+
+    @torch.no_grad()
+    def sample(self) -> list[str]:
+        """Assistant replies to the sample prompts, each asked as a one-turn chat."""
+        renderer = ChatRenderer(self.tokenizer)
+        prompts = [
+            renderer.render([{"role": "user", "content": p}], add_generation_prompt=True)[0]
+            for p in self.cfg.train.sample_prompts
+        ]
+        with self.engine.full_parameters():
+            ids = generate(self.model, prompts, max_new_tokens=self.cfg.train.sample_tokens, eos_token_id=renderer.eot)
+        self.model.train()
+        replies = [self.tokenizer.decode([i for i in out if i != renderer.eot]) for out in ids]
+        return [f"{p} -> {r}" for p, r in zip(self.cfg.train.sample_prompts, replies, strict=True)]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments (those of pretrain_llama.py)."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="yaml config (configs/sft_*.yaml)")
+    ap.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in checkpoint.dir")
+    ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. lora.enabled=true optim.lr=1e-4")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Load and validate the config, then fine-tune."""
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    run_training(cfg, resume=not args.no_resume, trainer_cls=SFTTrainer)
+
+
+if __name__ == "__main__":
+    main()

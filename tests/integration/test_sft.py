@@ -1,0 +1,239 @@
+"""sft.py end to end, from a Hugging Face directory and from a native checkpoint; generate.py --chat.
+
+- Full fine-tuning from a `transformers` save_pretrained directory: a tiny model answers held-out questions of a
+  generated task far more often than before.
+- configs/sft_tiny.yaml runs, and a run from an HF directory starts from exactly its weights.
+- LoRA from a native checkpoint: tp=2 gives tp=1's loss curve, as does a run stopped and resumed; the checkpoint
+  holds only the adapter; merged, it gives the LoRA model's logits and greedy ids (generate.py --lora) in
+  transformers.
+- generate.py --chat streams, over two turns, what greedy generation of the rendered conversation gives.
+
+The task: `Repeat:\\nk o l` -> `k o l` for random strings of three letters. Training and held-out strings are
+disjoint, so only a model that learned to copy (not one that memorised) answers the held-out ones. The base models are
+randomly initialised (they answer none); the tokenizer is trained by dataset/train_tokenizer.py, which reserves the
+chat markers the template needs, on text that makes every letter one token wherever it stands.
+"""
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.integration.train_utils import REPO_ROOT, env
+
+LETTERS = "abcdefghijklmnoprstuvw"
+ARCH = dict(  # shared by the native and the HF base
+    vocab_size=384,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=True,
+)
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft")
+    rng = random.Random(1)
+    seen: set[str] = set()
+
+    def word():
+        while (w := " ".join(rng.choice(LETTERS) for _ in range(3))) in seen:
+            pass
+        seen.add(w)
+        return w
+
+    held = [word() for _ in range(40)]
+    train = [word() for _ in range(3000)]
+    for name, words in (("train", train), ("held", held)):
+        rows = [{"prompt": f"Repeat:\n{w}", "response": w} for w in words]
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # tokenizer text in which every " x" is a piece, so that a string tokenizes letter by letter wherever it stands
+    text = "".join(f"Repeat:\n{w}\nuser assistant system\n" for w in train)
+    (root / "text.txt").write_text(text)
+
+    sys.path.insert(0, str(REPO_ROOT))
+    import transformers
+
+    from dataset.train_tokenizer import train_tokenizer
+    from modeling.config import ModelConfig
+    from modeling.convert import copy_tokenizer, save_native
+    from modeling.llama import LlamaForCausalLM
+
+    train_tokenizer([str(root / "text.txt")], root / "tok", vocab_size=340)
+    torch.manual_seed(0)
+    save_native(LlamaForCausalLM(ModelConfig(**ARCH)), root / "base")
+    copy_tokenizer(root / "tok", root / "base")
+    # a Hugging Face directory as transformers writes it: weights, config and a tokenizer without tokenizer.model
+    torch.manual_seed(1)
+    hf_config = transformers.LlamaConfig(**ARCH, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    transformers.LlamaForCausalLM(hf_config).save_pretrained(root / "hf")
+    transformers.AutoTokenizer.from_pretrained(root / "tok").save_pretrained(root / "hf")
+    assert not (root / "hf" / "tokenizer.model").exists()
+    return root
+
+
+def _sft(task, out, overrides=(), nproc=1, *, init_from="base", config=None):
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    args = [] if config is None else ["--config", config]
+    if config is None:
+        args += [
+            "data.seq_len=64",
+            "data.document_attention=true",
+            "train.micro_batch_size=16",
+            "train.global_batch_size=16",
+            "train.eval_batches=2",
+            "train.sample_tokens=8",
+            "train.sample_prompts=[Repeat a b c]",
+            "optim.lr=5e-3",
+            "optim.warmup_steps=20",
+            "optim.decay=constant",  # the copy skill appears after a plateau of varying length: keep the rate up
+            "optim.weight_decay=0.0",
+            "checkpoint.every=0",
+            "logging.log_every=1",
+        ]
+    args += [
+        f"model.init_from={task / init_from}",
+        f"data.train={task / 'train.jsonl'}",
+        f"data.valid={task / 'held.jsonl'}",
+        "logging.wandb_mode=disabled",
+        "logging.progress_bar=false",
+        f"checkpoint.dir={out}",
+        *overrides,
+    ]
+    proc = subprocess.run(
+        [*launcher, "sft.py", *args], cwd=REPO_ROOT, env=env(), capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+@pytest.fixture(scope="module")
+def finetuned(task, tmp_path_factory):
+    """Full fine-tuning of the HF base (its tokenizer is transformers' files only)."""
+    out = tmp_path_factory.mktemp("sft_run") / "run"
+    _sft(task, out, ["train.max_steps=400"], init_from="hf")
+    return out
+
+
+def _held_out_accuracy(task, model) -> float:
+    from dataset.sft import ChatRenderer
+    from dataset.tokenizer import Tokenizer
+    from modeling.generation import generate
+
+    tok = Tokenizer(task / "tok")
+    renderer = ChatRenderer(tok)
+    rows = [json.loads(line) for line in (task / "held.jsonl").read_text().splitlines()]
+    prompts = [renderer.render([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)[0] for r in rows]
+    outs = generate(model, prompts, max_new_tokens=6, eos_token_id=renderer.eot)
+    answers = [tok.decode([i for i in o if i != renderer.eot]).strip() for o in outs]
+    return sum(a == r["response"] for a, r in zip(answers, rows, strict=True)) / len(rows)
+
+
+def test_finetuning_from_hf_teaches_the_held_out_task(task, finetuned):
+    from modeling.convert import load_model
+
+    before = _held_out_accuracy(task, load_model(task / "hf"))
+    after = _held_out_accuracy(task, load_model(finetuned))
+    assert before == 0.0
+    assert after >= 0.5, after  # measured 40/40 here (36/40 to 40/40 over three data orders, train.seed)
+
+
+def test_sft_tiny_config_runs_and_starts_from_the_hf_weights(task, tmp_path):
+    # the shipped config with this test's model and data; lr 0: the checkpoint must be the HF model unchanged
+    overrides = ["optim.lr=0", "optim.min_lr=0", "train.max_steps=1", "train.eval_batches=1", "train.sample_tokens=4"]
+    _sft(task, tmp_path / "run", overrides, init_from="hf", config="configs/sft_tiny.yaml")
+    from transformers import AutoModelForCausalLM
+
+    from modeling.convert import load_model
+
+    step = tmp_path / "run" / "step-00000001"
+    assert (step / "tokenizer.json").is_file()
+    ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = load_model(step).eval()(ids).logits
+        ref = AutoModelForCausalLM.from_pretrained(task / "hf").eval()(ids).logits
+    assert (ours - ref).abs().max().item() < 1e-5
+
+
+def test_lora_tp2_matches_tp1_resumes_exactly_and_checkpoint_holds_only_the_adapter(task, tmp_path):
+    lora = ["lora.enabled=true", "lora.r=4", "lora.alpha=8", "train.max_steps=10", "checkpoint.every=5"]
+    tp1 = _sft(task, tmp_path / "tp1", lora)
+    tp2 = _sft(task, tmp_path / "tp2", [*lora, "parallel.tp=2"], nproc=2)
+    assert len(tp1) == len(tp2) == 10
+    assert max(abs(a - b) for a, b in zip(tp1, tp2, strict=True)) < 1e-4, (tp1, tp2)
+    assert tp1[-1] < tp1[0]
+    # stopped at step 5 and resumed (adapter, optimizer, data position): the uninterrupted curve
+    for _ in range(2):
+        resumed = _sft(task, tmp_path / "resumed", [*lora, "train.exit_interval=5"])
+    assert resumed == tp1
+    step = tmp_path / "tp2" / "step-00000010"
+    assert sorted(p.name for p in step.glob("*.safetensors")) == [
+        "adapter-tp00-of-02.safetensors",
+        "adapter-tp01-of-02.safetensors",
+    ]
+    # the adapter folds into the base: transformers on the merged export gives the LoRA model's logits
+    hf = tmp_path / "hf"
+    merge = ["--to-hf", str(task / "base"), "--merge-lora", str(step), "--out", str(hf)]
+    subprocess.run(
+        [sys.executable, "-m", "modeling.convert", *merge], cwd=REPO_ROOT, env=env(), check=True, capture_output=True
+    )
+    from transformers import AutoModelForCausalLM
+
+    from modeling.convert import load_model
+    from parallel.lora import load_adapter
+
+    ours = load_adapter(load_model(task / "base"), step).eval()
+    merged = AutoModelForCausalLM.from_pretrained(hf).eval()
+    ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (ours(ids).logits - merged(ids).logits).abs().max().item()
+    assert diff < 1e-4
+    # generate.py applies the adapter to its base: transformers' greedy ids on the merged export
+    prompt = [1, 5, 9, 30, 31]
+    proc = subprocess.run(
+        [sys.executable, "generate.py", "--ckpt", str(task / "base"), "--lora", str(tmp_path / "tp2"), "--prompt-ids",
+         ",".join(map(str, prompt)), "--max-new-tokens", "6", "--print-ids"],
+        cwd=REPO_ROOT, env=env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref = merged.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)[0, len(prompt) :]
+    assert proc.stdout.split() == [str(i) for i in ref.tolist()]
+
+
+def test_chat_streams_the_greedy_replies_of_two_turns(task, finetuned):
+    from dataset.sft import ChatRenderer
+    from dataset.tokenizer import Tokenizer
+    from modeling.convert import load_model, resolve_checkpoint_dir
+    from modeling.generation import generate
+
+    system, turns, max_new = "You repeat the letters.", ["Repeat: k o l", "Repeat: a b"], 8
+    proc = subprocess.run(
+        [sys.executable, "generate.py", "--ckpt", str(finetuned), "--chat", "--system", system, "--max-new-tokens",
+         str(max_new)],
+        input="".join(t + "\n" for t in turns) + "/exit\nRepeat: never asked\n",
+        cwd=REPO_ROOT, env=env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    # the reference: the same conversation rendered by the template and generated greedily, turn by turn
+    model = load_model(finetuned)
+    tok = Tokenizer(resolve_checkpoint_dir(finetuned))
+    renderer = ChatRenderer(tok)
+    markers = {renderer.header, renderer.end_header, renderer.eot}
+    history, replies = [{"role": "system", "content": system}], []
+    for turn in turns:
+        history.append({"role": "user", "content": turn})
+        prompt = renderer.render(history, add_generation_prompt=True)[0]
+        out = generate(model, [prompt], max_new_tokens=max_new, eos_token_id=[renderer.eot, tok.eos_id])[0]
+        replies.append(tok.decode([i for i in out if i not in markers]))
+        history.append({"role": "assistant", "content": replies[-1]})
+    assert proc.stdout == "".join(r + "\n" for r in replies)
