@@ -88,13 +88,21 @@ class SFTTrainer(Trainer):
                 on_error=d.on_error,
             )
         except SFTDataError as e:
-            raise ConfigError(f"{key}: {e} (the on_error key is data.on_error)") from None
+            raise ConfigError(f"{key}: {e} (keys: data.seq_len, data.truncation, data.on_error)") from None
 
     def build_data(self) -> Any:
         """This rank's share of the conversations, reshuffled each epoch, resumable; data.valid is read here too."""
         paths = [p for s in self.cfg.data_sources() for p in ([s.path] if isinstance(s.path, str) else s.path)]
         self.valid = self._dataset("data.valid", self.cfg.data.valid, 0) if self.cfg.data.valid else None
         train = self._dataset("data.train", paths, self.cfg.train.seed)
+        if self.is_main:
+            n = train.stats()
+            print(
+                f"data.train: {n['conversations']} conversations; {n['dropped']} dropped and {n['truncated']} cut as "
+                f"longer than data.seq_len + 1 = {self.cfg.data.seq_len + 1} tokens (data.truncation="
+                f"{self.cfg.data.truncation}), {n['skipped']} bad records skipped",
+                flush=True,
+            )
         return build_sft_loader(train, self.cfg.train.micro_batch_size)
 
     def eval_batches(self) -> Any:
