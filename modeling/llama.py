@@ -1,8 +1,8 @@
 """The Llama decoder, written in tensor-parallel layers; parameter names are Hugging Face's.
 
     ids -> embed_tokens (vocab-parallel) -> N x [x + attn(norm(x)); x + mlp(norm(x))] -> norm -> lm_head
-        -> vocab-parallel cross-entropy (training: full-vocabulary logits never gathered)
-        or gathered logits (inference)
+        -> training: vocab-parallel cross-entropy fused with the head (full-vocabulary logits never gathered)
+        or inference: gathered logits
 
 The mlp of layer i is a SwiGLUMLP, or a MoEMLP (modeling.moe) where config.is_moe_layer(i). The training loss of a
 mixture-of-experts model is, as in Megatron-LM,
@@ -28,8 +28,7 @@ from modeling.mlp import SwiGLUMLP
 from modeling.moe import MoEMLP
 from modeling.norm import RMSNorm
 from modeling.rope import RotaryEmbedding
-from parallel.cross_entropy import vocab_parallel_cross_entropy
-from parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
+from parallel.layers import VocabParallelEmbedding, VocabParallelHead
 from parallel.mappings import gather_from_region
 from parallel.state import ParallelState
 
@@ -140,10 +139,10 @@ class LlamaForCausalLM(nn.Module):
         kw = {"init_method": init, "device": device, "dtype": dtype}
         self.model = LlamaModel(config, self.state, **kw)
         if config.tie_word_embeddings:
-            self.lm_head = ColumnParallelLinear(config.hidden_size, config.vocab_size, state=self.state, device="meta")
+            self.lm_head = VocabParallelHead(config.hidden_size, config.vocab_size, state=self.state, device="meta")
             self.lm_head.weight = self.model.embed_tokens.weight  # same (V/tp, H) shard layout
         else:
-            self.lm_head = ColumnParallelLinear(config.hidden_size, config.vocab_size, state=self.state, **kw)
+            self.lm_head = VocabParallelHead(config.hidden_size, config.vocab_size, state=self.state, **kw)
         with torch.no_grad():
             for name, p in self.named_parameters():
                 if name.endswith(".bias"):
@@ -196,8 +195,7 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.norm(x)
 
         if targets is not None:
-            logits = self.lm_head(x)  # (B, T, V/tp): this rank's vocabulary slice only
-            ce = vocab_parallel_cross_entropy(logits, targets, self.state.tp_group)
+            ce = self.lm_head(x, targets)  # fused head + vocab-parallel loss: logits neither gathered nor kept
             moe = self.moe_layers()
             if not moe:
                 return CausalLMOutput(loss=ce, ce_loss=ce)

@@ -8,6 +8,12 @@ where both the sum over v and the target logit z_t (held by exactly one rank) ar
 stacked tensor. The gradient is softmax(z) - onehot(t), computed on each rank for its own slice only: the
 full-vocabulary logits are never gathered. Tokens whose target is `ignore_index` contribute nothing; the loss is
 the mean over the other tokens, as F.cross_entropy(reduction="mean").
+
+`vocab_parallel_linear_cross_entropy` fuses the output head's matmul into the same function: the local logits
+z = X W_r^T become the softmax in place and that one (N, V/tp) fp32 buffer turns into the gradient dL/dz in
+backward, from which dX_r = dz W_r and dW_r = dz^T X. Head and loss then allocate one logits-sized tensor per step
+instead of four (logits, log-softmax, and the two gradients of the unfused backward), the largest activations of a
+small model; the collectives are the same.
 """
 
 from __future__ import annotations
@@ -19,44 +25,83 @@ import torch.nn.functional as F
 from parallel.mappings import Group, group_rank, group_size
 
 
+def _softmax_and_loss(z: torch.Tensor, target: torch.Tensor, group: Group, ignore_index: int):
+    """(N, V/tp) fp32 logits z, overwritten with their full-vocabulary softmax (local slice) -> loss, saved."""
+    m = z.max(dim=-1).values  # (N,)
+    if group_size(group) > 1:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    z.sub_(m.unsqueeze(-1))
+
+    v_local = z.shape[-1]
+    start = group_rank(group) * v_local
+    valid = target != ignore_index
+    t_local = target - start
+    mine = valid & (t_local >= 0) & (t_local < v_local)
+    t_local = t_local.clamp(0, v_local - 1)
+    z_t = z.gather(-1, t_local.unsqueeze(-1)).squeeze(-1) * mine  # (N,)
+
+    e = z.exp_()  # (N, V/tp)
+    stats = torch.stack([z_t, e.sum(dim=-1)])  # (2, N): one all-reduce for both
+    if group_size(group) > 1:
+        dist.all_reduce(stats, group=group)
+    z_t, sum_exp = stats
+
+    n_valid = valid.sum()
+    loss = ((sum_exp.log() - z_t) * valid).sum() / n_valid
+    e.div_(sum_exp.unsqueeze(-1))  # softmax over the full vocabulary, local slice
+    return loss, (e, t_local, mine, valid, n_valid)
+
+
+def _logits_grad(grad_loss: torch.Tensor, softmax, t_local, mine, valid, n_valid) -> torch.Tensor:
+    """dL/dz = (softmax - onehot(t)) * valid * grad_loss / n_valid, written over the saved softmax."""
+    grad = softmax  # saved for this backward only: modified in place
+    rows = torch.arange(grad.shape[0], device=grad.device)
+    grad[rows, t_local] -= mine.to(grad.dtype)
+    return grad.mul_((valid.to(grad.dtype) * (grad_loss / n_valid)).unsqueeze(-1))
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """fwd: mean loss from vocab-sharded logits (2 all-reduces) / bwd: softmax - onehot on the local shard."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, group: Group, ignore_index: int):
-        z = logits.float()  # (N, V/tp)
-        m = z.max(dim=-1).values  # (N,)
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-        z = z - m.unsqueeze(-1)
-
-        v_local = z.shape[-1]
-        start = group_rank(group) * v_local
-        valid = target != ignore_index
-        t_local = target - start
-        mine = valid & (t_local >= 0) & (t_local < v_local)
-        t_local = t_local.clamp(0, v_local - 1)
-        z_t = z.gather(-1, t_local.unsqueeze(-1)).squeeze(-1) * mine  # (N,)
-
-        e = z.exp_()  # (N, V/tp), reused for the softmax below
-        stats = torch.stack([z_t, e.sum(dim=-1)])  # (2, N): one all-reduce for both
-        dist.all_reduce(stats, group=group)
-        z_t, sum_exp = stats
-
-        n_valid = valid.sum()
-        loss = ((sum_exp.log() - z_t) * valid).sum() / n_valid
-        e.div_(sum_exp.unsqueeze(-1))  # softmax over the full vocabulary, local slice
-        ctx.save_for_backward(e, t_local, mine, valid, n_valid)
+        z = logits.to(torch.float32, copy=True)  # (N, V/tp), becomes the softmax
+        loss, saved = _softmax_and_loss(z, target, group, ignore_index)
+        ctx.save_for_backward(*saved)
         ctx.logits_dtype = logits.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        softmax, t_local, mine, valid, n_valid = ctx.saved_tensors
-        grad = softmax  # saved for this backward only: modified in place
-        rows = torch.arange(grad.shape[0], device=grad.device)
-        grad[rows, t_local] -= mine.to(grad.dtype)
-        grad.mul_((valid.to(grad.dtype) * (grad_loss / n_valid)).unsqueeze(-1))
-        return grad.to(ctx.logits_dtype), None, None, None
+        return _logits_grad(grad_loss, *ctx.saved_tensors).to(ctx.logits_dtype), None, None, None
+
+
+class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
+    """fwd: z = X W_r^T, mean loss (2 all-reduces) / bwd: dz = softmax - onehot, dX_r = dz W_r, dW_r = dz^T X.
+
+    dX_r is this rank's partial sum: the caller's copy_to_region (or sequence all-gather) reduces it. The matmuls
+    run in `matmul_dtype`, the dtype of the forward's product (bf16 under autocast), as autograd would.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, target, group: Group, ignore_index: int, matmul_dtype: torch.dtype):
+        x2 = x.reshape(-1, x.shape[-1])  # (N, H)
+        z = (x2.to(matmul_dtype) @ weight.to(matmul_dtype).t()).float()  # (N, V/tp), becomes the softmax
+        loss, saved = _softmax_and_loss(z, target, group, ignore_index)
+        ctx.save_for_backward(x, weight, *saved)
+        ctx.matmul_dtype = matmul_dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        x, weight, *saved = ctx.saved_tensors
+        dz = _logits_grad(grad_loss, *saved).to(ctx.matmul_dtype)  # (N, V/tp)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = (dz @ weight.to(ctx.matmul_dtype)).to(x.dtype).view_as(x)  # (..., H)
+        if ctx.needs_input_grad[1]:
+            dw = (dz.t() @ x.reshape(-1, x.shape[-1]).to(ctx.matmul_dtype)).to(weight.dtype)  # (V/tp, H)
+        return dx, dw, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(
@@ -71,3 +116,24 @@ def vocab_parallel_cross_entropy(
     if group_size(group) == 1:
         return F.cross_entropy(logits.float(), target, ignore_index=ignore_index)
     return _VocabParallelCrossEntropy.apply(logits, target, group, ignore_index)
+
+
+def vocab_parallel_linear_cross_entropy(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    group: Group = None,
+    *,
+    ignore_index: int = -100,
+    matmul_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Mean cross-entropy of the logits x W_r^T ((..., H) x, (V/tp, H) vocabulary shard W_r) against (...) ids.
+
+    Equals vocab_parallel_cross_entropy(F.linear(x, weight), target, group) up to rounding, without keeping the
+    logits, the log-softmax and their gradients as separate tensors. `matmul_dtype` defaults to the dtype
+    F.linear(x, weight) would multiply in (the autocast dtype when autocast is on).
+    """
+    if matmul_dtype is None:
+        device = x.device.type
+        matmul_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    return _VocabParallelLinearCrossEntropy.apply(x, weight, target.reshape(-1), group, ignore_index, matmul_dtype)

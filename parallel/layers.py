@@ -1,4 +1,4 @@
-"""Tensor-parallel layers: ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding.
+"""Tensor-parallel layers: ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead.
 
 Each parameter carries `tp_split_dim`: the dimension along which it is split over the tensor group (None when it
 is replicated). Checkpoint code merges and re-splits shards from that attribute alone.
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 from parallel.mappings import (
     all_gather_from_region,
     copy_to_region,
@@ -58,13 +59,17 @@ class _Fp32Linear(torch.autograd.Function):
         return dx, dw, db
 
 
+def _emulated_bf16(x: torch.Tensor) -> bool:
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not cpu_has_native_bf16()
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, except bf16 on a CPU without bf16 hardware, which multiplies in fp32 and stores bf16.
 
     Emulated bf16 matmuls run hundreds of times slower than fp32 there (bench/README.md); the fp32 product is
     also the more accurate one. Activations and weights stay bf16 in memory.
     """
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not cpu_has_native_bf16():
+    if _emulated_bf16(x):
         return _Fp32Linear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
@@ -148,6 +153,27 @@ class ColumnParallelLinear(nn.Module):
         """Shape summary for print(model)."""
         local = self.weight.shape[0]
         return f"in={self.in_features}, out={self.out_features} (local {local}), gather={self.gather_output}"
+
+
+class VocabParallelHead(ColumnParallelLinear):
+    """The output head: a ColumnParallelLinear(hidden, vocab) whose forward, given targets, returns the loss.
+
+    head(x) gives this rank's (..., V/tp) logits, as ColumnParallelLinear. head(x, targets) gives the mean
+    cross-entropy over the full vocabulary (ignore_index -100) without gathering the logits or keeping them:
+    vocab_parallel_linear_cross_entropy fuses the matmul with the loss. It goes through forward, so that hooks
+    on the module (ZeRO-3 gathers its weight in one) see the call.
+    """
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., in) -> (..., vocab/tp) logits, or with (...) target ids the scalar mean loss."""
+        if targets is None:
+            return super().forward(x)
+        group = self.state.tp_group
+        if self.bias is not None or self.lora_A is not None or self.gather_output:  # nothing to fuse into
+            return vocab_parallel_cross_entropy(super().forward(x), targets, group)
+        x = _enter_column_region(x, self.state)
+        matmul_dtype = torch.float32 if _emulated_bf16(x) else None
+        return vocab_parallel_linear_cross_entropy(x, self.weight, targets, group, matmul_dtype=matmul_dtype)
 
 
 def _enter_column_region(x: torch.Tensor, state: ParallelState) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torch import nn
 
 from parallel import mappings
 from parallel.cross_entropy import vocab_parallel_cross_entropy
-from parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead
 from parallel.state import ParallelState
 from tests.dist_utils import run_distributed
 
@@ -214,6 +214,25 @@ def _check_cross_entropy(c: _Checker, state: ParallelState, scale: float) -> Non
     c.true(f"{tag} ignored rows have zero grad", bool((shard.grad.view(-1, shard.shape[-1])[-3:] == 0).all()))
 
 
+def _check_head_cross_entropy(c: _Checker, state: ParallelState) -> None:
+    """VocabParallelHead(x, targets): the head's matmul fused with the loss, against F.linear + F.cross_entropy."""
+    tag = f"fused head{' (sp)' if state.sequence_parallel else ''}"
+    x, weight, target = _randn(B, T, H, seed=11) * 3, _randn(V, H, seed=12), _targets(state)
+    x_ref, w_ref = _leaf(x), _leaf(weight)
+    ref = F.cross_entropy(F.linear(x_ref, w_ref).view(-1, V), target.view(-1), ignore_index=-100)
+    ref.backward()
+    head = VocabParallelHead(H, V, state=state)
+    with torch.no_grad():
+        head.weight.copy_(_chunk(weight, state, 0))
+    # under sequence parallelism each rank holds its T/tp positions (and predicts their targets)
+    x_ours = _leaf(_chunk(x, state, 1) if state.sequence_parallel else x)
+    loss = head(x_ours, target)
+    loss.backward()
+    c.close(f"{tag} loss", loss, ref)
+    c.close(f"{tag} input grad", x_ours.grad, _chunk(x_ref.grad, state, 1) if state.sequence_parallel else x_ref.grad)
+    c.close(f"{tag} weight grad shard", head.weight.grad, _chunk(w_ref.grad, state, 0))
+
+
 # -------------------------------------------------------------------------------------- sequence parallel
 
 
@@ -391,6 +410,8 @@ def _all_checks(rank: int, world_size: int) -> dict[str, tuple[float | str, floa
         c.run("embedding", _check_embedding, state)
         c.run("cross-entropy", _check_cross_entropy, state, 3.0)
         c.run("cross-entropy", _check_cross_entropy, state, 20.0)  # large logits: the max must be global
+        c.run("cross-entropy", _check_head_cross_entropy, state)
+        c.run("cross-entropy", _check_head_cross_entropy, sp)
         c.run("sp", _check_sp_mlp, sp)
         c.run("sp", _check_sp_matches_non_sp, sp, state)
         c.run("sp", _check_sp_row, sp)

@@ -1,21 +1,18 @@
 """At world size 1 the parallel layers are exactly the plain torch layers (DESIGN.md, rule 2).
 
-One process, no process group (except one test that needs a one-member gloo group for the internal
-cross-entropy path): the default `ParallelState()` must give nn.Linear / nn.Embedding / F.cross_entropy
-bit for bit, with the same parameter names and the same initialisation from the same seed.
+One process, no process group: the default `ParallelState()` must give nn.Linear / nn.Embedding / F.cross_entropy
+bit for bit, with the same parameter names and the same initialisation from the same seed. The internal autograd
+functions (the sharded cross-entropy, the head fused with it) must agree with them up to rounding.
 """
-
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from parallel import mappings
 from parallel.cross_entropy import _VocabParallelCrossEntropy, vocab_parallel_cross_entropy
-from parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead
 from parallel.state import ParallelConfigError, ParallelDims, ParallelState
 
 SEED = 1234
@@ -120,20 +117,8 @@ def test_vocab_parallel_cross_entropy_custom_ignore_index():
     assert torch.equal(ours_in.grad, ref_in.grad)
 
 
-@pytest.fixture
-def one_process_group(tmp_path):
-    """A one-member gloo group, for code that calls collectives on the default group (group=None)."""
-    assert not dist.is_initialized()
-    store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=timedelta(seconds=60))
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("scale", [1.0, 30.0])
-def test_internal_vocab_parallel_cross_entropy_matches_f_cross_entropy(one_process_group, scale):
+def test_internal_vocab_parallel_cross_entropy_matches_f_cross_entropy(scale):
     logits, target = _logits_and_target(shape=(4, 6), vocab=13)
     logits = logits * scale  # large logits check the max-subtraction
     flat_logits, flat_target = logits.reshape(-1, 13), target.reshape(-1)
@@ -148,6 +133,54 @@ def test_internal_vocab_parallel_cross_entropy_matches_f_cross_entropy(one_proce
     ref.backward(upstream)
     torch.testing.assert_close(ours_in.grad, ref_in.grad, atol=1e-6, rtol=1e-6)
     assert (ours_in.grad[flat_target == -100] == 0).all()
+
+
+def _head_and_reference(bias: bool = False):
+    torch.manual_seed(SEED)
+    ours = VocabParallelHead(6, 13, bias=bias)
+    torch.manual_seed(SEED)
+    ref = nn.Linear(6, 13, bias=bias)
+    return ours, ref
+
+
+def test_head_logits_are_nn_linear():
+    ours, ref = _head_and_reference()
+    x = torch.randn(4, 6, 6, generator=torch.Generator().manual_seed(SEED))
+    _assert_same_module(ours, ref, x)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["fused", "bias"])
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_head_loss_matches_linear_then_f_cross_entropy(bias, scale):
+    ours, ref = _head_and_reference(bias)
+    _, target = _logits_and_target(shape=(4, 6), vocab=13)
+    x = torch.randn(4, 6, 6, generator=torch.Generator().manual_seed(SEED)) * scale
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    loss = ours(x_ours, target)
+    ref_loss = F.cross_entropy(ref(x_ref).reshape(-1, 13), target.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-6)
+    upstream = torch.tensor(0.7)
+    loss.backward(upstream)
+    ref_loss.backward(upstream)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, atol=1e-5, rtol=1e-5)
+    assert (x_ours.grad[target == -100] == 0).all()
+
+
+def test_head_loss_under_bf16_autocast_matches_autograd():
+    ours, ref = _head_and_reference()
+    _, target = _logits_and_target(shape=(4, 6), vocab=13)
+    x = torch.randn(4, 6, 6, generator=torch.Generator().manual_seed(SEED))
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = ours(x_ours, target)
+        ref_loss = F.cross_entropy(ref(x_ref).float().reshape(-1, 13), target.reshape(-1))
+    loss.backward()
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)  # the same bf16 product, loss in fp32
+    assert x_ours.grad.dtype == torch.float32 and ours.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, atol=2e-3, rtol=1e-2)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, atol=2e-3, rtol=1e-2)
 
 
 def test_mappings_are_identity_at_group_none():
