@@ -1,8 +1,9 @@
 """Training throughput of this Llama against transformers' LlamaForCausalLM (sdpa), in one process.
 
 Both models get the same weights, the same batch, dtype, threads and AdamW; their steps alternate in rounds so
-that machine noise hits both alike. Prints tokens/s of each, their ratio, and model FLOPs utilisation against a
-large matmul timed in the same run (CPU: 2048^3; CUDA: 8192^3, in the run's dtype).
+that machine noise hits both alike. Prints tokens/s of each, their ratio (of the median step times, and the median
+over same-round step pairs, which stays fair when other processes load the machine for part of the run), and model
+FLOPs utilisation against a large matmul timed in the same run (CPU: 2048^3; CUDA: 8192^3, in the run's dtype).
 
     python bench/throughput.py --dtype fp32
     python bench/throughput.py --dtype bf16
@@ -14,6 +15,7 @@ Targets on the CPU for dim 512, 8 layers, 8 heads, 4 kv heads, seq 512, batch 4:
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -122,13 +124,16 @@ def main() -> None:
 
     for name in models:  # warm-up: allocator, kernels, optimizer state
         step(name)
+    peak = matmul_flops(device, torch.float32)  # timed before and after the rounds: the larger is the peak
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     times: dict[str, list[float]] = {name: [] for name in models}
     for r in range(args.rounds):
         order = list(models) if r % 2 == 0 else list(reversed(models))
         for name in order:
             times[name] += [step(name) for _ in range(args.steps)]
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     # the attainable peak: on a CPU without bf16 hardware, bf16 matmuls are emulated and fp32 is the real ceiling
-    peak = max(matmul_flops(device, dtype), matmul_flops(device, torch.float32))
+    peak = max(peak, matmul_flops(device, dtype), matmul_flops(device, torch.float32))
 
     tokens = args.batch * args.seq
     fpt = flops_per_token(cfg, args.seq)
@@ -145,6 +150,12 @@ def main() -> None:
         mfu = rate[name] * fpt / peak
         print(f"{name:>5}: {rate[name]:9.1f} tokens/s  step {t * 1e3:8.1f} ms  MFU {100 * mfu:5.1f}%")
     print(f"ratio ours/hf: {rate['ours'] / rate['hf']:.3f}")
+    # the two models' steps of one round ran back to back: their ratio cancels load that drifts between rounds
+    paired = [hf / ours for ours, hf in zip(times["ours"], times["hf"], strict=True)]
+    print(
+        f"paired ratio (median of {len(paired)} same-round step pairs): {statistics.median(paired):.3f}, "
+        f"range {min(paired):.3f}-{max(paired):.3f}; load average {load_before:.1f} before, {load_after:.1f} after"
+    )
 
 
 if __name__ == "__main__":
