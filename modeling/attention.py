@@ -8,7 +8,13 @@ from torch import nn
 
 from modeling.config import ModelConfig
 from modeling.rope import apply_rotary
-from parallel.layers import ColumnParallelLinear, InitMethod, RowParallelLinear, fused_column_parallel
+from parallel.layers import (
+    ColumnParallelLinear,
+    InitMethod,
+    RowParallelLinear,
+    cpu_has_native_bf16,
+    fused_column_parallel,
+)
 from parallel.state import ParallelState
 
 LayerCache = tuple[torch.Tensor, torch.Tensor, int]  # (keys, values) buffers (B, kv_heads/tp, max_len, hd), start
@@ -64,8 +70,8 @@ class Attention(nn.Module):
             v_buf[:, :, start : start + T] = v
             k, v = k_buf[:, :, : start + T], v_buf[:, :, : start + T]  # (B, nkv, S, hd)
         dtype = q.dtype
-        if q.device.type == "cpu" and dtype == torch.bfloat16:
-            # torch's CPU attention kernels run bf16 several times slower than fp32 (bench/README.md)
+        if q.device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16():
+            # without bf16 hardware torch's CPU attention kernels run bf16 several times slower than fp32
             q, k, v = q.float(), k.float(), v.float()
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_heads != self.n_kv_heads

@@ -10,10 +10,10 @@ full-vocabulary logits are never gathered. Tokens whose target is `ignore_index`
 the mean over the other tokens, as F.cross_entropy(reduction="mean").
 
 `vocab_parallel_linear_cross_entropy` fuses the output head's matmul into the same function: the local logits
-z = X W_r^T become the softmax in place and that one (N, V/tp) fp32 buffer turns into the gradient dL/dz in
-backward, from which dX_r = dz W_r and dW_r = dz^T X. Head and loss then allocate one logits-sized tensor per step
-instead of four (logits, log-softmax, and the two gradients of the unfused backward), the largest activations of a
-small model; the collectives are the same.
+z = X W_r^T become exp(z - m) in place and that one (N, V/tp) fp32 buffer turns into the gradient dL/dz in
+backward (the softmax's normalisation is applied there), from which dX_r = dz W_r and dW_r = dz^T X. Head and loss
+then allocate one logits-sized fp32 tensor per step instead of four (logits, log-softmax, and the two gradients of
+the unfused backward), the largest activations of a small model; the collectives are the same.
 """
 
 from __future__ import annotations
@@ -25,39 +25,44 @@ import torch.nn.functional as F
 from parallel.mappings import Group, group_rank, group_size
 
 
-def _softmax_and_loss(z: torch.Tensor, target: torch.Tensor, group: Group, ignore_index: int):
-    """(N, V/tp) fp32 logits z, overwritten with their full-vocabulary softmax (local slice) -> loss, saved."""
-    m = z.max(dim=-1).values  # (N,)
+def _exp_and_loss(chunks: list[torch.Tensor], target: torch.Tensor, group: Group, ignore_index: int):
+    """Row chunks of the (N, V/tp) fp32 logits z, overwritten with exp(z - m) -> loss, what backward needs."""
+    sizes = [z.shape[0] for z in chunks]
+    m = torch.cat([z.max(dim=-1).values for z in chunks])  # (N,)
     if group_size(group) > 1:
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    z.sub_(m.unsqueeze(-1))
 
-    v_local = z.shape[-1]
+    v_local = chunks[0].shape[-1]
     start = group_rank(group) * v_local
     valid = target != ignore_index
     t_local = target - start
     mine = valid & (t_local >= 0) & (t_local < v_local)
     t_local = t_local.clamp(0, v_local - 1)
-    z_t = z.gather(-1, t_local.unsqueeze(-1)).squeeze(-1) * mine  # (N,)
-
-    e = z.exp_()  # (N, V/tp)
-    stats = torch.stack([z_t, e.sum(dim=-1)])  # (2, N): one all-reduce for both
+    z_t, sum_exp = [], []
+    for z, m_c, t_c in zip(chunks, m.split(sizes), t_local.split(sizes), strict=True):
+        z.sub_(m_c.unsqueeze(-1))
+        z_t.append(z.gather(-1, t_c.unsqueeze(-1)).squeeze(-1))  # (n,)
+        sum_exp.append(z.exp_().sum(dim=-1))  # (n,)
+    stats = torch.stack([torch.cat(z_t) * mine, torch.cat(sum_exp)])  # (2, N): one all-reduce for both
     if group_size(group) > 1:
         dist.all_reduce(stats, group=group)
     z_t, sum_exp = stats
 
     n_valid = valid.sum()
     loss = ((sum_exp.log() - z_t) * valid).sum() / n_valid
-    e.div_(sum_exp.unsqueeze(-1))  # softmax over the full vocabulary, local slice
-    return loss, (e, t_local, mine, valid, n_valid)
+    return loss, (sum_exp, t_local, mine, valid, n_valid, *chunks)
 
 
-def _logits_grad(grad_loss: torch.Tensor, softmax, t_local, mine, valid, n_valid) -> torch.Tensor:
-    """dL/dz = (softmax - onehot(t)) * valid * grad_loss / n_valid, written over the saved softmax."""
-    grad = softmax  # saved for this backward only: modified in place
-    rows = torch.arange(grad.shape[0], device=grad.device)
-    grad[rows, t_local] -= mine.to(grad.dtype)
-    return grad.mul_((valid.to(grad.dtype) * (grad_loss / n_valid)).unsqueeze(-1))
+def _logits_grad(grad_loss: torch.Tensor, sum_exp, t_local, mine, valid, n_valid, *chunks) -> list[torch.Tensor]:
+    """dL/dz = (e / sum_e - onehot(t)) * valid * grad_loss / n_valid, written over the saved e = exp(z - m) chunks."""
+    scale = valid.to(sum_exp.dtype) * (grad_loss / n_valid)  # (N,)
+    sizes = [e.shape[0] for e in chunks]
+    for e, a, b, t_c, mine_c in zip(chunks, (scale / sum_exp).split(sizes), scale.split(sizes), t_local.split(sizes),
+                                    mine.split(sizes), strict=True):  # fmt: skip
+        e.mul_(a.unsqueeze(-1))  # saved for this backward only: modified in place
+        rows = torch.arange(e.shape[0], device=e.device)
+        e[rows, t_c] -= b * mine_c
+    return chunks
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -65,42 +70,59 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, group: Group, ignore_index: int):
-        z = logits.to(torch.float32, copy=True)  # (N, V/tp), becomes the softmax
-        loss, saved = _softmax_and_loss(z, target, group, ignore_index)
+        z = logits.to(torch.float32, copy=True)  # (N, V/tp), becomes exp(z - m)
+        loss, saved = _exp_and_loss([z], target, group, ignore_index)
         ctx.save_for_backward(*saved)
         ctx.logits_dtype = logits.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        return _logits_grad(grad_loss, *ctx.saved_tensors).to(ctx.logits_dtype), None, None, None
+        (grad,) = _logits_grad(grad_loss, *ctx.saved_tensors)
+        return grad.to(ctx.logits_dtype), None, None, None
+
+
+# fp32 copies of bf16 logits are made in row chunks of at most this many bytes: CPU allocators serve blocks of
+# this size from memory they already hold, where one logits-sized block is mapped (and page-faulted) anew each step
+_CHUNK_BYTES = 16 << 20
 
 
 class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
     """fwd: z = X W_r^T, mean loss (2 all-reduces) / bwd: dz = softmax - onehot, dX_r = dz W_r, dW_r = dz^T X.
 
     dX_r is this rank's partial sum: the caller's copy_to_region (or sequence all-gather) reduces it. The matmuls
-    run in `matmul_dtype`, the dtype of the forward's product (bf16 under autocast), as autograd would.
+    run in `matmul_dtype`, the dtype of the forward's product (bf16 under autocast), as autograd would. A bf16 z is
+    kept as the buffer of the bf16 dz; its fp32 copy is made in row chunks (see _CHUNK_BYTES).
     """
 
     @staticmethod
     def forward(ctx, x, weight, target, group: Group, ignore_index: int, matmul_dtype: torch.dtype):
         x2 = x.reshape(-1, x.shape[-1])  # (N, H)
-        z = (x2.to(matmul_dtype) @ weight.to(matmul_dtype).t()).float()  # (N, V/tp), becomes the softmax
-        loss, saved = _softmax_and_loss(z, target, group, ignore_index)
-        ctx.save_for_backward(x, weight, *saved)
-        ctx.matmul_dtype = matmul_dtype
+        z = x2.to(matmul_dtype) @ weight.to(matmul_dtype).t()  # (N, V/tp)
+        if z.dtype == torch.float32:
+            chunks, kept = [z], None
+        else:
+            rows = max(1, _CHUNK_BYTES // (4 * z.shape[-1]))
+            chunks, kept = [c.float() for c in z.split(rows)], z
+        loss, saved = _exp_and_loss(chunks, target, group, ignore_index)
+        ctx.save_for_backward(x, weight, kept, *saved)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        x, weight, *saved = ctx.saved_tensors
-        dz = _logits_grad(grad_loss, *saved).to(ctx.matmul_dtype)  # (N, V/tp)
+        x, weight, z, *saved = ctx.saved_tensors
+        chunks = _logits_grad(grad_loss, *saved)  # fp32
+        if z is None:
+            (dz,) = chunks  # (N, V/tp)
+        else:
+            dz = z  # (N, V/tp) in the matmul dtype
+            for dst, src in zip(z.split(chunks[0].shape[0]), chunks, strict=True):
+                dst.copy_(src)
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dx = (dz @ weight.to(ctx.matmul_dtype)).to(x.dtype).view_as(x)  # (..., H)
+            dx = (dz @ weight.to(dz.dtype)).to(x.dtype).view_as(x)  # (..., H)
         if ctx.needs_input_grad[1]:
-            dw = (dz.t() @ x.reshape(-1, x.shape[-1]).to(ctx.matmul_dtype)).to(weight.dtype)  # (V/tp, H)
+            dw = (dz.t() @ x.reshape(-1, x.shape[-1]).to(dz.dtype)).to(weight.dtype)  # (V/tp, H)
         return dx, dw, None, None, None, None
 
 

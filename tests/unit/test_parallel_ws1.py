@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parallel import mappings
+from parallel import cross_entropy, mappings
 from parallel.cross_entropy import _VocabParallelCrossEntropy, vocab_parallel_cross_entropy
 from parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead
 from parallel.state import ParallelConfigError, ParallelDims, ParallelState
@@ -167,7 +167,10 @@ def test_head_loss_matches_linear_then_f_cross_entropy(bias, scale):
     assert (x_ours.grad[target == -100] == 0).all()
 
 
-def test_head_loss_under_bf16_autocast_matches_autograd():
+@pytest.mark.parametrize("chunk_rows", [None, 5], ids=["one-chunk", "chunks-of-5-rows"])
+def test_head_loss_under_bf16_autocast_matches_autograd(chunk_rows, monkeypatch):
+    if chunk_rows is not None:  # the fp32 copy of the bf16 logits in row chunks, 24 rows = 5 + 5 + 5 + 5 + 4
+        monkeypatch.setattr(cross_entropy, "_CHUNK_BYTES", 4 * 13 * chunk_rows)
     ours, ref = _head_and_reference()
     _, target = _logits_and_target(shape=(4, 6), vocab=13)
     x = torch.randn(4, 6, 6, generator=torch.Generator().manual_seed(SEED))
