@@ -12,31 +12,12 @@ See README.md for every config key and launch/README.md for multi-GPU and multi-
 
 from __future__ import annotations
 
-import argparse
-import sys
-
-from configs.schema import ConfigError, load_config
-from training.loop import run_training
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line arguments."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="yaml config (configs/pretrain_*.yaml); defaults apply without one")
-    ap.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in checkpoint.dir")
-    ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 optim.lr=1e-3")
-    return ap.parse_args(argv)
+from training.loop import main as train_main
 
 
 def main(argv: list[str] | None = None) -> None:
     """Load and validate the config, then train."""
-    args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
-    run_training(cfg, resume=not args.no_resume)
+    train_main(argv, description=__doc__)
 
 
 if __name__ == "__main__":

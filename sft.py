@@ -15,14 +15,12 @@ only changes what is trained on and what is trained:
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from configs.schema import ConfigError, load_config, resolve_path
+from configs.schema import ConfigError, resolve_path
 from dataset.sft import ChatRenderer, SFTDataError, SFTDataset, build_sft_loader
 from dataset.tokenizer import TokenizerError
 from modeling.convert import resolve_checkpoint_dir
@@ -30,7 +28,8 @@ from modeling.generation import generate
 from modeling.llama import LlamaForCausalLM
 from parallel.lora import apply_lora, load_adapter, save_adapter
 from training import checkpoint as ckpt_io
-from training.loop import Trainer, run_training
+from training.loop import Trainer
+from training.loop import main as train_main
 
 
 class SFTTrainer(Trainer):
@@ -132,24 +131,9 @@ class SFTTrainer(Trainer):
         return [f"{p} -> {r}" for p, r in zip(self.cfg.train.sample_prompts, replies, strict=True)]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line arguments (those of pretrain_llama.py)."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="yaml config (configs/sft_*.yaml)")
-    ap.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in checkpoint.dir")
-    ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. lora.enabled=true optim.lr=1e-4")
-    return ap.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Load and validate the config, then fine-tune."""
-    args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
-    run_training(cfg, resume=not args.no_resume, trainer_cls=SFTTrainer)
+    train_main(argv, description=__doc__, trainer_cls=SFTTrainer)
 
 
 if __name__ == "__main__":

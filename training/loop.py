@@ -9,6 +9,7 @@ SIGTERM/SIGINT saves a checkpoint and exits.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import signal
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from configs.schema import ConfigError, TrainConfig, resolve_path
+from configs.schema import ConfigError, TrainConfig, load_config, resolve_path
 from dataset.tokenizer import Tokenizer
 from modeling.config import ModelConfig
 from modeling.convert import save_native
@@ -55,6 +56,7 @@ def init_distributed(cfg: TrainConfig) -> torch.device:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it
         os.environ.setdefault("WORLD_SIZE", "1")
         backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if want_cuda else "gloo")
         dist.init_process_group(backend, timeout=timedelta(minutes=cfg.parallel.timeout_minutes))
@@ -436,6 +438,21 @@ def _skipped(loader: Any) -> int:
     stats = loader.stats() if hasattr(loader, "stats") else {}
     skipped = stats.get("skipped", 0)
     return sum(skipped.values()) if isinstance(skipped, dict) else int(skipped)
+
+
+def main(argv: list[str] | None, *, description: str, trainer_cls: type[Trainer] = Trainer) -> None:
+    """The command line of pretrain_llama.py and sft.py: --config, --no-resume, dotted overrides; then train."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="yaml config (configs/*.yaml); defaults apply without one")
+    ap.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in checkpoint.dir")
+    ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 optim.lr=1e-3")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    run_training(cfg, resume=not args.no_resume, trainer_cls=trainer_cls)
 
 
 def run_training(cfg: TrainConfig, *, resume: bool, trainer_cls: type[Trainer] = Trainer) -> None:

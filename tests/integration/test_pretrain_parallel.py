@@ -1,5 +1,6 @@
 """The same global batch gives the same loss per step whatever the layout: tp=1 vs tp=2, ZeRO 0-3 on 2 data-parallel
-ranks vs one process, dp=2 x tp=2 on 4 processes. Each run is pretrain_llama.py launched by torchrun on gloo.
+ranks (and ZeRO-2 in one plain process) vs one process, dp=2 x tp=2 on 4 processes. Each run is pretrain_llama.py
+launched by torchrun on gloo.
 
 The reference is the one-process run: no collectives, no sharding. Synthetic data numbers every sequence of the run
 globally, so every layout sees the same sequences in each step (training/data.py).
@@ -42,6 +43,12 @@ def test_tp2_sequence_parallel_matches_one_process(reference, tmp_path):
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_zero_stage_dp2_matches_one_process(reference, tmp_path, stage):
     pretrain(tmp_path, [f"parallel.deepspeed_config=configs/deepspeed/zero{stage}.json"], nproc=2)
+    _assert_close(losses(tmp_path), reference)
+
+
+def test_zero2_in_one_plain_python_process_matches(reference, tmp_path):
+    # no launcher: the trainer makes a world of one for DeepSpeed itself
+    pretrain(tmp_path, ["parallel.deepspeed_config=configs/deepspeed/zero2.json"])
     _assert_close(losses(tmp_path), reference)
 
 
