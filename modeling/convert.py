@@ -50,7 +50,13 @@ from parallel.state import ParallelState
 SHARD_RE = re.compile(r"model-tp(\d+)-of-(\d+)\.safetensors$")
 EXPERT_SHARD_RE = re.compile(r"experts-ep(\d+)-of-(\d+)\.safetensors$")
 EXPERT_SPLIT_DIM = 0  # expert tensors are stacked (E, ...): expert ranks hold consecutive blocks of E/ep
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",  # transformers 5 writes the chat template here
+)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_MAX_SHARD_BYTES = 5 * 2**30
 

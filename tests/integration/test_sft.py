@@ -157,6 +157,11 @@ def test_sft_tiny_config_runs_and_starts_from_the_hf_weights(task, tmp_path):
 
     step = tmp_path / "run" / "step-00000001"
     assert (step / "tokenizer.json").is_file()
+    from transformers import AutoTokenizer
+
+    # transformers 5 keeps the chat template in chat_template.jinja: the checkpoint must carry it along
+    template = AutoTokenizer.from_pretrained(task / "hf").chat_template
+    assert template and AutoTokenizer.from_pretrained(step).chat_template == template
     ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = load_model(step).eval()(ids).logits
