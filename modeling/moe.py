@@ -31,6 +31,11 @@ Losses (this rank's tokens, Megatron's default under data/expert parallelism), s
     z  = mean_n logsumexp(l_n)^2                                                      (ST-MoE router z-loss)
     aux_loss = router_aux_loss_coef * lb + router_z_loss_coef * z
 
+Under sequence parallelism (tp ranks routing the tp chunks of the same sequences) the counts in f_e are summed over
+the tensor group and each rank's aux_loss is 1/tp of the above on its chunk: the router gradients, summed over the
+tensor group by copy_to_region, are then those of the unsplit sequence's loss (mean_t z_t = z and
+mean_t E sum_e f_e P_t,e = lb for equal chunks). The logged values (training.moe_metrics) average the chunks.
+
 With softmax scores and no expert bias, lb is transformers' `load_balancing_loss_func` for one layer. For a whole
 model transformers computes one loss over all layers' logits (`mixtral_aux_loss` here), which is not the sum or
 the mean of per-layer values: see its docstring.
@@ -64,9 +69,10 @@ from parallel.state import ParallelConfigError, ParallelState
 class MoEMLP(nn.Module):
     """Top-k routed SwiGLU experts (+ optional shared experts), a drop-in for SwiGLUMLP on (B, T, H).
 
-    After each forward: `aux_loss` (differentiable scalar, already scaled by the config's coefficients),
-    `router_logits` (N, E) fp32 (in the graph), and `stats`: tokens_per_expert (E,) long (assignments chosen for
-    each expert among this rank's tokens, before dropping), dropped_fraction, lb_loss, z_loss (floats, unscaled).
+    After each forward: `aux_loss` (differentiable scalar, already scaled by the config's coefficients; under
+    sequence parallelism this chunk's 1/tp share), `router_logits` (N, E) fp32 (in the graph), and `stats`:
+    tokens_per_expert (E,) long (assignments chosen for each expert among this rank's tokens, before dropping),
+    dropped_fraction, lb_loss, z_loss (floats, unscaled, of this rank's tokens).
     """
 
     def __init__(
@@ -189,9 +195,14 @@ class MoEMLP(nn.Module):
     def _losses(self, logits: torch.Tensor, scores: torch.Tensor, load: torch.Tensor, dropped: int) -> None:
         n = logits.shape[0]
         probs = scores if self.config.router_score == "softmax" else scores / scores.sum(-1, keepdim=True)
-        lb = self.num_experts * torch.dot(load.float() / n, probs.mean(0))
+        counts, chunks = load.float(), 1  # (E,)
+        if self.state.sequence_parallel and group_size(self.state.tp_group) > 1:
+            chunks = group_size(self.state.tp_group)
+            dist.all_reduce(counts, group=self.state.tp_group)  # f_e over the whole sequence, not this chunk
+        lb = self.num_experts * torch.dot(counts / (n * chunks), probs.mean(0))
         z = torch.logsumexp(logits, dim=-1).square().mean()
-        self.aux_loss = self.config.router_aux_loss_coef * lb + self.config.router_z_loss_coef * z
+        # this chunk's share: the shares of the tensor group sum to the unsplit sequence's loss
+        self.aux_loss = (self.config.router_aux_loss_coef * lb + self.config.router_z_loss_coef * z) / chunks
         self.router_logits = logits
         lb_value, z_value = torch.stack([lb.detach(), z.detach()]).tolist()
         self.stats = {

@@ -1,7 +1,8 @@
 """Per-layer expert load of a mixture-of-experts model over one optimizer step, for metrics.jsonl and wandb.
 
 After each micro-batch's forward, `add` reads every MoE layer's `stats` (modeling.moe.MoEMLP). `row` reduces the step
-over the data-parallel group and returns, for MoE layer i (its index among the decoder layers):
+over the data-parallel group (under sequence parallelism also over the tensor group, whose ranks routed different
+chunks of the sequences) and returns, for MoE layer i (its index among the decoder layers):
 
     moe/aux_loss                      sum over layers of the scaled aux losses in the objective (mean over micro-batches
                                       and data-parallel ranks); the logged `loss` is the cross-entropy alone
@@ -63,10 +64,14 @@ class MoEStepStats:
         flat = torch.cat([means, counts.reshape(-1)]).to(device)  # one collective for the whole row
         if group_size(self.state.dp_group) > 1:
             dist.all_reduce(flat, group=self.state.dp_group)
-            flat[: means.numel()] /= self.state.dp_size
+        chunks = group_size(self.state.tp_group) if self.state.sequence_parallel else 1
+        if chunks > 1:
+            dist.all_reduce(flat, group=self.state.tp_group)
+        flat[: means.numel()] /= self.state.dp_size * chunks
         flat = flat.cpu()
         means, counts = flat[: means.numel()], flat[means.numel() :].view(n_layers, -1)  # (1 + 3L,), (L, E)
-        out: dict[str, Any] = {"moe/aux_loss": means[0].item()}
+        # a chunk's aux_loss is its 1/tp share of the objective: the shares add up, the other values average
+        out: dict[str, Any] = {"moe/aux_loss": means[0].item() * chunks}
         for j, (i, _) in enumerate(self.layers):
             c = counts[j]
             dropped, lb, z = means[1 + 3 * j : 4 + 3 * j].tolist()

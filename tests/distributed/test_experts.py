@@ -11,7 +11,9 @@ reference loads summed over the data-parallel group.
 One spawn of 4 gloo processes (each spawn costs seconds) runs three layouts: ep=4 (tp=1, the expert group is the
 whole data-parallel group), ep=2 (tp=1, two expert groups of 2 and dp=4: the bias update must cover the whole
 data-parallel group, not one expert group; this is also everything a world of 2 at ep=2 would test), and tp=2 x
-ep=2 under sequence parallelism (each tensor rank routes its own sequence chunk). The rank returns
+ep=2 under sequence parallelism (each tensor rank routes its own sequence chunk: the chunks' aux losses must add up
+to the unsplit sequence's, so the router gradient equals the reference's). In every layout the step's metrics row
+(training.moe_metrics) must equal the reference's counts and losses over the data-parallel group. The rank returns
 `{check: (diff or error, tol)}` and the tests below read it.
 """
 
@@ -27,6 +29,7 @@ from modeling.moe import MoEMLP
 from parallel.experts import combine, dispatch
 from parallel.state import ParallelConfigError, ParallelState
 from tests.dist_utils import run_distributed
+from training.moe_metrics import MoEStepStats
 
 ATOL = 1e-5
 EXACT = 0.0
@@ -43,7 +46,13 @@ CONFIGS = {
         num_shared_experts=1,
         router_z_loss_coef=0.01,
     ),
-    "sp": dict(num_shared_experts=1, router_expert_bias=True, router_bias_update_rate=RATE),
+    "sp": dict(
+        num_shared_experts=1,
+        router_expert_bias=True,
+        router_bias_update_rate=RATE,
+        router_aux_loss_coef=0.1,
+        router_z_loss_coef=0.01,
+    ),
 }
 
 
@@ -164,12 +173,12 @@ def _check_moe(c: _Checker, state: ParallelState, config: ModelConfig) -> None:
     sp = state.sequence_parallel
     x_ref = _leaf(x)
     y_ref = ref(x_ref)
-    # under sequence parallelism the balancing losses are per sequence chunk: only the output's gradient is shared
-    ((y_ref * dy).sum() + (0 if sp else ref.aux_loss)).backward()
+    ((y_ref * dy).sum() + ref.aux_loss).backward()
+    # under sequence parallelism each tensor rank backpropagates its chunk's share of the aux loss
     local = (lambda t: t.chunk(state.tp_size, dim=1)[state.tp_rank]) if sp else (lambda t: t)  # noqa: E731
     x_par = _leaf(local(x))
     y = par(x_par)
-    ((y * local(dy)).sum() + (0 if sp else par.aux_loss)).backward()
+    ((y * local(dy)).sum() + par.aux_loss).backward()
 
     c.close("output", y, local(y_ref))
     c.close("input grad", x_par.grad, local(x_ref.grad))
@@ -190,6 +199,8 @@ def _check_moe(c: _Checker, state: ParallelState, config: ModelConfig) -> None:
         for key in ("dropped_fraction", "lb_loss", "z_loss"):
             c.close(key, torch.tensor(par.stats[key]), torch.tensor(ref.stats[key]))
 
+    _check_metrics_row(c, state, par, ref)
+
     load = ref.stats["tokens_per_expert"]
     totals = load.clone()
     dist.all_reduce(totals, group=state.dp_group)
@@ -208,6 +219,35 @@ def _check_moe(c: _Checker, state: ParallelState, config: ModelConfig) -> None:
         par.update_expert_bias()
         c.close("expert bias after update_expert_bias", par.expert_bias, expected, EXACT)
         c.true("loads reset", par.expert_load.abs().sum() == 0)
+
+
+class _OneLayer:
+    """The part of LlamaForCausalLM that MoEStepStats reads: one MoE layer."""
+
+    def __init__(self, moe: MoEMLP):
+        self.moe = moe
+
+    def moe_layers(self) -> list[tuple[int, MoEMLP]]:
+        """(layer index, MoEMLP) pairs, as LlamaForCausalLM.moe_layers."""
+        return [(0, self.moe)]
+
+
+def _check_metrics_row(c: _Checker, state: ParallelState, par: MoEMLP, ref: MoEMLP) -> None:
+    """The step's metrics row of `par` equals the reference's counts summed and losses averaged over dp."""
+    stats = MoEStepStats(_OneLayer(par), state)
+    stats.add(par.aux_loss)
+    row = stats.row()
+    tokens = ref.stats["tokens_per_expert"].clone()
+    dist.all_reduce(tokens, group=state.dp_group)
+    c.true("row tokens_per_expert", row["moe/layer0/tokens_per_expert"] == tokens.tolist())
+    expected = {"aux_loss": float(ref.aux_loss), **{k: ref.stats[k] for k in ("dropped_fraction", "lb_loss", "z_loss")}}
+    means = torch.tensor(list(expected.values()), dtype=torch.float64)
+    dist.all_reduce(means, group=state.dp_group)
+    means /= state.dp_size
+    keys = {"aux_loss": "moe/aux_loss", "dropped_fraction": "moe/layer0/dropped_frac"}
+    for name, value in zip(expected, means.tolist(), strict=True):
+        got = row[keys.get(name, f"moe/layer0/{name}")]
+        c.close(f"row {name}", torch.tensor(got), torch.tensor(value))
 
 
 def _check_errors(c: _Checker, state: ParallelState) -> None:
