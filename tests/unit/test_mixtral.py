@@ -143,3 +143,21 @@ def test_error_export_of_what_mixtral_cannot_represent_names_the_key(tmp_path):
     model = LlamaForCausalLM(config)
     with pytest.raises(CheckpointError, match=r"model\.router_score"):
         save_hf_checkpoint(config, dict(model.state_dict()), tmp_path)
+
+
+def test_error_mixtral_that_cannot_convert_names_the_key(hf_dir, tmp_path):
+    path, _ = hf_dir
+    windowed = tmp_path / "windowed"
+    windowed.mkdir()
+    config = json.loads((path / "config.json").read_text())
+    (windowed / "config.json").write_text(json.dumps({**config, "sliding_window": 16}))
+    with pytest.raises(ValueError, match=r"sliding_window=16: sliding-window attention is not supported"):
+        load_checkpoint(windowed)
+
+    incomplete = tmp_path / "incomplete"
+    incomplete.mkdir()
+    (incomplete / "config.json").write_text((path / "config.json").read_text())
+    tensors = {k: v for k, v in _tensors(path).items() if "layers.1.block_sparse_moe.experts.2.w3" not in k}
+    save_file(tensors, str(incomplete / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"layer 1 has no block_sparse_moe\.experts\.2\.w3\.weight"):
+        load_checkpoint(incomplete)

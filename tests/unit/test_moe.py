@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock, load_balancing_loss_func
 
+from configs.schema import load_config
 from modeling.config import ModelConfig
 from modeling.moe import MoEMLP, mixtral_aux_loss
 from parallel.experts import combine, dispatch
@@ -244,3 +245,23 @@ def test_dispatch_and_combine_are_a_permutation_on_one_rank():
     assert torch.equal(out, expected)
     out.sum().backward()
     assert x.grad[:, 0].tolist() == [4.0, 2.0, 4.0, 4.0, 2.0, 4.0]
+
+
+@pytest.mark.parametrize(
+    "overrides,world,message",
+    [
+        (
+            ["parallel.ep=2", "parallel.deepspeed_config=configs/deepspeed/zero3.json"],
+            2,
+            r"parallel\.ep=2 with configs/deepspeed/zero3\.json \(ZeRO stage 3\).*zero1\.json, zero2\.json",
+        ),
+        (["parallel.ep=3"], 3, r"model\.num_local_experts=4 is not divisible by parallel\.ep=3"),
+    ],
+    ids=["zero3-with-ep", "experts-not-divisible-by-ep"],
+)
+def test_training_config_refuses_what_expert_parallelism_cannot_run(overrides, world, message):
+    base = ["model.preset=tiny", "model.num_local_experts=4", "data.train=shards/*.jsonl.zst", "data.tokenizer=tok"]
+    base += ["train.micro_batch_size=1", "train.global_batch_size=12"]
+    cfg = load_config(None, [*base, *overrides])
+    with pytest.raises(ValueError, match=message):
+        cfg.validate(world_size=world)
