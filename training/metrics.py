@@ -119,8 +119,9 @@ class MetricsLogger:
 
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048) -> float:
     """FLOP/s of an n^3 matmul measured now (the CPU's practical peak, for MFU)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(0)  # not the global RNG: a resumed run must draw what it saved
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     a @ b  # warm-up
     reps, t0 = 3, time.perf_counter()
     for _ in range(reps):

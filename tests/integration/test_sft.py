@@ -170,7 +170,15 @@ def test_sft_tiny_config_runs_and_starts_from_the_hf_weights(task, tmp_path):
 
 
 def test_lora_tp2_matches_tp1_resumes_exactly_and_checkpoint_holds_only_the_adapter(task, tmp_path):
-    lora = ["lora.enabled=true", "lora.r=4", "lora.alpha=8", "train.max_steps=10", "checkpoint.every=5"]
+    # dropout on: tp=2 must draw tp=1's masks, and the resumed run must restore the RNG state
+    lora = [
+        "lora.enabled=true",
+        "lora.r=4",
+        "lora.alpha=8",
+        "lora.dropout=0.1",
+        "train.max_steps=10",
+        "checkpoint.every=5",
+    ]
     tp1 = _sft(task, tmp_path / "tp1", lora)
     tp2 = _sft(task, tmp_path / "tp2", [*lora, "parallel.tp=2"], nproc=2)
     assert len(tp1) == len(tp2) == 10
