@@ -4,7 +4,8 @@ expert ranks (parallel.ep=2: each rank holds 2 of the 4 experts of every layer),
 The reference is the one-process run of the same global batch (grad_accum 4, no collectives). Compared per step:
 the cross-entropy `loss`, the gradient norm, the aux loss, and the expert load (tokens per expert, dropped fraction),
 which the one-process run counts on its own. Runs: the torch engine, ZeRO 1, and ZeRO 2 stopped at step 5 and
-resumed to 10 (with a capacity factor and the auxiliary-loss-free expert bias, whose state must survive the resume).
+resumed to 10 (with a capacity factor and the auxiliary-loss-free expert bias, whose state must survive the resume;
+its checkpoint shows the expert optimizer states partitioned over the expert-data-parallel group).
 The torch run's checkpoint exports to Hugging Face Mixtral and transformers gives our logits.
 """
 
@@ -85,3 +86,14 @@ def test_zero2_ep2_resumed_at_5_matches_one_process(reference_bias_capacity, tmp
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4, 5]
     pretrain(tmp_path, run, nproc=4)  # resumes from step 5
     _assert_same_curve(metrics(tmp_path), reference_bias_capacity)
+
+    # ZeRO partitions the dense groups over dp=4 and the expert group over its edp=2 replicas of one expert shard
+    from safetensors import safe_open
+
+    step = tmp_path / "step-00000010"
+    with safe_open(str(step / "experts-ep00-of-02.safetensors"), framework="pt") as f:
+        shard_numel = sum(f.get_tensor(k).numel() for k in f.keys())  # noqa: SIM118
+    for rank in range(4):
+        zero = torch.load(step / f"rank-{rank:05d}.pt", weights_only=False)["optimizer"]
+        assert zero["partition_count"] == [4, 4, 2], rank
+        assert zero["single_partition_of_fp32_groups"][-1].numel() == shard_numel // 2, rank
