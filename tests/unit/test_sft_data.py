@@ -449,3 +449,43 @@ def test_resume_continues_exactly(tok, tmp_path):
         build_sft_loader(SFTDataset(path, tok, 80, dp_rank=1, dp_size=2, seed=4), 2).load_state_dict(state)
     with pytest.raises(SFTDataError, match="pack: saved True, now False"):
         build_sft_loader(make(pack=False), 2).load_state_dict(state)
+
+
+def test_packed_rows_give_each_conversation_its_own_logits_and_loss(tok, tmp_path):
+    """A model fed a packed row with its document ids computes, for every conversation in it, the logits of that
+    conversation alone; so the masked loss of the row is that of its conversations."""
+    import torch.nn.functional as F
+
+    from modeling.config import ModelConfig
+    from modeling.llama import LlamaForCausalLM
+
+    path = write_records(tmp_path / "sft.jsonl", random_records(30, seed=10))
+    batch = next(build_sft_loader(SFTDataset(path, tok, 160, seed=1), 2))
+    torch.manual_seed(0)
+    config = ModelConfig(
+        vocab_size=-(-tok.vocab_size // 64) * 64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        packed = model(batch["input_ids"], document_ids=batch["document_ids"]).logits  # (B, T, V)
+        loss = model(batch["input_ids"], targets=batch["targets"], document_ids=batch["document_ids"]).loss
+    nll, count, checked = 0.0, 0, 0
+    for b in range(2):
+        docs, inputs, targets = batch["document_ids"][b], batch["input_ids"][b], batch["targets"][b]
+        for doc in docs.unique().tolist():
+            where = (docs == doc).nonzero().flatten()  # one contiguous run of positions
+            if (inputs[where] == tok.pad_id).all():
+                continue
+            with torch.no_grad():
+                alone = model(inputs[where].unsqueeze(0)).logits[0]  # (len, V): positions from 0, nothing before
+            torch.testing.assert_close(packed[b, where], alone, atol=1e-5, rtol=0)
+            nll += F.cross_entropy(alone, targets[where], ignore_index=-100, reduction="sum").item()
+            count += int((targets[where] != -100).sum())
+            checked += 1
+    assert checked >= 4  # several conversations per row
+    assert abs(loss.item() - nll / count) < 1e-5
