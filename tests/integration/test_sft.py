@@ -258,3 +258,24 @@ def test_chat_streams_the_greedy_replies_of_two_turns(task, finetuned):
         replies.append(tok.decode([i for i in out if i not in markers]))
         history.append({"role": "assistant", "content": replies[-1]})
     assert proc.stdout == "".join(r + "\n" for r in replies)
+
+
+def test_chat_streamer_writes_each_token_as_it_comes_and_never_half_a_character(task):
+    sys.path.insert(0, str(REPO_ROOT))
+    from dataset.tokenizer import Tokenizer
+    from generate import ReplyStreamer
+
+    tok = Tokenizer(task / "tok")
+    text = " k o l café 🙂 a b"  # é and 🙂 are byte pieces: several tokens, one character
+    ids = tok.encode(text)
+    writes: list[tuple[int, str]] = []
+    streamer = ReplyStreamer(tok, {tok.eos_id}, echo=True)
+    streamer._write = lambda s: writes.append((len(streamer.ids), s))
+    for token in [*ids, tok.eos_id]:
+        streamer(0, token)
+    reply = streamer.finish()
+    assert reply == tok.decode(ids) and "".join(s for _, s in writes) == reply + "\n"
+    assert all("\ufffd" not in s for _, s in writes)
+    # streamed: the first letters are out after the first few tokens, long before the reply ends
+    assert writes[0][0] <= 2 and len(writes) > len(ids) // 2
+    assert len(writes) < len(ids) + 1  # the bytes of one character were held back until it was whole
