@@ -2,7 +2,8 @@
 
 - Full fine-tuning from a `transformers` save_pretrained directory: a tiny model answers held-out questions of a
   generated task far more often than before.
-- configs/sft_tiny.yaml runs, and a run from an HF directory starts from exactly its weights.
+- configs/sft_tiny.yaml runs, and a run from an HF directory starts from exactly its weights; at tp=2 it gives
+  tp=1's loss curve.
 - LoRA from a native checkpoint: tp=2 gives tp=1's loss curve, as does a run stopped and resumed; the checkpoint
   holds only the adapter; merged, it gives the LoRA model's logits and greedy ids (generate.py --lora) in
   transformers.
@@ -167,6 +168,14 @@ def test_sft_tiny_config_runs_and_starts_from_the_hf_weights(task, tmp_path):
         ours = load_model(step).eval()(ids).logits
         ref = AutoModelForCausalLM.from_pretrained(task / "hf").eval()(ids).logits
     assert (ours - ref).abs().max().item() < 1e-5
+
+
+def test_full_finetuning_from_hf_at_tp2_gives_tp1s_loss_curve(task, tmp_path):
+    short = ["train.max_steps=5", "train.eval_every=0", "train.sample_every=0"]
+    tp1 = _sft(task, tmp_path / "tp1", short, init_from="hf")
+    tp2 = _sft(task, tmp_path / "tp2", [*short, "parallel.tp=2"], nproc=2, init_from="hf")
+    assert len(tp1) == len(tp2) == 5 and tp1[-1] < tp1[0]
+    assert max(abs(a - b) for a, b in zip(tp1, tp2, strict=True)) < 1e-4, (tp1, tp2)
 
 
 def test_lora_tp2_matches_tp1_resumes_exactly_and_checkpoint_holds_only_the_adapter(task, tmp_path):
