@@ -26,7 +26,7 @@ from dataset.tokenizer import TokenizerError
 from modeling.convert import resolve_checkpoint_dir
 from modeling.generation import generate
 from modeling.llama import LlamaForCausalLM
-from parallel.lora import apply_lora, load_adapter, save_adapter
+from parallel.lora import AdapterError, apply_lora, load_adapter, save_adapter
 from training import checkpoint as ckpt_io
 from training.loop import Trainer
 from training.loop import main as train_main
@@ -69,7 +69,13 @@ class SFTTrainer(Trainer):
         if lora.enabled:
             apply_lora(model, targets=lora.targets, r=lora.r, alpha=lora.alpha, dropout=lora.dropout)
             if self.resume_from is not None:
-                load_adapter(model, self.resume_from)
+                try:
+                    load_adapter(model, self.resume_from)
+                except AdapterError as e:
+                    raise ConfigError(
+                        f"{e}; resume with the run's lora.r, lora.alpha and lora.targets, or start afresh "
+                        "(--no-resume or another checkpoint.dir)"
+                    ) from None
         return model
 
     def _dataset(self, key: str, paths: Any, seed: int) -> SFTDataset:

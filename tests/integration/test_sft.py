@@ -80,7 +80,8 @@ def task(tmp_path_factory):
     return root
 
 
-def _sft(task, out, overrides=(), nproc=1, *, init_from="base", config=None):
+def _sft(task, out, overrides=(), nproc=1, *, init_from="base", config=None, error=None):
+    """Run sft.py; return the logged losses, or with `error` assert that it fails with that message instead."""
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
@@ -113,6 +114,9 @@ def _sft(task, out, overrides=(), nproc=1, *, init_from="base", config=None):
     proc = subprocess.run(
         [*launcher, "sft.py", *args], cwd=REPO_ROOT, env=env(), capture_output=True, text=True, timeout=600
     )
+    if error is not None:
+        assert proc.returncode == 2 and error in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-5000:]
+        return []
     assert proc.returncode == 0, proc.stderr[-5000:]
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 
@@ -197,6 +201,8 @@ def test_lora_tp2_matches_tp1_resumes_exactly_and_checkpoint_holds_only_the_adap
     for _ in range(2):
         resumed = _sft(task, tmp_path / "resumed", [*lora, "train.exit_interval=5"])
     assert resumed == tp1
+    # resuming with other adapter settings is an error naming them, not a traceback
+    _sft(task, tmp_path / "resumed", [*lora, "lora.r=8", "train.max_steps=12"], error="adapter has r=4")
     step = tmp_path / "tp2" / "step-00000010"
     assert sorted(p.name for p in step.glob("*.safetensors")) == [
         "adapter-tp00-of-02.safetensors",
