@@ -27,7 +27,6 @@ from modeling.convert import resolve_checkpoint_dir
 from modeling.generation import generate
 from modeling.llama import LlamaForCausalLM
 from parallel.lora import AdapterError, apply_lora, load_adapter, save_adapter
-from training import checkpoint as ckpt_io
 from training.loop import Trainer
 from training.loop import main as train_main
 
@@ -58,14 +57,16 @@ class SFTTrainer(Trainer):
         except (SFTDataError, TokenizerError) as e:  # bad records, a tokenizer without chat markers, a changed data set
             raise ConfigError(str(e)) from None
 
+    def weights_source(self) -> Path:
+        """LoRA checkpoints hold only the adapter: with LoRA the base always comes from model.init_from."""
+        if self.cfg.lora.enabled:
+            return resolve_path(self.cfg.model.init_from)
+        return super().weights_source()
+
     def build_model(self) -> LlamaForCausalLM:
-        """The base from init_from; adapters on top with LoRA (loaded from the checkpoint we resume)."""
+        """The base (Trainer.build_model); adapters on top with LoRA (loaded from the checkpoint we resume)."""
         lora = self.cfg.lora
-        model = LlamaForCausalLM(self.model_cfg, self.state, device=self.device, dtype=torch.float32)
-        model.activation_checkpointing = self.cfg.train.activation_checkpointing
-        resumed_whole = self.resume_from is not None and not lora.enabled
-        base = self.resume_from if resumed_whole else resolve_path(self.cfg.model.init_from)
-        ckpt_io.load_model_weights(model, Path(base), self.state)
+        model = super().build_model()
         if lora.enabled:
             apply_lora(model, targets=lora.targets, r=lora.r, alpha=lora.alpha, dropout=lora.dropout)
             if self.resume_from is not None:

@@ -159,12 +159,18 @@ class Trainer:
 
     # ---- hooks (sft.py overrides these) ----
 
+    def weights_source(self) -> Path | None:
+        """Where the weights come from: the checkpoint we resume, else model.init_from (None: a fresh init)."""
+        if self.resume_from is not None:
+            return self.resume_from
+        return resolve_path(self.cfg.model.init_from) if self.cfg.model.init_from else None
+
     def build_model(self) -> LlamaForCausalLM:
-        """The model on this rank's device, from init_from or the checkpoint we resume (weights load here)."""
+        """The model on this rank's device, its weights loaded from weights_source()."""
         # fp32 master weights: the torch engine autocasts to bf16, DeepSpeed keeps its own bf16 copy
         model = LlamaForCausalLM(self.model_cfg, self.state, device=self.device, dtype=torch.float32)
         model.activation_checkpointing = self.cfg.train.activation_checkpointing
-        source = self.resume_from or self.cfg.model.init_from
+        source = self.weights_source()
         if source is not None:
             ckpt_io.load_model_weights(model, Path(source), self.state)
         return model
