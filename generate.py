@@ -29,7 +29,7 @@ import torch.distributed as dist
 from dataset.sft import ChatRenderer, SFTDataError
 from dataset.tokenizer import CHAT_TOKENS, Tokenizer, TokenizerError
 from modeling.convert import CheckpointError, load_model, resolve_checkpoint_dir
-from modeling.generation import generate
+from modeling.generation import eos_ids, generate
 from parallel.lora import AdapterError, load_adapter
 from parallel.state import ParallelState
 
@@ -145,8 +145,7 @@ def chat(model: torch.nn.Module, tokenizer: Tokenizer, state: ParallelState, arg
         renderer = ChatRenderer(tokenizer)
     except TokenizerError as e:
         raise SystemExit(f"error: --chat: {e}") from None
-    eos = model.config.eos_token_id
-    stops = [renderer.eot, *([] if eos is None else eos if isinstance(eos, list) else [eos])]
+    stops = {renderer.eot, *eos_ids(model.config.eos_token_id)}
     skip = {renderer.header, renderer.end_header, *stops}
     history = [{"role": "system", "content": args.system}] if args.system else []
     first, limit = len(history), model.config.max_position_embeddings
@@ -162,10 +161,12 @@ def chat(model: torch.nn.Module, tokenizer: Tokenizer, state: ParallelState, arg
             say(f"error: {e}; send it again without that")
             history.pop()
             continue
-        if len(prompt) + args.max_new_tokens > limit and len(history) > first + 1:
-            while len(prompt) + args.max_new_tokens > limit and len(history) > first + 1:
-                del history[first : first + 2]  # the oldest exchange
-                prompt = renderer.render(history, add_generation_prompt=True)[0]
+        dropped = False
+        while len(prompt) + args.max_new_tokens > limit and len(history) > first + 1:
+            del history[first : first + 2]  # the oldest exchange
+            prompt = renderer.render(history, add_generation_prompt=True)[0]
+            dropped = True
+        if dropped:
             say(f"(oldest turns dropped: the conversation must fit max_position_embeddings={limit})")
         if len(prompt) + args.max_new_tokens > limit:
             say(
@@ -182,7 +183,7 @@ def chat(model: torch.nn.Module, tokenizer: Tokenizer, state: ParallelState, arg
             temperature=args.temperature,
             top_k=args.top_k,
             top_p=args.top_p,
-            eos_token_id=stops,
+            eos_token_id=sorted(stops),
             generator=generator,
             on_token=streamer,
         )

@@ -76,6 +76,11 @@ def sample(
 
 
 @torch.no_grad()
+def eos_ids(eos_token_id: int | list[int] | None) -> set[int]:
+    """The stop ids of an eos_token_id as configs give it: one id, a list of ids, or None (no stop)."""
+    return set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
+
+
 def generate(
     model: LlamaForCausalLM,
     prompts: list[list[int]],
@@ -102,7 +107,7 @@ def generate(
         ids[b, L - len(p) :] = torch.tensor(p, device=device)
         valid[b, L - len(p) :] = True
     positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, L): real tokens count from 0
-    eos = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
+    eos = eos_ids(eos_token_id)
 
     model.eval()
     cache = KVCache(model, B, L + max_new_tokens)
