@@ -12,7 +12,7 @@ prompt, and nothing else on stdout. Under torchrun every rank runs the model sha
 of processes is tp x ep: `--ep N` splits a mixture-of-experts model's experts over N ranks (each holds E/N of them).
 
 `--chat` reads one user message per line from stdin, renders the whole conversation (with `--system` first) through
-the chat template of `dataset/sft.py`, and streams the assistant's reply to stdout as its tokens are generated, one
+the chat template of `dataset/chat.py`, and streams the assistant's reply to stdout as its tokens are generated, one
 line per reply; it stops at `<|eot_id|>` or EOS. An empty line, `/exit` or end of input (Ctrl-D) ends the chat.
 The prompt `you> ` goes to stderr. When a conversation outgrows max_position_embeddings its oldest turns are dropped.
 """
@@ -26,11 +26,13 @@ import sys
 import torch
 import torch.distributed as dist
 
-from dataset.sft import ChatRenderer, SFTDataError
+from dataset.chat import ChatError, ChatRenderer
 from dataset.tokenizer import CHAT_TOKENS, Tokenizer, TokenizerError
-from modeling.convert import CheckpointError, load_model, resolve_checkpoint_dir
+from modeling.config import CheckpointError, resolve_checkpoint_dir
+from modeling.convert import load_model
 from modeling.generation import eos_ids, generate
-from parallel.lora import AdapterError, load_adapter
+from modeling.lora_files import load_adapter
+from parallel.lora import AdapterError
 from parallel.state import ParallelState
 
 
@@ -157,7 +159,7 @@ def chat(model: torch.nn.Module, tokenizer: Tokenizer, state: ParallelState, arg
         history.append({"role": "user", "content": message})
         try:
             prompt = renderer.render(history, add_generation_prompt=True)[0]
-        except SFTDataError as e:
+        except ChatError as e:
             say(f"error: {e}; send it again without that")
             history.pop()
             continue

@@ -5,8 +5,8 @@
 
 The training loop, launchers, checkpoints, resume and logging are pretrain_llama.py's (training/loop.py); this file
 only changes what is trained on and what is trained:
-- data: `dataset/sft.py` renders `.jsonl(.zst)` records (prompt/response, instruction/input/output or chat
-  `messages`) with the tokenizer's chat template; several conversations per sequence with document-aware
+- data: `dataset/sft.py` reads `.jsonl(.zst)` records (prompt/response, instruction/input/output or chat
+  `messages`), rendered by `dataset/chat.py`'s chat template; several conversations per sequence with document-aware
   attention (`data.pack`), labels only on assistant turns and their end-of-turn token;
 - model: `model.init_from` (native checkpoint, run directory or Hugging Face directory) gives architecture and
   weights; with `lora.enabled` the base is frozen, adapters (`parallel/lora.py`) train, and checkpoints hold only
@@ -20,13 +20,16 @@ from typing import Any
 
 import torch
 
-from configs.schema import ConfigError, resolve_path
-from dataset.sft import ChatRenderer, SFTDataError, SFTDataset, build_sft_loader
+from configs.sections import ConfigError, resolve_path
+from dataset.chat import ChatRenderer
+from dataset.sft import SFTDataError, SFTDataset, build_sft_loader
 from dataset.tokenizer import TokenizerError
-from modeling.convert import resolve_checkpoint_dir
+from modeling.config import resolve_checkpoint_dir
 from modeling.generation import generate
 from modeling.llama import LlamaForCausalLM
-from parallel.lora import AdapterError, apply_lora, load_adapter, save_adapter
+from modeling.lora_files import load_adapter, save_adapter
+from parallel.lora import AdapterError, apply_lora
+from training.data import TrainData
 from training.loop import Trainer
 from training.loop import main as train_main
 
@@ -96,7 +99,7 @@ class SFTTrainer(Trainer):
         except SFTDataError as e:
             raise ConfigError(f"{key}: {e} (keys: data.seq_len, data.truncation, data.on_error)") from None
 
-    def build_data(self) -> Any:
+    def build_data(self) -> TrainData:
         """This rank's share of the conversations, reshuffled each epoch, resumable; data.valid is read here too."""
         paths = [p for s in self.cfg.data_sources() for p in ([s.path] if isinstance(s.path, str) else s.path)]
         self.valid = self._dataset("data.valid", self.cfg.data.valid, 0) if self.cfg.data.valid else None

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 from datetime import timedelta
@@ -101,7 +100,7 @@ def _measure_rank(rank: int, ranks: int, stage: int, dtype: str, grad_accum: int
     """Build model, optimizer and engine as the trainer does, train two steps, measure this rank's storages."""
     import torch
 
-    from configs.schema import OptimSection, resolve_path
+    from configs.sections import OptimSection, resolve_path
     from modeling.config import ModelConfig
     from modeling.llama import LlamaForCausalLM
     from parallel.engine import build_engine
@@ -213,21 +212,18 @@ def _worker(rank: int, ranks: int, port: int, stage: int, dtype: str, grad_accum
     os._exit(0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure(stage: int, ranks: int, dtype: str = "fp32", grad_accum: int = 1) -> list[dict]:
     """Spawn `ranks` gloo processes, train two steps at this ZeRO stage, return each rank's measurements."""
     import torch.multiprocessing as mp
+
+    sys.path.insert(0, str(REPO_ROOT))
+    from training.distributed import free_port
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the children inherit it before they import DeepSpeed
     if sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(ranks, _free_port(), stage, dtype, grad_accum, out), nprocs=ranks, join=True)
+        mp.spawn(_worker, args=(ranks, free_port(), stage, dtype, grad_accum, out), nprocs=ranks, join=True)
         return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(ranks)]
 
 

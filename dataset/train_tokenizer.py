@@ -21,24 +21,15 @@ B / (total input bytes), seeded, when every input size is known (the file size, 
 frame headers record, as data/shard.py and the `zstd` CLI write them; JSON overhead makes the sample smaller than B),
 and the first B bytes in input order when a `.zst` file without recorded sizes makes the total unknown.
 
-Why not `transformers.LlamaTokenizer`: in transformers 5 it rebuilds a fixed pipeline from the vocabulary, which
-differs from SentencePiece on leading spaces (" x"), on a chat marker at the start of the text and under NFKC. The
-HF files here hold a `tokenizers` pipeline built from the model (SentencePiece's normalizer, the dummy prefix on
-the whole text, chat markers split out after it, the merges ranked by piece score) under `PreTrainedTokenizerFast`,
-with `split_special_tokens` on so that a literal "<s>" is text, as in SentencePiece. Training ends with a check
-that both give the same ids on probe strings and on a sample of the corpus.
-
-Known differences: HF reads a text that is exactly a control or byte piece name ("</s>", "<0x41>") and comes right
-after a chat marker, at the end of the text or before another marker, as that piece; with `--model-type unigram`
-HF may also read such names anywhere when their first character is not in the vocabulary, and near-ties in long
-texts may segment differently (SentencePiece sums scores in float32); training then warns instead of failing.
+The transformers files hold a `tokenizers` pipeline built from the model (`dataset/hf_tokenizer.py`). Training ends
+with a check that both give the same ids on probe strings and on a sample of the corpus: a difference is an error
+for BPE and a warning for unigram (near-ties; `dataset/hf_tokenizer.py` lists the known differences).
 The character U+2581 ("▁") in the input decodes to a space (as in Llama).
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
 import io
 import json
 import logging
@@ -49,12 +40,14 @@ import sys
 import time
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dataset.jsonl_zst import FORMATS, DataError, decompressed_size, file_format, iter_texts
-from dataset.sft import install_chat_template
+from dataset.chat import install_chat_template
+from dataset.hf_tokenizer import ConversionError, parity_mismatches, write_hf_files
+from dataset.jsonl_zst import FORMATS, ON_ERROR, FileRules, find_files, iter_texts
+from dataset.lines import DataError, decompressed_size
 from dataset.tokenizer import CHAT_TOKENS, SPECIAL_TOKENS
 
 logger = logging.getLogger(__name__)
@@ -76,6 +69,20 @@ PROBES = (
 
 class TokenizerTrainError(ValueError):
     """Input or options that cannot train a tokenizer; the message names the file or flag to fix."""
+
+
+# Paths and globs (expanded here) of .txt and .jsonl(.zst) files; a directory is refused, a file named twice read once.
+INPUT_FILES = FileRules(
+    suffixes=tuple(FORMATS),
+    error=TokenizerTrainError,
+    nothing="no input given: pass .txt, .jsonl or .jsonl.zst files or globs",
+    missing="input {path} does not exist",
+    no_match="input glob {item!r} matches no file (quote globs: they are expanded here)",
+    unsupported="input {path}: unsupported file type; use one of {suffixes}",
+    directories=None,
+    directory="input {path} is a directory: pass a glob such as '{path}/*.txt'",
+    others="report",
+)
 
 
 @dataclass
@@ -107,33 +114,6 @@ class _ParitySample:
             self.texts.append(text)
         elif (j := self.rng.randrange(self.seen)) < self.size:
             self.texts[j] = text
-
-
-def resolve_inputs(inputs: Sequence[str]) -> list[Path]:
-    """Files named by `inputs` (paths or globs, expanded here, `**` allowed), in order, each once."""
-    if not inputs:
-        raise TokenizerTrainError("no input given: pass .txt, .jsonl or .jsonl.zst files or globs")
-    paths: list[Path] = []
-    seen: set[Path] = set()
-    for item in inputs:
-        if glob.has_magic(item):
-            matches = sorted(glob.glob(item, recursive=True))
-            if not matches:
-                raise TokenizerTrainError(f"input glob {item!r} matches no file (quote globs: they are expanded here)")
-        else:
-            matches = [item]
-        for match in matches:
-            path = Path(match)
-            if path.is_dir():
-                raise TokenizerTrainError(f"input {path} is a directory: pass a glob such as '{path}/*.txt'")
-            if not path.is_file():
-                raise TokenizerTrainError(f"input {path} does not exist")
-            if file_format(path) is None:
-                raise TokenizerTrainError(f"input {path}: unsupported file type; use one of {', '.join(FORMATS)}")
-            if path not in seen:
-                seen.add(path)
-                paths.append(path)
-    return paths
 
 
 _NEWLINE = re.compile(r"\r\n|\r|\n")
@@ -205,7 +185,7 @@ def _bounded(sentences: Iterator[str], paths: Sequence[Path], max_bytes: int | N
 def _check_options(
     vocab_size, model_type, character_coverage, normalization, special, max_sentences, max_bytes, on_error
 ):
-    if on_error not in ("raise", "skip"):
+    if on_error not in ON_ERROR:
         raise TokenizerTrainError(f"--on-error {on_error!r}: use raise or skip")
     if model_type not in ("bpe", "unigram"):
         raise TokenizerTrainError(f"--model-type {model_type!r}: use bpe or unigram")
@@ -269,104 +249,6 @@ def _train_sentencepiece(sentences: Iterator[str], options: dict) -> bytes:
     return model.getvalue()
 
 
-def build_hf_backend(model_file: str | Path):
-    """A `tokenizers.Tokenizer` that encodes and decodes like SentencePiece with `model_file` (see the module doc).
-
-    For models with this trainer's whitespace settings (escaped spaces, no collapsing); others raise.
-    """
-    from sentencepiece import sentencepiece_model_pb2
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(Path(model_file).read_bytes())
-    pieces = list(proto.pieces)
-    normal, control, user, byte = 1, 3, 4, 6  # SentencePiece piece types; 2 is unknown
-    if proto.trainer_spec.model_type == sentencepiece_model_pb2.TrainerSpec.BPE:
-        vocab = {p.piece: i for i, p in enumerate(pieces)}
-        mergeable = {p.piece: (p.score, i) for i, p in enumerate(pieces) if p.type == normal}
-        # SentencePiece merges the adjacent pair whose union has the highest score; rank unions the same way.
-        ranked = sorted(
-            (-score, i, cut, piece[:cut], piece[cut:])
-            for piece, (score, i) in mergeable.items()
-            for cut in range(1, len(piece))
-            if piece[:cut] in mergeable and piece[cut:] in mergeable
-        )
-        # ignore_merges: a chunk that is a whole piece (a chat marker, split out below) is taken as it is.
-        model = models.BPE(
-            vocab=vocab,
-            merges=[(left, right) for *_, left, right in ranked],
-            unk_token=pieces[proto.trainer_spec.unk_id].piece,
-            fuse_unk=True,
-            byte_fallback=proto.trainer_spec.byte_fallback,
-            ignore_merges=True,
-        )
-    elif proto.trainer_spec.model_type == sentencepiece_model_pb2.TrainerSpec.UNIGRAM:
-        # SentencePiece never matches control and byte pieces in text; the Viterbi search here would (score 0),
-        # so they get a score below any spelling of their names out of ordinary pieces.
-        floor = 10 * min(p.score for p in pieces if p.type == normal) - 1000.0
-        scores = [(p.piece, floor if p.type in (2, control, byte) else p.score) for p in pieces]
-        model = models.Unigram(scores, unk_id=proto.trainer_spec.unk_id, byte_fallback=proto.trainer_spec.byte_fallback)
-    else:
-        raise TokenizerTrainError(f"{model_file}: only BPE and unigram SentencePiece models convert to transformers")
-    backend = Tokenizer(model)
-
-    spec = proto.normalizer_spec
-    if spec.remove_extra_whitespaces or not spec.escape_whitespaces or proto.trainer_spec.treat_whitespace_as_suffix:
-        raise TokenizerTrainError(f"{model_file}: whitespace settings this trainer never writes; cannot convert")
-    steps = [normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
-    steps.append(normalizers.Replace(" ", "▁"))
-    if spec.add_dummy_prefix:
-        # On the whole text, always: Metaspace skips texts that start with "▁" and runs per added-token chunk.
-        steps.append(normalizers.Prepend("▁"))
-    backend.normalizer = normalizers.Sequence(steps)
-    markers = sorted((p.piece for p in pieces if p.type == user), key=len, reverse=True)
-    if markers:
-        pattern = Regex("|".join(re.escape(m) for m in markers))
-        backend.pre_tokenizer = pre_tokenizers.Split(pattern, behavior="isolated")
-    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    backend.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if spec.add_dummy_prefix else []))
-    controls = [AddedToken(p.piece, normalized=False, special=True) for p in pieces if p.type in (2, control)]
-    backend.add_special_tokens(controls)
-    bos = proto.trainer_spec.bos_piece
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1", special_tokens=[(bos, proto.trainer_spec.bos_id)]
-    )
-    return backend
-
-
-def write_hf_files(model_file: str | Path, out_dir: str | Path) -> None:
-    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json for `model_file` into `out_dir`."""
-    from transformers import PreTrainedTokenizerFast
-
-    out_dir = Path(out_dir)
-    names = dict(zip(("unk_token", "bos_token", "eos_token", "pad_token"), SPECIAL_TOKENS, strict=True))
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=build_hf_backend(model_file),
-        split_special_tokens=True,  # a literal "<s>" in text is text, as in SentencePiece
-        clean_up_tokenization_spaces=False,
-        **names,
-    )
-    hf.save_pretrained(str(out_dir))
-    config_path = out_dir / "tokenizer_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    # transformers 5 reads BOS/EOS from tokenizer.json's post-processor; 4.x and other readers read these keys.
-    config.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=True, add_eos_token=False)
-    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (out_dir / "special_tokens_map.json").write_text(json.dumps(names, indent=2) + "\n", encoding="utf-8")
-
-
-def parity_mismatches(out_dir: str | Path, texts: Iterable[str]) -> list[tuple[str, list[str], list[str]]]:
-    """(text, SentencePiece pieces, transformers pieces) for each text where `out_dir`'s two tokenizers differ."""
-    import sentencepiece as spm
-    from transformers import AutoTokenizer
-
-    sp = spm.SentencePieceProcessor(model_file=str(Path(out_dir) / "tokenizer.model"))
-    hf = AutoTokenizer.from_pretrained(str(out_dir))
-    texts = list(texts)
-    pairs = zip(texts, sp.encode(texts), hf(texts, add_special_tokens=False)["input_ids"], strict=True)
-    return [(text, sp.id_to_piece(a), hf.convert_ids_to_tokens(b)) for text, a, b in pairs if a != b]
-
-
 def train_tokenizer(
     inputs: Sequence[str],
     out_dir: str | Path,
@@ -392,7 +274,7 @@ def train_tokenizer(
     _check_options(
         vocab_size, model_type, character_coverage, normalization, special, max_sentences, max_bytes, on_error
     )
-    paths = resolve_inputs(inputs)
+    paths = find_files(inputs, INPUT_FILES)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stats = CorpusStats()
@@ -428,8 +310,8 @@ def train_tokenizer(
         num_threads=num_threads or os.cpu_count() or 1,
     )
     if model_type == "unigram":
-        # transformers' Viterbi can only avoid control and byte pieces (see build_hf_backend) when their names can be
-        # spelled out of ordinary pieces, so the characters of those names are always in the vocabulary.
+        # transformers' Viterbi can only avoid control and byte pieces (see hf_tokenizer.build_hf_backend) when their
+        # names can be spelled out of ordinary pieces, so the characters of those names are always in the vocabulary.
         options["required_chars"] = "".join(sorted(set("".join(SPECIAL_TOKENS) + "0123456789ABCDEFx")))
     start = time.perf_counter()
     model = _train_sentencepiece(sentences(), {**options, "minloglevel": 1})
@@ -480,7 +362,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-sentences", type=int, help="uniform sample of N sentences (default: all)")
     parser.add_argument("--max-bytes", type=int, help="sample of at most B bytes of text (default: all)")
     parser.add_argument("--text-field", default="text", help="JSON field holding the text of .jsonl(.zst) records")
-    parser.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="bad lines: stop, or count")
+    parser.add_argument("--on-error", choices=ON_ERROR, default="raise", help="bad lines: stop, or count")
     parser.add_argument("--num-threads", type=int, help="SentencePiece threads (default: all cores)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -492,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         train_tokenizer(args.inputs, args.out, **{k: v for k, v in vars(args).items() if k not in ("inputs", "out")})
-    except TokenizerTrainError as e:
+    except (TokenizerTrainError, ConversionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

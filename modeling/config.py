@@ -48,6 +48,10 @@ class ConfigError(ValueError):
     """A model configuration that cannot work; the message names the key."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that does not match what it claims to be; the message names the file or tensor."""
+
+
 @dataclass
 class ModelConfig:
     """Llama decoder hyper-parameters, in Hugging Face's names. `None` fields are derived in __post_init__."""
@@ -278,3 +282,14 @@ class ModelConfig:
         mlps = (self.num_hidden_layers - n_moe) * dense_mlp + n_moe * moe_mlp
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * (attn + 2 * h) + mlps + embed + h
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """The directory whose config.json describes a checkpoint: a run directory resolves to its `latest` step."""
+    path = Path(path)
+    if (path / "latest").is_file() and not (path / "config.json").exists():
+        step = path / (path / "latest").read_text().strip()
+        if not step.is_dir():
+            raise CheckpointError(f"{path / 'latest'} names {step.name}, which does not exist; pass a step-* directory")
+        return step
+    return path

@@ -1,14 +1,7 @@
-"""Checkpoint formats and conversion: Hugging Face <-> native, tensor/expert-parallel shard <-> merge.
+"""Checkpoint conversion Hugging Face <-> native, and one entry point that loads any checkpoint.
 
-Native format (what training checkpoints use), a directory holding
-    config.json                          the model config, in Hugging Face's layout
-    model-tp00-of-02.safetensors, ...    one file per tensor rank; each file's metadata records its rank, the
-                                         tensor degree and, per tensor, the dimension it is split along
-    experts-ep00-of-02.safetensors, ...  (mixture of experts only) the stacked expert tensors (E/ep, ...) of one
-                                         expert rank, the same on every tensor rank; the metadata records the rank,
-                                         the expert degree and, per tensor, the dimension the experts are split along
-Because every shard says how it was cut, weights saved at one tp (and ep) degree load at any other: the shards are
-concatenated along that dimension and re-split for the new degree.
+The native format (what training checkpoints use: config.json + model-tpNN-of-NN.safetensors and, for mixture of
+experts, experts-epNN-of-NN.safetensors, loadable at any tp and ep degree) is modeling.native_format.
 
 Hugging Face format: config.json + model.safetensors (or sharded with model.safetensors.index.json, or
 pytorch_model*.bin read with weights_only=True). Llama's tensor names are the same in both formats, and RoPE uses
@@ -19,8 +12,8 @@ capacity, shared experts, expert bias, dense layers between MoE ones) stop the e
     python -m modeling.convert --from-hf HF_DIR --out DIR [--tp N] [--ep N] [--dtype bf16]
     python -m modeling.convert --to-hf DIR --out HF_DIR [--dtype bf16]
 
-LoRA adapters (parallel.lora: a native adapter directory, adapter_config.json + adapter-tpNN-of-NN.safetensors saved
-at any tp degree, or a PEFT LoRA export). `--merge-lora` folds the adapter into the weights being converted,
+LoRA adapters (modeling.lora_files: a native adapter directory, adapter_config.json + adapter-tpNN-of-NN.safetensors
+saved at any tp degree, or a PEFT LoRA export). `--merge-lora` folds the adapter into the weights being converted,
 W <- W + (alpha / r) B A, so the output is a plain model; `--to-peft` writes the adapter alone in PEFT's format,
 which peft.PeftModel.from_pretrained loads onto the Hugging Face export of the base model:
 
@@ -33,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -41,15 +33,24 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from modeling.config import ConfigError, ModelConfig
+from modeling.config import CheckpointError, ConfigError, ModelConfig, resolve_checkpoint_dir
 from modeling.hf_mixtral import MixtralLayoutError, mixtral_to_native, native_to_mixtral
 from modeling.llama import LlamaForCausalLM
-from parallel.lora import AdapterError, load_adapter_full, merge_lora_state_dict, save_peft_adapter
+from modeling.lora_files import load_adapter_full, save_peft_adapter
+from modeling.native_format import (
+    EXPERT_SHARDS,
+    EXPERT_SPLIT_DIM,
+    MODEL_SHARDS,
+    check_state_dict,
+    expected_tensors,
+    expert_tensor_names,
+    is_native,
+    load_native_state_dict,
+    split_for_rank,
+)
+from parallel.lora import AdapterError, merge_lora_state_dict
 from parallel.state import ParallelState
 
-SHARD_RE = re.compile(r"model-tp(\d+)-of-(\d+)\.safetensors$")
-EXPERT_SHARD_RE = re.compile(r"experts-ep(\d+)-of-(\d+)\.safetensors$")
-EXPERT_SPLIT_DIM = 0  # expert tensors are stacked (E, ...): expert ranks hold consecutive blocks of E/ep
 TOKENIZER_FILES = (
     "tokenizer.model",
     "tokenizer.json",
@@ -59,161 +60,6 @@ TOKENIZER_FILES = (
 )
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_MAX_SHARD_BYTES = 5 * 2**30
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not match what it claims to be; the message names the file or tensor."""
-
-
-def shard_file_name(tp_rank: int, tp_size: int) -> str:
-    """File name of one tensor rank's shard."""
-    return f"model-tp{tp_rank:02d}-of-{tp_size:02d}.safetensors"
-
-
-def expert_shard_file_name(ep_rank: int, ep_size: int) -> str:
-    """File name of one expert rank's shard of the expert tensors."""
-    return f"experts-ep{ep_rank:02d}-of-{ep_size:02d}.safetensors"
-
-
-def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """What a checkpoint holds of a model: its parameters and its persistent buffers (MoE expert_bias)."""
-    tensors = dict(model.named_parameters())
-    for prefix, module in model.named_modules():
-        for name, buf in module.named_buffers(recurse=False):
-            if buf is not None and name not in module._non_persistent_buffers_set:
-                tensors[f"{prefix}.{name}" if prefix else name] = buf
-    return tensors
-
-
-def expected_tensors(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], int | None]]:
-    """Full shape and tensor-parallel split dimension of every tensor of the model, from a meta-device build."""
-    model = LlamaForCausalLM(config, device="meta")
-    return {name: (tuple(p.shape), getattr(p, "tp_split_dim", None)) for name, p in model_tensors(model).items()}
-
-
-def expert_tensor_names(config: ModelConfig) -> set[str]:
-    """Names of the expert-parallel tensors (split over expert ranks along EXPERT_SPLIT_DIM)."""
-    model = LlamaForCausalLM(config, device="meta")
-    return {name for name, p in model.named_parameters() if getattr(p, "expert_parallel", False)}
-
-
-def check_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig, source: str) -> None:
-    """Raise CheckpointError naming every missing or unexpected tensor and every shape that disagrees with config."""
-    expected = expected_tensors(config)
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source}: tensors do not match config.json: missing {missing[:8]}{' ...' if len(missing) > 8 else ''}"
-            f", unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
-        )
-    for name, (shape, _) in expected.items():
-        if tuple(state_dict[name].shape) != shape:
-            raise CheckpointError(
-                f"{source}: tensor {name} has shape {tuple(state_dict[name].shape)}, config.json implies {shape}"
-            )
-
-
-def split_for_rank(
-    state_dict: dict[str, torch.Tensor],
-    config: ModelConfig,
-    tp_rank: int,
-    tp_size: int,
-    *,
-    ep_rank: int = 0,
-    ep_size: int = 1,
-) -> dict[str, torch.Tensor]:
-    """This (tensor rank, expert rank)'s shard of a full state dict."""
-    config.validate_parallel(tp_size, ep_size)
-    dims = expected_tensors(config)
-    experts = expert_tensor_names(config)
-    out = {}
-    for name, tensor in state_dict.items():
-        dim, size, rank = dims[name][1], tp_size, tp_rank
-        if name in experts:
-            dim, size, rank = EXPERT_SPLIT_DIM, ep_size, ep_rank
-        out[name] = tensor if dim is None or size == 1 else tensor.chunk(size, dim=dim)[rank].contiguous()
-    return out
-
-
-# ---- native format ----
-
-
-def write_shard(
-    tensors: dict[str, torch.Tensor], dims: dict[str, int | None], out_dir: Path, tp_rank: int, tp_size: int
-) -> None:
-    """Write one tensor rank's safetensors file, its metadata recording rank, degree and each tensor's split dim."""
-    meta = {"format": "llama-tp", "tp_rank": str(tp_rank), "tp_size": str(tp_size), "split_dims": json.dumps(dims)}
-    save_file(tensors, str(out_dir / shard_file_name(tp_rank, tp_size)), metadata=meta)
-
-
-def write_expert_shard(tensors: dict[str, torch.Tensor], out_dir: Path, ep_rank: int, ep_size: int) -> None:
-    """Write one expert rank's expert tensors, the metadata recording rank, degree and each tensor's split dim."""
-    dims = json.dumps(dict.fromkeys(tensors, EXPERT_SPLIT_DIM))
-    meta = {"format": "llama-ep", "ep_rank": str(ep_rank), "ep_size": str(ep_size), "split_dims": dims}
-    save_file(tensors, str(out_dir / expert_shard_file_name(ep_rank, ep_size)), metadata=meta)
-
-
-def is_native(path: str | Path) -> bool:
-    """True when the directory holds native tensor-parallel shards."""
-    return any(SHARD_RE.search(p.name) for p in Path(path).glob("model-tp*-of-*.safetensors"))
-
-
-def save_native(model: LlamaForCausalLM, out_dir: str | Path) -> None:
-    """Write this rank's share: the tensor shard (dp_rank 0), the expert shard (tp_rank 0 of the first expert group).
-
-    Tensor rank 0 of dp_rank 0 also writes config.json.
-    """
-    state = model.state
-    coords = state.dims.coords(state.rank)
-    out = Path(out_dir)
-    tensors, dims, experts = {}, {}, {}
-    for name, p in model_tensors(model).items():
-        if getattr(p, "expert_parallel", False):
-            experts[name] = p.detach().contiguous().cpu()
-        else:
-            tensors[name] = p.detach().contiguous().cpu()
-            dims[name] = getattr(p, "tp_split_dim", None)
-    if state.dp_rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        write_shard(tensors, dims, out, state.tp_rank, state.tp_size)
-        if state.tp_rank == 0:
-            model.config.save(out / "config.json")
-    if experts and coords["edp"] == 0 and state.tp_rank == 0:  # one copy of each expert shard
-        out.mkdir(parents=True, exist_ok=True)
-        write_expert_shard(experts, out, state.ep_rank, state.ep_size)
-
-
-def _complete_set(ckpt: Path, pattern: str, regex: re.Pattern, what: str) -> list[Path]:
-    files = sorted(p for p in ckpt.glob(pattern) if regex.search(p.name))
-    sizes = {int(regex.search(p.name).group(2)) for p in files}
-    if len(sizes) != 1 or len(files) != next(iter(sizes)):
-        raise CheckpointError(
-            f"{ckpt}: shards {[p.name for p in files]} do not form one complete set; remove stale shards of "
-            f"another {what} degree"
-        )
-    return files
-
-
-def _merge_shards(files: list[Path]) -> dict[str, torch.Tensor]:
-    handles = [safe_open(str(p), framework="pt") for p in files]
-    dims = json.loads(handles[0].metadata()["split_dims"])
-    merged = {}
-    for name, dim in dims.items():
-        parts = [h.get_tensor(name) for h in handles] if dim is not None else [handles[0].get_tensor(name)]
-        merged[name] = torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]
-    return merged
-
-
-def load_native_state_dict(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The full (merged) state dict of a native checkpoint, whatever tp (and ep) degree it was saved at."""
-    ckpt = Path(ckpt_dir)
-    if not any(SHARD_RE.search(p.name) for p in ckpt.glob("model-tp*-of-*.safetensors")):
-        raise CheckpointError(f"{ckpt}: no model-tpNN-of-NN.safetensors shards (is this a Hugging Face directory?)")
-    merged = _merge_shards(_complete_set(ckpt, "model-tp*-of-*.safetensors", SHARD_RE, "tp"))
-    if any(EXPERT_SHARD_RE.search(p.name) for p in ckpt.glob("experts-ep*-of-*.safetensors")):
-        merged.update(_merge_shards(_complete_set(ckpt, "experts-ep*-of-*.safetensors", EXPERT_SHARD_RE, "ep")))
-    return merged
 
 
 # ---- Hugging Face format ----
@@ -306,17 +152,6 @@ def save_hf_checkpoint(config: ModelConfig, state_dict: dict[str, torch.Tensor],
 # ---- one entry point for any checkpoint ----
 
 
-def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """A checkpoint directory; a training run directory resolves to the step its `latest` file names."""
-    path = Path(path)
-    if (path / "latest").is_file() and not is_native(path):
-        step = path / (path / "latest").read_text().strip()
-        if not step.is_dir():
-            raise CheckpointError(f"{path / 'latest'} names {step.name}, which does not exist; pass a step-* directory")
-        return step
-    return path
-
-
 def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Config and full state dict of a native or Hugging Face checkpoint directory (or a run's latest), validated."""
     path = resolve_checkpoint_dir(path)
@@ -377,10 +212,10 @@ def hf_to_native(
     dims = {name: dim for name, (_, dim) in expected_tensors(config).items() if name not in experts}
     dense = {k: v for k, v in full.items() if k not in experts}
     for rank in range(tp):
-        write_shard(split_for_rank(dense, config, rank, tp), dims, out, rank, tp)
+        MODEL_SHARDS.write(split_for_rank(dense, config, rank, tp), dims, out, rank, tp)
     for rank in range(ep if experts else 0):
         shard = split_for_rank({k: full[k] for k in experts}, config, 0, 1, ep_rank=rank, ep_size=ep)
-        write_expert_shard(shard, out, rank, ep)
+        EXPERT_SHARDS.write(shard, dict.fromkeys(shard, EXPERT_SPLIT_DIM), out, rank, ep)
     config.save(out / "config.json")
     copy_tokenizer(Path(hf_dir), out)
 

@@ -1,4 +1,4 @@
-"""LoRA adapters on tensor-parallel linears, split like their base weight; native and PEFT adapter files.
+"""LoRA adapters on tensor-parallel linears, split like their base weight (their files: modeling.lora_files).
 
 Math, as PEFT's LoRA: y = W x + s B A dropout(x), s = alpha / r, A (r, in) kaiming-uniform, B (out, r) zeros.
 W is frozen and only A and B train; B = 0 at init, so a fresh adapter leaves the model's output unchanged.
@@ -30,29 +30,17 @@ ranks alike) tp=N drops exactly what tp=1 drops.
 Names follow PEFT: the adapter of `model.layers.0.self_attn.q_proj` is `model.layers.0.self_attn.q_proj.lora_A.weight`
 and `...q_proj.lora_B.weight` (PEFT's files prefix `base_model.model.`).
 
-Files:
-    native (training)  adapter_config.json + adapter-tp00-of-02.safetensors, ...: each shard records its rank, the tp
-                       degree and every tensor's split dim, so an adapter saved at one tp degree loads at any other
-    PEFT (export)      adapter_config.json + adapter_model.safetensors with full tensors, which loads with
-                       peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf_dir), peft_dir)
-
     model = apply_lora(LlamaForCausalLM(config, state), r=8, alpha=16)  # base frozen, adapters trainable
-    save_adapter(model, out_dir)            # each tensor rank with dp_rank 0 writes its shard
-    config, full = load_adapter_full(out_dir)
-    merged = merge_lora_state_dict(base_full, full, config.scaling)  # W + s B A, for export
+    shards, dims = lora_state_dict(model), lora_split_dims(model)      # this rank's slices, their split dims
+    merged = merge_lora_state_dict(base_full, adapter_full, scale)      # W + s B A, for export
 """
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from parallel.layers import ColumnParallelLinear, RowParallelLinear, _shard_param, linear
@@ -60,11 +48,6 @@ from parallel.mappings import copy_to_region
 from parallel.state import ParallelState
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-CONFIG_NAME = "adapter_config.json"
-PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
-SHARD_RE = re.compile(r"adapter-tp(\d+)-of-(\d+)\.safetensors$")
-NATIVE_FORMAT = "llama-tp-lora"
 FACTOR_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 
 
@@ -207,21 +190,22 @@ def apply_lora(
     return model
 
 
-def _factors(model: nn.Module) -> dict[str, LoRAFactor]:
+def lora_factors(model: nn.Module) -> dict[str, LoRAFactor]:
+    """Module path (`...q_proj.lora_A`) -> LoRAFactor, for every adapter factor of the model."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRAFactor)}
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """This rank's adapter shards, `<module path>.lora_A.weight` / `.lora_B.weight` -> tensor (detached)."""
-    return {f"{name}.weight": m.weight.detach() for name, m in _factors(model).items()}
+    return {f"{name}.weight": m.weight.detach() for name, m in lora_factors(model).items()}
 
 
 def lora_split_dims(model: nn.Module) -> dict[str, int | None]:
     """Adapter tensor name -> the dimension it is split along over the tensor group (None = replicated)."""
-    return {f"{name}.weight": m.weight.tp_split_dim for name, m in _factors(model).items()}
+    return {f"{name}.weight": m.weight.tp_split_dim for name, m in lora_factors(model).items()}
 
 
-def _pairs(adapter_sd: dict[str, torch.Tensor], source: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def lora_pairs(adapter_sd: dict[str, torch.Tensor], source: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """`<module path>` -> (A, B), checking that every key is a factor and every factor has its partner."""
     prefixes = {}
     for key in adapter_sd:
@@ -240,7 +224,7 @@ def merge_lora_state_dict(
 ) -> dict[str, torch.Tensor]:
     """A new full state dict with W <- W + scale * B @ A for every adapter (computed in fp32, stored in W's dtype)."""
     merged = dict(base_full_sd)
-    for prefix, (a, b) in _pairs(adapter_full_sd, "adapter").items():
+    for prefix, (a, b) in lora_pairs(adapter_full_sd, "adapter").items():
         key = prefix + ".weight"
         if key not in merged:
             raise AdapterError(f"adapter tensor {prefix}.lora_A.weight has no base weight {key}; wrong base model?")
@@ -252,155 +236,3 @@ def merge_lora_state_dict(
             )
         merged[key] = (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
     return merged
-
-
-# ---- files ----
-
-
-def adapter_shard_name(tp_rank: int, tp_size: int) -> str:
-    """File name of one tensor rank's native adapter shard."""
-    return f"adapter-tp{tp_rank:02d}-of-{tp_size:02d}.safetensors"
-
-
-def save_adapter(model: nn.Module, out_dir: str | Path) -> None:
-    """Write this tensor rank's adapter shard (ranks with dp_rank 0) and, on tensor rank 0, adapter_config.json.
-
-    Collective-free. Under ZeRO-3 call it where the parameters are whole (the engine's full_parameters()).
-    """
-    config = getattr(model, "lora_config", None)
-    if config is None:
-        raise AdapterError("the model has no LoRA adapters to save; call apply_lora(model, ...) first")
-    state: ParallelState = next(iter(_factors(model).values())).state
-    if state.dp_rank != 0:
-        return
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
-    meta = {
-        "format": NATIVE_FORMAT,
-        "tp_rank": str(state.tp_rank),
-        "tp_size": str(state.tp_size),
-        "split_dims": json.dumps(lora_split_dims(model)),
-    }
-    save_file(tensors, str(out / adapter_shard_name(state.tp_rank, state.tp_size)), metadata=meta)
-    if state.tp_rank == 0:
-        _write_config(out, {"format": NATIVE_FORMAT, **config.to_json_dict()})
-
-
-def _write_config(out: Path, d: dict) -> None:
-    (out / CONFIG_NAME).write_text(json.dumps(d, indent=2) + "\n")
-
-
-def _read_config(path: Path) -> dict:
-    if not (path / CONFIG_NAME).is_file():
-        raise AdapterError(f"{path}: no {CONFIG_NAME}; pass a directory written by save_adapter or a PEFT adapter")
-    return json.loads((path / CONFIG_NAME).read_text())
-
-
-def load_adapter_full(adapter_dir: str | Path) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
-    """Config and full (merged over tensor ranks) adapter of a native adapter directory or a PEFT LoRA export."""
-    path = Path(adapter_dir)
-    raw = _read_config(path)
-    config = LoRAConfig.from_json_dict(raw, source=str(path / CONFIG_NAME))
-    if (path / PEFT_WEIGHTS_NAME).is_file():
-        full = _read_peft_weights(path, raw)
-    else:
-        full = _read_native_shards(path)
-    _pairs(full, str(path))
-    return config, full
-
-
-def _read_native_shards(path: Path) -> dict[str, torch.Tensor]:
-    files = sorted(p for p in path.glob("adapter-tp*-of-*.safetensors") if SHARD_RE.search(p.name))
-    if not files:
-        raise AdapterError(f"{path}: no adapter-tpNN-of-NN.safetensors shards (nor {PEFT_WEIGHTS_NAME})")
-    sizes = {int(SHARD_RE.search(p.name).group(2)) for p in files}
-    if len(sizes) != 1 or len(files) != next(iter(sizes)):
-        raise AdapterError(
-            f"{path}: adapter shards {[p.name for p in files]} do not form one complete set; remove stale shards of "
-            f"another tp degree"
-        )
-    handles = [safe_open(str(p), framework="pt") for p in files]
-    dims = json.loads(handles[0].metadata()["split_dims"])
-    full = {}
-    for name, dim in dims.items():
-        parts = [h.get_tensor(name) for h in handles] if dim is not None else [handles[0].get_tensor(name)]
-        full[name] = torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]
-    return full
-
-
-def _read_peft_weights(path: Path, raw: dict) -> dict[str, torch.Tensor]:
-    variants = ("use_rslora", "use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern")
-    unsupported = {k: raw[k] for k in variants if raw.get(k)}
-    if raw.get("bias", "none") != "none":
-        unsupported["bias"] = raw["bias"]
-    if raw.get("peft_type", "LORA") != "LORA" or unsupported:
-        raise AdapterError(
-            f"{path / CONFIG_NAME}: only plain LoRA adapters load here (peft_type LORA, one r and alpha, bias none); "
-            f"got peft_type={raw.get('peft_type')!r} {unsupported}"
-        )
-    full = {}
-    with safe_open(str(path / PEFT_WEIGHTS_NAME), framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 (safe_open has no iter)
-            if not key.startswith(PEFT_PREFIX):
-                raise AdapterError(f"{path / PEFT_WEIGHTS_NAME}: tensor {key} lacks the prefix {PEFT_PREFIX!r}")
-            full[key.removeprefix(PEFT_PREFIX)] = f.get_tensor(key)
-    return full
-
-
-def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
-    """Load an adapter saved at any tp degree into `model` (this rank's slices); returns `model`.
-
-    A model without adapters gets them first (apply_lora with the saved config); a model with adapters must have
-    the saved r, alpha and targets.
-    """
-    config, full = load_adapter_full(adapter_dir)
-    current = getattr(model, "lora_config", None)
-    if current is None:
-        apply_lora(model, targets=config.targets, r=config.r, alpha=config.alpha, dropout=config.dropout)
-    elif (current.r, current.alpha, current.targets) != (config.r, config.alpha, config.targets):
-        raise AdapterError(
-            f"{adapter_dir}: adapter has r={config.r}, alpha={config.alpha}, targets={list(config.targets)} but the "
-            f"model's adapters have r={current.r}, alpha={current.alpha}, targets={list(current.targets)}"
-        )
-    factors = _factors(model)
-    expected = {f"{name}.weight" for name in factors}
-    if set(full) != expected:
-        missing, unexpected = sorted(expected - set(full)), sorted(set(full) - expected)
-        raise AdapterError(f"{adapter_dir}: adapter tensors missing {missing[:4]}, unexpected {unexpected[:4]}")
-    with torch.no_grad():
-        for name, m in factors.items():
-            t, dim = full[f"{name}.weight"], m.weight.tp_split_dim
-            if dim is not None and m.state.tp_size > 1:
-                t = t.chunk(m.state.tp_size, dim=dim)[m.state.tp_rank]
-            if t.shape != m.weight.shape:
-                shapes = f"{tuple(t.shape)} vs the model's {tuple(m.weight.shape)}"
-                raise AdapterError(f"{adapter_dir}: {name}.weight shard {shapes}; was it trained on another model?")
-            m.weight.copy_(t)
-    return model
-
-
-def save_peft_adapter(
-    adapter_full_sd: dict[str, torch.Tensor],
-    *,
-    r: int,
-    alpha: float,
-    dropout: float,
-    targets: tuple[str, ...] | list[str],
-    out_dir: str | Path,
-) -> None:
-    """Write a full adapter as PEFT's LoRA: adapter_model.safetensors (`base_model.model.<name>`) and its config."""
-    config = LoRAConfig(r=r, alpha=alpha, dropout=dropout, targets=tuple(targets))
-    _pairs(adapter_full_sd, "adapter")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {PEFT_PREFIX + k: v.contiguous() for k, v in adapter_full_sd.items()}
-    save_file(tensors, str(out / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
-    peft_config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        **config.to_json_dict(),
-        "bias": "none",
-        "base_model_name_or_path": None,
-    }
-    _write_config(out, peft_config)

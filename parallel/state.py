@@ -1,6 +1,7 @@
 """ParallelState: how the world is laid out into data-, tensor- and expert-parallel groups.
 
-Rank layout (tensor ranks innermost, as in Megatron-LM, so that a tensor group sits on one node's fast links):
+Rank layout: the ranks form a mesh with one axis per kind of parallelism, `ParallelDims.AXES` outermost first and
+tensor innermost (as in Megatron-LM, so that a tensor group sits on one node's fast links):
 
     global_rank = dp_rank * tp + tp_rank
 
@@ -20,7 +21,10 @@ collective in `parallel.mappings` returns early, so the model runs in a notebook
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import itertools
+import math
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 import torch.distributed as dist
 
@@ -31,58 +35,106 @@ class ParallelConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """The degrees of parallelism and their validation, independent of any process group."""
+    """The degrees of parallelism, the rank mesh they span and their validation, independent of any process group.
+
+    The mesh axes are `AXES`, outermost first; `dp` is derived (the world over the other axes), every other axis is
+    a degree field of the same name. Ranks are numbered row-major over the mesh, so coords() and group_ranks()
+    follow from AXES alone: adding an axis (pp outermost, cp between dp and tp) is its degree field and its place
+    in AXES. Experts are not a mesh axis: ep and edp cut each data-parallel group.
+    """
+
+    AXES: ClassVar[tuple[str, ...]] = ("dp", "tp")
 
     world_size: int = 1
     tp: int = 1
     ep: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("world_size", "tp", "ep"):
-            if getattr(self, name) < 1:
-                raise ParallelConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
-        if self.world_size % self.tp:
+        for f in fields(self):
+            if getattr(self, f.name) < 1:
+                raise ParallelConfigError(f"parallel.{f.name} must be >= 1, got {getattr(self, f.name)}")
+        given_axes = self._given_axes()
+        replica = math.prod(getattr(self, a) for a in given_axes)  # ranks holding one copy of the model
+        if self.world_size % replica:
+            degrees = " x ".join(f"parallel.{a}={getattr(self, a)}" for a in given_axes)
+            if len(given_axes) > 1:
+                degrees += f" = {replica}"
             raise ParallelConfigError(
-                f"world size {self.world_size} is not divisible by parallel.tp={self.tp}: "
-                f"dp = world_size / tp must be a whole number (degrees: world={self.world_size}, "
-                f"tp={self.tp}, ep={self.ep})"
+                f"{degrees} does not divide the world size {self.world_size}: launch {' x '.join(reversed(self.AXES))} "
+                f"processes (torchrun --nproc_per_node {replica * max(1, self.world_size // replica)}); "
+                f"{self._degrees()}"
             )
         if self.dp % self.ep:
+            over = " / ".join(f"{a} {getattr(self, a)}" for a in given_axes)
             raise ParallelConfigError(
-                f"parallel.ep={self.ep} must divide the data-parallel degree dp={self.dp} "
-                f"(world={self.world_size} / tp={self.tp}); experts are split over data-parallel ranks"
+                f"parallel.ep={self.ep} does not divide the data-parallel degree {self.dp} (world {self.world_size} "
+                f"/ {over}): experts are split over data-parallel ranks; {self._degrees()}"
             )
+
+    def _given_axes(self) -> list[str]:
+        # every mesh axis but dp has a degree field; dp takes the rest of the world
+        return [a for a in self.AXES if a != "dp"]
+
+    def _degrees(self) -> str:
+        return "degrees: " + ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
 
     @property
     def dp(self) -> int:
-        """Data-parallel degree."""
-        return self.world_size // self.tp
+        """Data-parallel degree: the world over every other mesh axis."""
+        return self.world_size // math.prod(getattr(self, a) for a in self._given_axes())
 
     @property
     def edp(self) -> int:
         """Expert-data-parallel degree: replicas of one expert shard."""
         return self.dp // self.ep
 
+    @property
+    def tp_enabled(self) -> bool:
+        """Whether weights are split over tensor ranks."""
+        return self.tp > 1
+
+    @property
+    def dp_enabled(self) -> bool:
+        """Whether there are data-parallel replicas whose gradients are reduced."""
+        return self.dp > 1
+
+    @property
+    def ep_enabled(self) -> bool:
+        """Whether experts are split over expert ranks."""
+        return self.ep > 1
+
+    def _strides(self) -> dict[str, int]:
+        # row-major: the innermost axis has stride 1, each axis outward the product of the degrees inside it
+        strides, step = {}, 1
+        for axis in reversed(self.AXES):
+            strides[axis] = step
+            step *= getattr(self, axis)
+        return strides
+
     def coords(self, rank: int) -> dict[str, int]:
-        """The (tp, dp, ep, edp) coordinates of a global rank."""
-        tp_rank, dp_rank = rank % self.tp, rank // self.tp
-        return {"tp": tp_rank, "dp": dp_rank, "ep": dp_rank % self.ep, "edp": dp_rank // self.ep}
+        """A global rank's index along every mesh axis (innermost first), then in its expert and edp groups."""
+        coords = {}
+        for axis in reversed(self.AXES):
+            rank, coords[axis] = divmod(rank, getattr(self, axis))
+        coords["ep"], coords["edp"] = coords["dp"] % self.ep, coords["dp"] // self.ep
+        return coords
+
+    def _axis_groups(self, axis: str) -> list[list[int]]:
+        # the ranks that differ only along `axis`, one group per combination of the other coordinates (row-major)
+        strides, others = self._strides(), [a for a in self.AXES if a != axis]
+        groups = []
+        for fixed in itertools.product(*(range(getattr(self, a)) for a in others)):
+            base = sum(i * strides[a] for a, i in zip(others, fixed, strict=True))
+            groups.append([base + i * strides[axis] for i in range(getattr(self, axis))])
+        return groups
 
     def group_ranks(self) -> dict[str, list[list[int]]]:
         """Every group of every kind as lists of global ranks, in a fixed order (all ranks must agree on it)."""
-        tp, dp, ep = self.tp, self.dp, self.ep
-        rank = lambda d, t: d * tp + t  # noqa: E731
-        groups: dict[str, list[list[int]]] = {
-            "tp": [[rank(d, t) for t in range(tp)] for d in range(dp)],
-            "dp": [[rank(d, t) for d in range(dp)] for t in range(tp)],
-            "ep": [],
-            "edp": [],
-        }
-        for t in range(tp):
-            for block in range(self.edp):
-                groups["ep"].append([rank(block * ep + e, t) for e in range(ep)])
-            for e in range(ep):
-                groups["edp"].append([rank(block * ep + e, t) for block in range(self.edp)])
+        groups = {axis: self._axis_groups(axis) for axis in reversed(self.AXES)}
+        # experts cut each data-parallel group: blocks of ep consecutive dp ranks, and the ranks ep apart
+        ep = self.ep
+        groups["ep"] = [g[b * ep : (b + 1) * ep] for g in groups["dp"] for b in range(self.edp)]
+        groups["edp"] = [g[e::ep] for g in groups["dp"] for e in range(ep)]
         return groups
 
 
@@ -123,7 +175,7 @@ class ParallelState:
         return cls(
             dims=dims,
             rank=rank,
-            sequence_parallel=sequence_parallel and tp > 1,
+            sequence_parallel=sequence_parallel and dims.tp_enabled,
             tp_group=mine["tp"],
             dp_group=mine["dp"],
             ep_group=mine["ep"],

@@ -16,7 +16,6 @@ becomes one AssertionError in the parent that carries every failing rank's full 
 
 import os
 import pickle
-import socket
 import sys
 import tempfile
 import time
@@ -29,15 +28,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from training.distributed import free_port
+
 # After the first rank fails, the others get this long to finish or fail on their own (their own
 # traceback is often the useful one) before they are killed: they may be blocked in a collective.
 FAILURE_GRACE_S = 3.0
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _write_outcome(path: Path, outcome: tuple) -> None:
@@ -108,7 +103,7 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 240) -> list:
         AssertionError: if any rank raised (its full traceback is in the message), crashed, or hung.
     """
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="run_distributed_") as out_dir:
         out = Path(out_dir)
         procs = [

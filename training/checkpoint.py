@@ -1,7 +1,7 @@
 """Atomic training checkpoints: write into a temporary directory, rename it, then move the `latest` pointer.
 
     <dir>/step-00000010/
-        config.json, model-tpNN-of-NN.safetensors   the model in the native format (modeling.convert reads it;
+        config.json, model-tpNN-of-NN.safetensors   the model in the native format (modeling.native_format:
         experts-epNN-of-NN.safetensors              mixture-of-experts models also write their expert shards)
         rank-00000.pt ...                           per rank: optimizer partition, scheduler, data-loader state, RNG
         train_config.yaml                           the resolved training config
@@ -27,13 +27,9 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from modeling.convert import (
-    CheckpointError,
-    copy_tokenizer,
-    expected_tensors,
-    load_checkpoint,
-    split_for_rank,
-)
+from modeling.config import CheckpointError
+from modeling.convert import copy_tokenizer, load_checkpoint
+from modeling.native_format import expected_tensors, split_for_rank
 from parallel.engine import Engine
 from parallel.state import ParallelState
 

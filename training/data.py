@@ -1,5 +1,8 @@
 """What the training loop eats: the streaming loaders of `dataset/`, or a synthetic global stream of sequences.
 
+Every training loader satisfies `TrainData`: dataset.loader.StreamingLoader (pretraining text),
+dataset.sft.SFTLoader (conversations) and SyntheticLoader below.
+
 The synthetic stream numbers every sequence of the run globally (step s, position j of the global batch), so
 any data-parallel layout and accumulation split of one global batch sees the same sequences: that makes runs at
 different dp/tp/ZeRO settings comparable step by step. Each sequence is an arithmetic progression modulo the
@@ -9,12 +12,32 @@ vocabulary with a random start and stride, so a model can learn it and the loss 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from configs.schema import TrainConfig
 from dataset.tokenizer import Tokenizer
+
+
+@runtime_checkable
+class TrainData(Protocol):
+    """What the trainer needs from its data: an infinite, resumable stream of batches with counters."""
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches `{"input_ids", "targets"[, "document_ids"]}` of (B, seq_len), from the current position on.
+
+        The trainer calls iter() once, after any load_state_dict(), and next() on what it returns.
+        """
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position after the last batch handed out (plain python; saved in every checkpoint)."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a state_dict() (before iterating): the next batch is the one that would have come."""
+
+    def stats(self) -> dict[str, Any]:
+        """Counters; `skipped` (a count, or counts by reason) is logged as data_skipped."""
 
 
 class SyntheticLoader:
@@ -49,16 +72,18 @@ class SyntheticLoader:
         """Position in the stream."""
         return {"consumed": self.consumed}
 
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a state_dict()."""
-        self.consumed = int(sd["consumed"])
+        self.consumed = int(state["consumed"])
 
     def stats(self) -> dict[str, Any]:
         """Nothing is ever skipped here."""
         return {"skipped": 0}
 
 
-def build_train_loader(cfg: TrainConfig, tokenizer: Tokenizer | None, *, vocab_size: int, dp_rank: int, dp_size: int):
+def build_train_loader(
+    cfg: TrainConfig, tokenizer: Tokenizer | None, *, vocab_size: int, dp_rank: int, dp_size: int
+) -> TrainData:
     """This rank's training batches (infinite, resumable)."""
     d, t = cfg.data, cfg.train
     if d.synthetic:
@@ -71,11 +96,11 @@ def build_train_loader(cfg: TrainConfig, tokenizer: Tokenizer | None, *, vocab_s
             dp_size=dp_size,
             seed=t.seed,
         )
-    from dataset.streaming import DataSource, StreamingDataset, build_dataloader
+    from dataset.loader import build_dataloader
+    from dataset.streaming import StreamingDataset
 
-    sources = [DataSource(s.path, weight=s.weight, name=s.name) for s in cfg.data_sources()]
     ds = StreamingDataset(
-        sources,
+        cfg.data_sources(),
         tokenizer,
         d.seq_len,
         dp_rank=dp_rank,
@@ -93,7 +118,8 @@ def build_eval_batches(
     cfg: TrainConfig, tokenizer: Tokenizer, *, dp_rank: int, dp_size: int
 ) -> Iterator[dict[str, torch.Tensor]]:
     """The first cfg.train.eval_batches batches of data.valid in file order (the same at every eval)."""
-    from dataset.streaming import StreamingDataset, build_dataloader
+    from dataset.loader import build_dataloader
+    from dataset.streaming import StreamingDataset
 
     d = cfg.data
     ds = StreamingDataset(

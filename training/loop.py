@@ -15,23 +15,25 @@ import os
 import signal
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from configs.schema import ConfigError, TrainConfig, load_config, resolve_path
+from configs.architecture import resolve_model_config
+from configs.schema import TrainConfig, load_config
+from configs.sections import ConfigError, resolve_path
 from dataset.tokenizer import Tokenizer
 from modeling.config import ModelConfig
-from modeling.convert import save_native
 from modeling.generation import generate
 from modeling.llama import CausalLMOutput, LlamaForCausalLM
+from modeling.native_format import save_native
 from parallel.engine import Engine, build_engine
 from parallel.state import ParallelState
 from training import checkpoint as ckpt_io
-from training.data import build_eval_batches, build_train_loader, token_byte_lengths
+from training.data import TrainData, build_eval_batches, build_train_loader, token_byte_lengths
+from training.distributed import adopt_accelerate_deepspeed_config, init_distributed
 from training.metrics import MetricsLogger, memory_bytes, peak_flops
 from training.moe_metrics import MoEStepStats
 from training.optim import build_optimizer
@@ -39,73 +41,6 @@ from training.optim import build_optimizer
 
 class TrainingError(RuntimeError):
     """The run cannot go on (non-finite losses, a dead rank); the message says why and what to do."""
-
-
-def init_distributed(cfg: TrainConfig) -> torch.device:
-    """Join the process group the launcher described (nccl on CUDA, gloo on CPU) and pick this rank's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    want_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
-    if cfg.train.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but torch sees no CUDA device; use train.device=cpu")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local) if want_cuda else torch.device("cpu")
-    if want_cuda:
-        torch.cuda.set_device(device)
-    # DeepSpeed needs a process group even for one process: make a world of one
-    if (world > 1 or cfg.zero_stage() > 0) and not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it
-        os.environ.setdefault("WORLD_SIZE", "1")
-        backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if want_cuda else "gloo")
-        dist.init_process_group(backend, timeout=timedelta(minutes=cfg.parallel.timeout_minutes))
-    return device
-
-
-def adopt_accelerate_deepspeed_config(cfg: TrainConfig) -> None:
-    """Under `accelerate launch` with DeepSpeed, use its json unless parallel.deepspeed_config names another."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
-        return
-    given = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    if not given:
-        return
-    ours = cfg.parallel.deepspeed_config
-    if ours is None:
-        cfg.parallel.deepspeed_config = given
-    elif resolve_path(ours).resolve() != resolve_path(given).resolve():
-        raise ConfigError(
-            f"parallel.deepspeed_config={ours} but the accelerate config launches DeepSpeed with {given}; "
-            f"make them the same (or drop parallel.deepspeed_config to use accelerate's)"
-        )
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def model_config(cfg: TrainConfig, tokenizer: Tokenizer | None) -> ModelConfig:
-    """The architecture: preset + overrides; vocab_size from the tokenizer (padded to 64 x tp) when not given."""
-    keys = cfg.model_overrides()
-    if tokenizer is not None:
-        multiple = 64 * cfg.parallel.tp
-        padded = -(-tokenizer.vocab_size // multiple) * multiple
-        if keys.get("vocab_size") is None:
-            keys["vocab_size"] = padded
-        elif keys["vocab_size"] < tokenizer.vocab_size:
-            raise ConfigError(
-                f"model vocab_size={keys['vocab_size']} is smaller than the tokenizer's {tokenizer.vocab_size} "
-                f"({cfg.data.tokenizer}); remove model.overrides.vocab_size to take it from the tokenizer"
-            )
-        keys.setdefault("bos_token_id", tokenizer.bos_id if tokenizer.bos_id >= 0 else None)
-        keys.setdefault("eos_token_id", tokenizer.eos_id if tokenizer.eos_id >= 0 else None)
-        keys.setdefault("pad_token_id", tokenizer.pad_id if tokenizer.pad_id >= 0 else None)
-    keys.setdefault("max_position_embeddings", max(cfg.data.seq_len, 2048))
-    return ModelConfig(**keys)
 
 
 def flops_per_token(mc: ModelConfig, seq_len: int) -> float:
@@ -129,7 +64,7 @@ class Trainer:
         self.dtype = self._dtype()
         self.grad_accum = cfg.grad_accum_steps(world)
         self.tokenizer = None if cfg.data.synthetic else Tokenizer(cfg.data.tokenizer)
-        self.model_cfg = model_config(cfg, self.tokenizer)
+        self.model_cfg = resolve_model_config(cfg, self.tokenizer)
         self.resume_from = ckpt_io.latest_checkpoint(self.out) if resume and cfg.checkpoint.resume else None
         if not resume and self.is_main and ckpt_io.complete_checkpoints(self.out):
             print(f"--no-resume: starting fresh; existing checkpoints in {self.out} will be replaced", flush=True)
@@ -175,7 +110,7 @@ class Trainer:
             ckpt_io.load_model_weights(model, Path(source), self.state)
         return model
 
-    def build_data(self) -> Any:
+    def build_data(self) -> TrainData:
         """This rank's infinite, resumable training loader."""
         return build_train_loader(
             self.cfg,
@@ -440,9 +375,8 @@ class Trainer:
         logger.finish()
 
 
-def _skipped(loader: Any) -> int:
-    stats = loader.stats() if hasattr(loader, "stats") else {}
-    skipped = stats.get("skipped", 0)
+def _skipped(loader: TrainData) -> int:
+    skipped = loader.stats().get("skipped", 0)
     return sum(skipped.values()) if isinstance(skipped, dict) else int(skipped)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from configs.schema import LoggingSection
+from configs.sections import LoggingSection
 
 
 def wandb_mode(cfg: LoggingSection) -> str:

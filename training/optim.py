@@ -8,14 +8,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from configs.schema import OptimSection
+from configs.sections import OptimSection
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight matrices decay; norms, biases and embeddings do not (as Megatron and Open-Llama).
 
     Expert-parallel weights (MoE experts, all matrices) form a third group marked `"moe": True`, DeepSpeed's mark of
-    a group whose ZeRO partitions span the expert-data-parallel group (the engine names it; parallel.engine).
+    a group whose ZeRO partitions span the expert-data-parallel group (the engine names it; parallel.deepspeed_engine).
     """
     decay, no_decay, experts = [], [], []
     for name, p in model.named_parameters():

@@ -25,7 +25,8 @@ import torch.distributed as dist
 
 from modeling.config import ModelConfig
 from modeling.llama import LlamaForCausalLM
-from parallel.lora import apply_lora, load_adapter, load_adapter_full, lora_split_dims, lora_state_dict, save_adapter
+from modeling.lora_files import load_adapter, load_adapter_full, save_adapter
+from parallel.lora import apply_lora, lora_split_dims, lora_state_dict
 from parallel.state import ParallelState
 from tests.dist_utils import run_distributed
 

@@ -23,9 +23,10 @@ import torch
 import torch.distributed as dist
 
 from modeling.config import ModelConfig
-from modeling.convert import load_model, save_native
+from modeling.convert import load_model
 from modeling.generation import generate
 from modeling.llama import LlamaForCausalLM
+from modeling.native_format import save_native
 from parallel.state import ParallelState
 from tests.dist_utils import run_distributed
 

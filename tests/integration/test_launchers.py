@@ -15,7 +15,6 @@ multi-process runs agree with it to float32 reduction-order noise (measured: < 1
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from training.distributed import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 300
@@ -55,12 +56,6 @@ def config(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("config") / "synthetic.yaml"
     path.write_text(yaml.safe_dump(SYNTHETIC))
     return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -138,9 +133,7 @@ def reference(config, tmp_path_factory) -> list[float]:
 
 def test_two_torchrun_nodes_on_loopback_match_one_process(config, reference, tmp_path):
     out = tmp_path / "run"
-    env = _env(
-        NNODES="2", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RUN_ID="loopback"
-    )
+    env = _env(NNODES="2", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RUN_ID="loopback")
     agent = ["bash", "launch/torchrun_multinode.sh", *_pretrain_args(config, out)]
     _run_all([agent, agent], env, tmp_path / "logs")
     _assert_matches(out, reference)
@@ -180,7 +173,7 @@ def test_slurm_script_with_fake_srun_matches_one_process(config, reference, tmp_
         SLURM_JOB_NODELIST="node[1-2]",
         SLURM_JOB_ID="4242",
         SLURM_GPUS_ON_NODE="1",
-        MASTER_PORT=str(_free_port()),
+        MASTER_PORT=str(free_port()),
     )
     # 2 steps are still in warmup, where the schedule does not depend on max_steps: they equal the reference's.
     cmd = ["bash", "launch/slurm_multinode.sbatch", *_pretrain_args(config, out, "train.max_steps=2")]
@@ -199,7 +192,7 @@ def test_accelerate_cpu_2proc_matches_one_process(config, reference, tmp_path):
 
 def test_accelerate_multinode_zero3_on_loopback_matches_one_process(config, reference, tmp_path):
     out = tmp_path / "run"
-    port = str(_free_port())
+    port = str(free_port())
     commands = []
     for machine_rank in (0, 1):
         cmd = [sys.executable, "-m", "accelerate.commands.launch"]

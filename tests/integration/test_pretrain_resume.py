@@ -10,6 +10,7 @@ import time
 import pytest
 
 from tests.integration.train_utils import REPO_ROOT, command, env, losses, metrics, pretrain
+from training.distributed import free_port
 
 STEPS = ["train.max_steps=20", "checkpoint.every=5"]
 
@@ -136,7 +137,7 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
 
 def test_dead_rank_stops_the_other_with_a_message(tmp_path):
     # Two ranks launched by hand (no torchrun agent to tear the group down): kill rank 1, rank 0 must exit by itself.
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(2):
         e = dict(
@@ -153,11 +154,3 @@ def test_dead_rank_stops_the_other_with_a_message(tmp_path):
     assert time.time() - t0 < 60
     assert procs[0].returncode == 3, err[-3000:]
     assert "Another rank probably died" in err
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -64,8 +64,9 @@ def task(tmp_path_factory):
 
     from dataset.train_tokenizer import train_tokenizer
     from modeling.config import ModelConfig
-    from modeling.convert import copy_tokenizer, save_native
+    from modeling.convert import copy_tokenizer
     from modeling.llama import LlamaForCausalLM
+    from modeling.native_format import save_native
 
     train_tokenizer([str(root / "text.txt")], root / "tok", vocab_size=340)
     torch.manual_seed(0)
@@ -130,7 +131,7 @@ def finetuned(task, tmp_path_factory):
 
 
 def _held_out_accuracy(task, model) -> float:
-    from dataset.sft import ChatRenderer
+    from dataset.chat import ChatRenderer
     from dataset.tokenizer import Tokenizer
     from modeling.generation import generate
 
@@ -225,7 +226,7 @@ def test_lora_tp2_matches_tp1_resumes_exactly_and_checkpoint_holds_only_the_adap
     from transformers import AutoModelForCausalLM
 
     from modeling.convert import load_model
-    from parallel.lora import load_adapter
+    from modeling.lora_files import load_adapter
 
     ours = load_adapter(load_model(task / "base"), step).eval()
     merged = AutoModelForCausalLM.from_pretrained(hf).eval()
@@ -246,9 +247,10 @@ def test_lora_tp2_matches_tp1_resumes_exactly_and_checkpoint_holds_only_the_adap
 
 
 def test_chat_streams_the_greedy_replies_of_two_turns(task, finetuned):
-    from dataset.sft import ChatRenderer
+    from dataset.chat import ChatRenderer
     from dataset.tokenizer import Tokenizer
-    from modeling.convert import load_model, resolve_checkpoint_dir
+    from modeling.config import resolve_checkpoint_dir
+    from modeling.convert import load_model
     from modeling.generation import generate
 
     system, turns, max_new = "You repeat the letters.", ["Repeat: k o l", "Repeat: a b"], 8

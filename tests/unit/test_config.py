@@ -1,8 +1,19 @@
-"""configs/schema.py: yaml + dotted overrides into dataclasses, and every validation error names its key."""
+"""configs/: yaml + dotted overrides into dataclasses, the model they resolve to, and every error names its key."""
+
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from configs.schema import ConfigError, load_config
+from configs.architecture import padded_vocab_size, resolve_model_config
+from configs.schema import load_config
+from configs.sections import ConfigError, LoraSection
+from modeling.config import ModelConfig
+from parallel.lora import LORA_TARGETS
+
+ROOT = Path(__file__).resolve().parents[2]
 
 BASE = ["model.preset=tiny", "data.train=shards/*.jsonl.zst", "data.tokenizer=tok"]
 
@@ -14,10 +25,11 @@ def _cfg(*overrides, path=None):
 def test_yaml_and_overrides(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("optim:\n  lr: 3e-4\ntrain:\n  max_steps: 7\nmodel:\n  preset: 125m\n")
-    cfg = load_config(p, ["optim.lr=1e-3", "model.hidden_size=256", "parallel.tp=2", "logging.tags=[a, b]"])
+    cfg = load_config(p, ["optim.lr=1e-3", "model.hidden_size=384", "parallel.tp=2", "logging.tags=[a, b]"])
     assert cfg.optim.lr == 1e-3 and cfg.train.max_steps == 7 and cfg.parallel.tp == 2
-    assert cfg.model.preset == "125m" and cfg.model_overrides()["hidden_size"] == 256
-    assert cfg.model_overrides()["num_hidden_layers"] == 12  # from the preset
+    model = resolve_model_config(cfg, None)
+    assert cfg.model.preset == "125m" and model.hidden_size == 384
+    assert model.num_hidden_layers == 12  # from the preset
     assert cfg.logging.tags == ["a", "b"]
     assert isinstance(load_config(p).optim.lr, float) and load_config(p).optim.lr == 3e-4  # yaml 1.1's "3e-4"
 
@@ -49,6 +61,12 @@ def test_yaml_and_overrides(tmp_path):
         (["model.rope_scaling={type: yarn, factor: 2}"], 1, "yarn"),
         (["data.train="], 1, "data.train is empty"),
         (["parallel.ep=3"], 2, "parallel.ep=3 does not divide the data-parallel degree 2"),
+        (["parallel.tp=0"], 1, "parallel.tp=0 must be positive"),
+        (["checkpoint.keep_last=0"], 1, "checkpoint.keep_last=0 must be positive"),
+        (["logging.wandb_mode=loud"], 1, "logging.wandb_mode='loud'; choose one of"),
+        (["lora.enabled=true", "lora.targets=[q_proj, lm_head]"], 1, "lora.targets=['q_proj', 'lm_head']; choose"),
+        (["data.synthetic=true"], 1, "data.synthetic needs model.overrides.vocab_size"),
+        (["model.init_from=nowhere"], 1, "model.preset='tiny' and model.init_from are both set"),
     ],
 )
 def test_validation_errors_name_the_key(overrides, world, message):
@@ -64,10 +82,75 @@ def test_bad_yaml_names_file_and_line(tmp_path):
         load_config(p)
 
 
-def test_shipped_configs_validate():
-    from pathlib import Path
+def test_layout_errors_name_the_key_and_how_to_launch():
+    with pytest.raises(ConfigError) as e:
+        _cfg("parallel.tp=2").validate(world_size=3)
+    assert "parallel.tp=2 does not divide the world size 3" in str(e.value)
+    assert "torchrun --nproc_per_node 2" in str(e.value)
+    cfg = _cfg("parallel.tp=2", "train.global_batch_size=32", "train.micro_batch_size=4")
+    assert cfg.grad_accum_steps(8) == 2  # 32 / (4 x dp 4)
 
-    root = Path(__file__).resolve().parents[2] / "configs"
+
+def _tokenizer(vocab_size, bos=1, eos=2, pad=-1):
+    return SimpleNamespace(vocab_size=vocab_size, bos_id=bos, eos_id=eos, pad_id=pad)
+
+
+def test_model_config_takes_the_padded_vocabulary_and_ids_from_the_tokenizer():
+    assert [padded_vocab_size(n, tp) for n, tp in ((1, 1), (64, 1), (65, 1), (100, 2), (300, 4))] == [
+        64,
+        64,
+        128,
+        128,
+        512,
+    ]
+    model = resolve_model_config(_cfg("parallel.tp=2"), _tokenizer(1000, bos=5, eos=6, pad=7))
+    assert isinstance(model, ModelConfig) and model.vocab_size == 1024  # a multiple of 64 x tp
+    assert (model.bos_token_id, model.eos_token_id, model.pad_token_id) == (5, 6, 7)
+    assert resolve_model_config(_cfg(), _tokenizer(1000, pad=-1)).pad_token_id is None
+    assert resolve_model_config(_cfg("model.vocab_size=2000"), _tokenizer(1000)).vocab_size == 2000
+    with pytest.raises(ConfigError, match="model vocab_size=500 is smaller than the tokenizer's 1000"):
+        resolve_model_config(_cfg("model.vocab_size=500"), _tokenizer(1000))
+    assert (
+        resolve_model_config(
+            _cfg("data.seq_len=4096", "model.max_position_embeddings=null"), None
+        ).max_position_embeddings
+        == 4096
+    )
+
+
+def test_init_from_a_run_directory_reads_its_latest_steps_config(tmp_path):
+    step = tmp_path / "run" / "step-00000005"
+    step.mkdir(parents=True)
+    ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4).save(
+        step / "config.json"
+    )
+    (tmp_path / "run" / "latest").write_text("step-00000005\n")
+    for init_from in (step, tmp_path / "run"):
+        cfg = _cfg("model.preset=null", f"model.init_from={init_from}", "model.num_hidden_layers=2")
+        cfg.validate()
+        model = resolve_model_config(cfg, None)
+        assert (model.hidden_size, model.num_hidden_layers, model.vocab_size) == (64, 2, 128)
+    with pytest.raises(ConfigError, match=r"model\.init_from=.*config\.json: no such file"):
+        _cfg("model.preset=null", f"model.init_from={tmp_path}").validate()
+
+
+def test_loading_and_validating_a_config_imports_no_checkpoint_io():
+    code = (
+        "import sys; from configs.schema import load_config; "
+        "load_config('configs/pretrain_tiny.yaml').validate(); "
+        "heavy = ('safetensors', 'modeling.convert', 'modeling.llama', 'dataset.tokenizer'); "
+        "print(sorted(m for m in heavy if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_lora_targets_default_to_every_projection():
+    assert LoraSection().targets == list(LORA_TARGETS)
+
+
+def test_shipped_configs_validate():
+    root = ROOT / "configs"
     shipped = sorted(root.glob("pretrain_*.yaml"))
     assert shipped, "no configs/pretrain_*.yaml"
     for path in shipped:

@@ -17,17 +17,10 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from modeling.config import ConfigError, ModelConfig
-from modeling.convert import (
-    CheckpointError,
-    hf_to_native,
-    load_hf_checkpoint,
-    load_model,
-    native_to_hf,
-    save_native,
-    split_for_rank,
-)
+from modeling.config import CheckpointError, ConfigError, ModelConfig
+from modeling.convert import hf_to_native, load_hf_checkpoint, load_model, native_to_hf
 from modeling.llama import LlamaForCausalLM
+from modeling.native_format import save_native, split_for_rank
 from parallel.state import ParallelConfigError, ParallelDims, ParallelState
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

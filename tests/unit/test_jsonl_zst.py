@@ -1,5 +1,6 @@
-"""dataset/jsonl_zst.py: incremental zstd decoding, resume positions, and every kind of bad input."""
+"""dataset/lines.py and dataset/jsonl_zst.py: incremental zstd decoding, resume positions, every kind of bad input."""
 
+import gzip
 import json
 import tracemalloc
 import warnings
@@ -9,16 +10,8 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from dataset.jsonl_zst import (
-    DataError,
-    DataWarning,
-    decompressed_size,
-    iter_documents,
-    iter_lines,
-    iter_records,
-    iter_texts,
-    resolve_paths,
-)
+from dataset.jsonl_zst import DataWarning, iter_documents, iter_records, iter_texts, resolve_paths
+from dataset.lines import DataError, StreamFault, decompressed_size, iter_lines
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -214,6 +207,28 @@ def test_corrupt_zst_never_yields_a_byte_of_the_bad_frame(tmp_path):
     q.write_bytes(jsonl_bytes(["a"]))
     with pytest.raises(DataError, match=r"plain_named\.jsonl\.zst: corrupt zstd data \(no zstd frame at byte 0\)"):
         list(iter_texts(q))
+
+
+def test_garbage_after_whole_frames_keeps_them(tmp_path):
+    data = jsonl_bytes(TEXTS)
+    whole, _, _ = frames_of(data)
+    p = tmp_path / "tail.jsonl.zst"
+    p.write_bytes(whole + b"not zstd")
+    skipped = Counter()
+    with pytest.warns(DataWarning, match=rf"corrupt zstd data \(no zstd frame at byte {len(whole)}\) after line 300"):
+        assert list(iter_texts(p, on_error="skip", skipped=skipped)) == TEXTS
+    assert skipped == {"corrupt_zstd": 1}
+
+
+def test_gzip_lines_only_when_the_whole_file_verifies(tmp_path):
+    data = b"\xef\xbb\xbf" + jsonl_bytes(TEXTS)
+    p = tmp_path / "a.jsonl.gz"
+    p.write_bytes(gzip.compress(data))
+    assert [raw for *_, raw in iter_lines(p, block_size=100)] == data[3:].split(b"\n")[:-1]
+    p.write_bytes(gzip.compress(data)[:-30])
+    with pytest.raises(StreamFault, match=r"a\.jsonl\.gz: damaged or truncated gzip data") as info:
+        next(iter_lines(p))
+    assert info.value.reason == "corrupt_gzip"
 
 
 def test_empty_shard_missing_file_and_unsupported_type(tmp_path):

@@ -15,19 +15,12 @@ import transformers
 from peft import PeftModel
 
 from modeling.config import ModelConfig
-from modeling.convert import load_model, save_native
+from modeling.convert import load_model
 from modeling.convert import main as convert_main
 from modeling.llama import LlamaForCausalLM
-from parallel.lora import (
-    LORA_TARGETS,
-    AdapterError,
-    apply_lora,
-    load_adapter,
-    load_adapter_full,
-    lora_state_dict,
-    merge_lora_state_dict,
-    save_adapter,
-)
+from modeling.lora_files import load_adapter, load_adapter_full, save_adapter
+from modeling.native_format import save_native
+from parallel.lora import LORA_TARGETS, AdapterError, apply_lora, lora_state_dict, merge_lora_state_dict
 
 CONFIG = dict(
     vocab_size=128,

@@ -13,9 +13,8 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from modeling.config import ModelConfig
+from modeling.config import CheckpointError, ModelConfig
 from modeling.convert import (
-    CheckpointError,
     hf_to_native,
     load_checkpoint,
     load_model,

@@ -224,7 +224,8 @@ def test_parallel_dims_world_not_divisible_by_tp():
 def test_parallel_dims_ep_must_divide_dp():
     with pytest.raises(ParallelConfigError, match=r"parallel\.ep=3") as excinfo:
         ParallelDims(world_size=8, tp=2, ep=3)
-    assert "dp=4" in str(excinfo.value)
+    assert "data-parallel degree 4" in str(excinfo.value)
+    assert "degrees: world_size=8, tp=2, ep=3" in str(excinfo.value)  # every degree, as the user set them
 
 
 @pytest.mark.parametrize("name", ["world_size", "tp", "ep"])
@@ -258,3 +259,28 @@ def test_group_ranks_partition_the_world_consistently_with_coords(world_size, tp
             assert len(group) == sizes[kind], kind
             # each rank's index inside its group is its coordinate of that kind
             assert [dims.coords(r)[kind] for r in group] == list(range(len(group))), (kind, group)
+
+
+@pytest.mark.parametrize(("world_size", "tp", "ep"), [(1, 1, 1), (8, 2, 2), (8, 1, 4), (16, 4, 2), (6, 3, 1)])
+def test_group_ranks_equal_the_explicit_megatron_layout(world_size, tp, ep):
+    dims = ParallelDims(world_size=world_size, tp=tp, ep=ep)
+    dp = world_size // tp
+    rank = lambda d, t: d * tp + t  # noqa: E731
+    expected = {
+        "tp": [[rank(d, t) for t in range(tp)] for d in range(dp)],
+        "dp": [[rank(d, t) for d in range(dp)] for t in range(tp)],
+        "ep": [[rank(b * ep + e, t) for e in range(ep)] for t in range(tp) for b in range(dp // ep)],
+        "edp": [[rank(b * ep + e, t) for b in range(dp // ep)] for t in range(tp) for e in range(ep)],
+    }
+    assert dims.group_ranks() == expected and list(dims.group_ranks()) == list(expected)  # the creation order too
+    for r in range(world_size):
+        t, d = r % tp, r // tp
+        assert dims.coords(r) == {"tp": t, "dp": d, "ep": d % ep, "edp": d // ep}
+
+
+def test_enabled_predicates():
+    dims = ParallelDims(world_size=8, tp=2, ep=2)
+    assert dims.tp_enabled and dims.dp_enabled and dims.ep_enabled
+    dims = ParallelDims(world_size=2, tp=2)
+    assert dims.tp_enabled and not dims.dp_enabled and not dims.ep_enabled
+    assert not any((ParallelDims().tp_enabled, ParallelDims().dp_enabled, ParallelDims().ep_enabled))

@@ -1,5 +1,5 @@
-"""dataset/sft.py: the loss mask, parity with transformers' apply_chat_template, record errors, packing, truncation,
-resume."""
+"""dataset/chat.py and dataset/sft.py: the loss mask, parity with transformers' apply_chat_template, record errors,
+packing, truncation, resume."""
 
 import json
 import random
@@ -12,19 +12,11 @@ import sentencepiece as spm
 import torch
 import zstandard
 
-from dataset.jsonl_zst import DataWarning
-from dataset.sft import (
-    CHAT_TEMPLATE,
-    SFTDataError,
-    SFTDataset,
-    build_sft_loader,
-    install_chat_template,
-    normalize_record,
-    render,
-    resolve_files,
-)
+from dataset.chat import CHAT_TEMPLATE, ChatError, install_chat_template, normalize_record, render
+from dataset.hf_tokenizer import write_hf_files
+from dataset.jsonl_zst import DataWarning, find_files
+from dataset.sft import SFT_FILES, SFTDataError, SFTDataset, build_sft_loader
 from dataset.tokenizer import CHAT_TOKENS, Tokenizer, TokenizerError
-from dataset.train_tokenizer import write_hf_files
 
 WORDS = (
     "the quick brown fox jumps over a lazy dog hello world what is answer please explain why because you are "
@@ -248,9 +240,9 @@ def test_tokenizer_without_chat_markers_is_refused(tmp_path):
 
 
 def test_render_checks_roles_for_generation(tok):
-    with pytest.raises(SFTDataError, match="a generation prompt follows a user message"):
+    with pytest.raises(ChatError, match="a generation prompt follows a user message"):
         render([msg("user", "a"), msg("assistant", "b")], tok, add_generation_prompt=True)
-    with pytest.raises(SFTDataError, match="training needs it to end with an assistant reply"):
+    with pytest.raises(ChatError, match="training needs it to end with an assistant reply"):
         render([msg("user", "a")], tok)
 
 
@@ -308,12 +300,12 @@ def test_skip_counts_and_warns(tok, tmp_path):
 
 def test_file_errors(tok, tmp_path):
     with pytest.raises(SFTDataError, match="the glob matches no file"):
-        resolve_files(str(tmp_path / "*.jsonl"))
+        find_files(str(tmp_path / "*.jsonl"), SFT_FILES)
     (tmp_path / "a.txt").write_text("x\n")
     with pytest.raises(SFTDataError, match=r"a\.txt: unsupported file type"):
-        resolve_files(tmp_path / "a.txt")
+        find_files(tmp_path / "a.txt", SFT_FILES)
     with pytest.raises(SFTDataError, match=r"b\.jsonl: no such file"):
-        resolve_files([tmp_path / "b.jsonl"])
+        find_files([tmp_path / "b.jsonl"], SFT_FILES)
     path = write_records(tmp_path / "c.jsonl", [SINGLE])
     with pytest.raises(SFTDataError, match="1 usable conversations for 2 data-parallel ranks"):
         SFTDataset(path, tok, 64, dp_rank=1, dp_size=2)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from data import records
 from data import shard as shard_mod
 from data.shard import MAX_LINES_PER_SHARD, ShardError, ShardOptions, build_parser, shard
 
@@ -332,7 +333,7 @@ def test_truncated_zst_keeps_only_whole_frames(tmp_path, capsys):
 
 
 def test_corrupt_zst_and_gzip(tmp_path, monkeypatch):
-    monkeypatch.setattr(shard_mod, "_READ_SIZE", 4096)  # small reads: the bad frame's data comes out before its end
+    monkeypatch.setattr(records, "READ_SIZE", 4096)  # small reads: the bad frame's data comes out before its end
     blob = bytearray(zst_frames(300, 3000))
     blob[len(blob) - 5000] ^= 0xFF  # inside the second frame: found only by its checksum, after its data came out
     (tmp_path / "bad.jsonl.zst").write_bytes(bytes(blob))

@@ -1,4 +1,4 @@
-"""dataset/streaming.py + dataset/packing.py: sharding, order, exact resume, mixtures, bad input, the CLI."""
+"""dataset/streaming.py, loader.py, packing.py, stream_cli.py: sharding, order, exact resume, mixtures, bad input."""
 
 import json
 import random
@@ -11,10 +11,15 @@ import sentencepiece as spm
 import torch
 import zstandard
 
-from dataset.jsonl_zst import DataError, DataWarning
+from dataset.jsonl_zst import DataWarning
+from dataset.lines import DataError
+from dataset.loader import StreamingLoader, build_dataloader
 from dataset.packing import IGNORE_INDEX, boundaries_in_window, cut_windows, document_ids, make_batch, pad_window
-from dataset.streaming import DataSource, StreamingDataset, build_dataloader, epoch_order, main, plan_units
+from dataset.sft import SFTLoader
+from dataset.stream_cli import main
+from dataset.streaming import DataSource, StreamingDataset, epoch_order, plan_units
 from dataset.tokenizer import Tokenizer
+from training.data import SyntheticLoader, TrainData
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 WORDS = "river stone cloud amber falcon willow ember quartz meadow lantern harbor thistle".split()
@@ -361,6 +366,11 @@ def test_cli_dump_ids_and_decode(tmp_path, tok, capsys):
         main(args + ["--max-seqs", "1", "--dump-ids", str(tmp_path / "missing" / "ids.jsonl")])
     with pytest.raises(SystemExit, match=r"error: dp_rank=2 must be in \[0, dp_size=2\) \(--dp-rank / --dp-size\)"):
         main(args + ["--max-seqs", "1", "--decode", "--dp-rank", "2", "--dp-size", "2"])
+
+
+def test_every_training_loader_is_train_data():
+    for loader in (StreamingLoader, SFTLoader, SyntheticLoader):  # what training/loop.py's Trainer.build_data returns
+        assert issubclass(loader, TrainData), loader
 
 
 @pytest.mark.skipif(not (DATA / "arxiv_sample.jsonl.zst").exists(), reason="shared test data absent")

@@ -15,13 +15,14 @@ import sentencepiece as spm
 import zstandard
 from sentencepiece import sentencepiece_model_pb2
 
+from dataset.hf_tokenizer import parity_mismatches
+from dataset.jsonl_zst import find_files
 from dataset.tokenizer import CHAT_TOKENS, SPECIAL_TOKENS, Tokenizer
 from dataset.train_tokenizer import (
+    INPUT_FILES,
     MAX_SENTENCE_BYTES,
     TokenizerTrainError,
     main,
-    parity_mismatches,
-    resolve_inputs,
     split_long,
     train_tokenizer,
 )
@@ -329,9 +330,9 @@ def test_split_long():
     assert split_long("short") == ["short"]
 
 
-def test_resolve_inputs(tmp_path, corpus):
+def test_input_files(tmp_path, corpus):
     pattern = str(corpus[0].parent / "*.*")
-    assert resolve_inputs([pattern, str(corpus[0])]) == sorted(corpus, key=lambda p: p.name)
+    assert find_files([pattern, str(corpus[0])], INPUT_FILES) == sorted(corpus, key=lambda p: p.name)
     for bad, words in [
         ([str(tmp_path / "*.txt")], "matches no file"),
         ([str(tmp_path / "missing.txt")], "does not exist"),
@@ -340,10 +341,10 @@ def test_resolve_inputs(tmp_path, corpus):
         ([], "no input"),
     ]:
         with pytest.raises(TokenizerTrainError, match=words):
-            resolve_inputs(bad)
+            find_files(bad, INPUT_FILES)
     (tmp_path / "data.csv").write_text("a,b\n")
     with pytest.raises(TokenizerTrainError, match="unsupported file type"):
-        resolve_inputs([str(tmp_path / "data.csv")])
+        find_files([str(tmp_path / "data.csv")], INPUT_FILES)
 
 
 def test_bad_input_and_options_name_the_problem(tmp_path, corpus):

@@ -1,0 +1,248 @@
+"""The DeepSpeed engine: ZeRO 1-3 (optionally offloaded), sharding and reducing over the data-parallel group only.
+
+It has the interface of `parallel.engine.Engine`; `parallel.engine.build_engine` picks it for ZeRO stages 1-3.
+DeepSpeed clips by the global gradient norm itself: every parameter is marked `tensor_model_parallel` when it is
+tensor-split, so that DeepSpeed's norm counts replicated parameters only on tensor rank 0.
+
+Under ZeRO 1/2 with expert parallelism (ep > 1) the experts become DeepSpeed MoE parameters: `allreduce = False` and
+`group_name = "ep_size_<ep>"`, with this ParallelState's expert and expert-data-parallel groups registered under that
+name in `deepspeed.utils.groups` (instead of groups DeepSpeed would create) and the optimizer's `"moe"` param group
+named after it, so ZeRO reduces expert gradients and partitions their fp32 master weights and Adam states over the
+expert-data-parallel group.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from parallel.state import ParallelState
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO 1-3 (optionally offloaded) with ZeRO sharding and reduction over the data-parallel group."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        *,
+        state: ParallelState,
+        grad_accum: int,
+        grad_clip: float,
+        ds_config: dict[str, Any],
+        micro_batch_size: int,
+        bf16: bool,
+    ) -> None:
+        import deepspeed
+
+        self.module, self.state, self.grad_accum, self.grad_clip = model, state, grad_accum, grad_clip
+        self._micro = 0
+        config = fill_auto(ds_config, micro_batch_size, grad_accum, grad_clip, bf16, state.dp_size)
+        self.zero_stage = int(config.get("zero_optimization", {}).get("stage", 0))
+        for p in model.parameters():  # DeepSpeed's norm counts replicated parameters only on tensor rank 0
+            p.tensor_model_parallel = getattr(p, "tp_split_dim", None) is not None
+        offload = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+        if offload:  # ZeRO-Offload steps on the CPU with DeepSpeed's own Adam, built from the same groups
+            config["zero_force_ds_cpu_optimizer"] = False
+        if state.ep_size > 1 and any(getattr(p, "expert_parallel", False) for p in model.parameters()):
+            if self.zero_stage == 3:
+                raise ValueError(
+                    "ZeRO stage 3 with expert parallelism (parallel.ep > 1) is not supported: use "
+                    "configs/deepspeed/zero1.json or zero2.json, or parallel.ep=1"
+                )
+            self.ds = _expert_parallel_deepspeed(model, optimizer, scheduler, config, state)
+            self.optimizer, self.scheduler = self.ds.optimizer, self.ds.lr_scheduler
+        else:
+            self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model,
+                optimizer=optimizer,
+                lr_scheduler=scheduler,
+                config=config,
+                mpu=_Mpu(state),
+                dist_init_required=False,
+            )
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped module's forward (ZeRO-3 gathers parameters around it)."""
+        return self.ds(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """DeepSpeed scales by 1/grad_accum itself and reduces at the accumulation boundary."""
+        self._micro += 1
+        self.ds.backward(loss)
+        if self._micro < self.grad_accum:
+            self.ds.step()  # a micro-step: DeepSpeed counts it and steps nothing
+
+    def step(self) -> float:
+        """The boundary step: DeepSpeed clips, steps optimizer and schedule, zeroes the gradients.
+
+        ZeRO-1/2 skip the step themselves when the gradient norm is not finite; ZeRO-3 does not in fp32/bf16, and
+        the trainer stops the run on a non-finite norm there.
+        """
+        self.ds.step()
+        self._micro = 0
+        norm = self.ds.get_global_grad_norm()
+        return float("nan") if norm is None else float(norm)
+
+    def zero_grad(self) -> None:
+        """Drop the accumulated gradients."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self._micro = 0
+
+    def skip_step(self) -> None:
+        """Not supported generically under ZeRO: the trainer stops instead (see its non-finite handling)."""
+        raise RuntimeError("DeepSpeedEngine cannot discard accumulated ZeRO gradients")
+
+    @property
+    def lr(self) -> float:
+        """Current learning rate of the first parameter group."""
+        return self.optimizer.param_groups[0]["lr"]
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """This rank's ZeRO optimizer partition and the scheduler."""
+        return {"optimizer": self.ds.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_optimizer_state(self, sd: dict[str, Any]) -> None:
+        """Restore this rank's ZeRO partition (the fp32 master weights included) and the scheduler."""
+        mine = [sd["optimizer"]] * self.state.dp_size  # ZeRO indexes the list by data-parallel rank
+        if self.zero_stage == 3:
+            self.ds.optimizer.load_state_dict(mine, load_optimizer_states=True)
+        else:
+            self.ds.optimizer.load_state_dict(mine, load_optimizer_states=True, load_from_fp32_weights=True)
+        self.scheduler.load_state_dict(sd["scheduler"])
+
+    def full_parameters(self) -> Any:
+        """A context in which ZeRO-3 partitioned parameters are whole on every rank (for saving)."""
+        if self.zero_stage != 3:
+            return nullcontext(self.module)
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+
+
+class _Mpu:
+    """The model-parallel-unit interface DeepSpeed asks for, answered from a ParallelState."""
+
+    def __init__(self, state: ParallelState) -> None:
+        self.s = state
+
+    def get_model_parallel_rank(self) -> int:
+        return self.s.tp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.s.tp_size
+
+    def get_model_parallel_group(self) -> dist.ProcessGroup | None:
+        return self.s.tp_group
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.s.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.s.dp_size
+
+    def get_data_parallel_group(self) -> dist.ProcessGroup | None:
+        return self.s.dp_group
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return 0
+
+
+def _expert_parallel_deepspeed(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    config: dict[str, Any],
+    state: ParallelState,
+) -> Any:
+    """A DeepSpeed engine that treats the expert parameters as MoE parameters over this state's groups.
+
+    What deepspeed.initialize does for a plain model, plus: the groups registered, the parameters and the optimizer's
+    "moe" group named, and `has_moe_layers` set (DeepSpeed sets it only for its own deepspeed.moe.layer.MoE modules,
+    and its ZeRO optimizer reads it to reduce and partition expert groups over the expert-data-parallel group).
+    """
+    from deepspeed import comm
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.engine import DeepSpeedEngine as _DeepSpeedEngine
+    from deepspeed.utils import groups
+
+    name = f"ep_size_{state.ep_size}"  # DeepSpeed parses the degree back out of this exact form
+    groups._EXPERT_PARALLEL_GROUP[name] = state.ep_group
+    groups._EXPERT_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(state.ep_group)
+    groups._EXPERT_DATA_PARALLEL_GROUP[name] = state.edp_group
+    groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(state.edp_group)
+    for p in model.parameters():
+        if getattr(p, "expert_parallel", False):
+            p.allreduce, p.group_name = False, name
+    moe_groups = [g for g in optimizer.param_groups if g.get("moe")]
+    if not moe_groups or any(not getattr(p, "expert_parallel", False) for g in moe_groups for p in g["params"]):
+        raise ValueError(
+            'expert parallelism under DeepSpeed needs the optimizer\'s expert parameters in groups marked "moe": True '
+            "(training.optim.param_groups does this)"
+        )
+    for g in moe_groups:
+        g["name"] = name
+
+    class ExpertParallelEngine(_DeepSpeedEngine):
+        def _configure_distributed_model(self, module: nn.Module) -> None:
+            super()._configure_distributed_model(module)
+            self.has_moe_layers = True
+
+    mpu = _Mpu(state)
+    comm.init_distributed(dist_backend=get_accelerator().communication_backend_name(), dist_init_required=False)
+    engine = ExpertParallelEngine(
+        args=None,
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        mpu=mpu,
+        dist_init_required=False,
+        config=config,
+        config_class=DeepSpeedConfig(config, mpu),
+    )
+    engine._configure_python_gc()
+    return engine
+
+
+def fill_auto(
+    ds_config: dict[str, Any], micro_batch: int, grad_accum: int, grad_clip: float, bf16: bool, dp: int
+) -> dict[str, Any]:
+    """Replace the "auto" values of a DeepSpeed config by the training config's; conflicting values are errors."""
+    config = {k: v for k, v in ds_config.items()}
+    wanted = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch * grad_accum * dp,
+        "gradient_clipping": grad_clip,
+    }
+    for key, value in wanted.items():
+        given = config.get(key, "auto")
+        if given not in ("auto", value):
+            raise ValueError(
+                f'DeepSpeed config {key}={given} disagrees with the training config ({value}); set it to "auto"'
+            )
+        config[key] = value
+    bf16_section = dict(config.get("bf16", {}))
+    if bf16_section.get("enabled", "auto") not in ("auto", bf16):
+        raise ValueError(f"DeepSpeed config bf16.enabled={bf16_section['enabled']} disagrees with train.dtype")
+    bf16_section["enabled"] = bf16
+    config["bf16"] = bf16_section
+    if config.get("fp16", {}).get("enabled") is True:
+        raise ValueError(
+            "DeepSpeed config fp16.enabled=true: this project trains in bf16 or fp32; remove the fp16 section"
+        )
+    return config
