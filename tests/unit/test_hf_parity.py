@@ -1,6 +1,6 @@
 """The native Llama equals transformers' LlamaForCausalLM: same weights -> same logits, loss and gradients.
 
-transformers is the independent reference (DESIGN.md, Testing). Every case builds the HF model from
+transformers is the independent reference (ARCHITECTURE.md, Tests). Every case builds the HF model from
 `ModelConfig(...).to_hf_dict()` and our model from `ModelConfig.from_hf_dict(hf.config.to_dict())`, so the config
 round trip through transformers is exercised too. All weights, norms and biases included, are randomised in the HF
 model before they are copied, so a swapped or ignored tensor shows up in the logits.

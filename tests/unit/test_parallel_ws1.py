@@ -1,4 +1,4 @@
-"""At world size 1 the parallel layers are exactly the plain torch layers (DESIGN.md, rule 2).
+"""At world size 1 the parallel layers are exactly the plain torch layers (ARCHITECTURE.md, Layers).
 
 One process, no process group: the default `ParallelState()` must give nn.Linear / nn.Embedding / F.cross_entropy
 bit for bit, with the same parameter names and the same initialisation from the same seed. The internal autograd
