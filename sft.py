@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from configs.sections import ConfigError, resolve_path
-from dataset.chat import ChatRenderer
+from dataset.chat import ChatError, ChatRenderer
 from dataset.sft import SFTDataError, SFTDataset, build_sft_loader
 from dataset.tokenizer import TokenizerError
 from modeling.config import resolve_checkpoint_dir
@@ -96,7 +96,7 @@ class SFTTrainer(Trainer):
                 truncation=d.truncation,
                 on_error=d.on_error,
             )
-        except SFTDataError as e:
+        except (SFTDataError, ChatError) as e:
             raise ConfigError(f"{key}: {e} (keys: data.seq_len, data.truncation, data.on_error)") from None
 
     def build_data(self) -> TrainData:

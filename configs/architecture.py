@@ -78,11 +78,10 @@ def resolve_model_config(cfg: TrainConfig, tokenizer: Tokenizer | None) -> Model
         raise ConfigError("data.synthetic needs model.overrides.vocab_size (there is no tokenizer to take it from)")
     else:
         keys.setdefault("vocab_size", padded_vocab_size(1, tp))  # a placeholder: the tokenizer is checked when loaded
-    keys.setdefault("max_position_embeddings", max(cfg.data.seq_len, 2048))
     try:
         config = ModelConfig(**keys)
         config.validate_parallel(tp, cfg.parallel.ep)
-    except (ModelConfigError, ValueError) as e:
+    except ValueError as e:  # ModelConfig's ConfigError and ParallelConfigError alike
         raise ConfigError(str(e)) from None
     if cfg.data.seq_len > config.max_position_embeddings:
         raise ConfigError(

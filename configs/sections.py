@@ -1,8 +1,9 @@
 """The config sections: one dataclass per yaml section, its typed keys, and the checks on its own values.
 
 Every check raises ConfigError naming the key (`train.max_steps=0 must be positive`). Rules that join sections
-(batch sizes over the data-parallel ranks, the model over the parallel layout) are TrainConfig.validate's, in
-configs/schema.py. Paths in a config resolve from the working directory, else from the repository root.
+(batch sizes over the data-parallel ranks, the layout) are TrainConfig.validate's, in configs/schema.py; the
+model against the layout is configs/architecture.py's. Paths in a config resolve from the working directory, else
+from the repository root.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
+from dataset.jsonl_zst import ON_ERROR
 from parallel.lora import LORA_TARGETS
 
 CONFIG_DIR = Path(__file__).resolve().parent
@@ -124,7 +126,7 @@ class DataSection:
         """Sizes and choices; real text needs shards and a tokenizer."""
         _positive("data", self, "seq_len")
         _non_negative("data", self, "num_workers")
-        _choice("data.on_error", self.on_error, ("raise", "skip"))
+        _choice("data.on_error", self.on_error, ON_ERROR)
         _choice("data.truncation", self.truncation, ("drop", "truncate"))
         if self.synthetic:
             return

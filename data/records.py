@@ -15,13 +15,10 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from dataset.jsonl_zst import FileRules, find_files
+from dataset.files import FileRules, find_files
 from dataset.lines import StreamFault, iter_lines
-
-if TYPE_CHECKING:
-    from data.shard import ShardOptions
 
 SUFFIXES = tuple(f + c for f in (".txt", ".jsonl", ".json") for c in ("", ".zst", ".gz"))
 TXT_MODES = ("paragraph", "line", "file")
@@ -224,19 +221,21 @@ def _encode(text: str, inherited: list[dict], *, source: str, name: str, line: i
     return (json.dumps(doc, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
 
 
-def documents(files: list[InputFile], options: ShardOptions, start: tuple[int, int], errors: Errors):
+def documents(
+    files: list[InputFile], start: tuple[int, int], errors: Errors, *, txt_mode: str, text_field: str, source: str
+):
     """(input index, first line, last line, output line) of every document after position `start`."""
     for i in range(start[0], len(files)):
         f, skip = files[i], start[1] if i == start[0] else 0
         if f.path.name.endswith((".txt", ".txt.zst", ".txt.gz")):
-            docs = ((a, b, text, []) for a, b, text in _txt_documents(f.path, skip, options.txt_mode, errors))
+            docs = ((a, b, text, []) for a, b, text in _txt_documents(f.path, skip, txt_mode, errors))
         else:
-            records = _json_documents(f.path, skip, options.text_field, errors)
+            records = _json_documents(f.path, skip, text_field, errors)
             docs = ((a, b, text, [meta, extra]) for a, b, text, meta, extra in records)
         try:
             for first, last, text, inherited in docs:
                 try:
-                    line = _encode(text, inherited, source=options.source, name=f.name, line=first)
+                    line = _encode(text, inherited, source=source, name=f.name, line=first)
                 except UnicodeEncodeError as e:
                     what = f"unpaired surrogate {e.object[e.start]!r} (a lone \\udXXX escape), not valid UTF-8"
                     errors(InputError(f.path, first, what))

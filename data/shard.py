@@ -218,7 +218,9 @@ def shard(
     writer, failed = _Writer(out, manifest, options.zstd_level, workers), True
     try:
         chunk, ranges, base, mark = [], [], 0, 0
-        for i, first, last, line in documents(files, options, start, errors):
+        for i, first, last, line in documents(
+            files, start, errors, txt_mode=options.txt_mode, text_field=options.text_field, source=options.source
+        ):
             mark = errors.count  # bad input met before a document is counted in that document's shard
             chunk.append(line)
             if ranges and ranges[-1]["file"] == files[i].name:

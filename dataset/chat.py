@@ -68,7 +68,7 @@ CHAT_TEMPLATE = (
 
 
 class ChatError(DataError):
-    """A record or conversation that cannot be used; the message names where (file and line) and what to fix."""
+    """A record or conversation that cannot be used; the message names where (file and line, or `messages`) and why."""
 
 
 def install_chat_template(tokenizer_dir: str | Path) -> Path:

@@ -11,22 +11,19 @@ start from.
     for line, text in iter_records(path, start_line=1201, start_offset=3_450_112):   # resume
         ...
 
-`find_files` turns files, directories and globs into the files to read, under each tool's `FileRules` (what it
-accepts, how it words each problem); `resolve_paths` is the data loader's use of it.
+`resolve_paths` names the data files to read (`dataset.files.find_files` under the data loader's rules).
 """
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+from dataset.files import FileRules, find_files
 from dataset.lines import DataError, StreamFault, iter_lines
 
 FORMATS = {".jsonl": "jsonl", ".jsonl.zst": "jsonl", ".txt": "txt", ".txt.zst": "txt"}
@@ -199,90 +196,6 @@ def iter_texts(
         yield doc.text
 
 
-@dataclass(frozen=True)
-class FileRules:
-    """Which files a tool reads from the paths, directories and globs it is given, and how it words each problem.
-
-    The texts are format strings over: item (a path or glob as given), path (one file), items (everything given),
-    first (the item that named a file before), kinds (the suffixes joined by "/"), suffixes (joined by ", "), cwd,
-    and hint (from `hints`, by a piece of the file name).
-    """
-
-    suffixes: tuple[str, ...]
-    error: type[Exception]  # raised for a problem that is not reported (see `find_files`)
-    nothing: str  # no file at all
-    missing: str  # a named path that does not exist
-    no_match: str  # a glob that matches no file
-    unsupported: str  # a file of another type
-    # A named directory stands for its files ("flat"), or all files under it ("recursive"); None: it is no input.
-    directories: str | None = "flat"
-    empty_dir: str = ""  # a directory that holds no file of `suffixes`
-    directory: str = ""  # a named directory when `directories` is None ("": worded as `missing`)
-    duplicate: str = ""  # a file named twice ("": it is read once)
-    others: str = "ignore"  # files of other types: a glob passes over them ("ignore") or reports them ("report")
-    hints: dict[str, str] = field(default_factory=dict)  # piece of a file name -> `hint` for that unsupported file
-
-
-def find_files(
-    spec: str | os.PathLike | Sequence[str | os.PathLike],
-    rules: FileRules,
-    *,
-    exclude: Path | None = None,
-    report: Callable[[str], None] | None = None,
-) -> list[Path]:
-    """The files named by `spec`, in order, each once: a file, a directory, a glob (`**` allowed), or a list of these.
-
-    A directory's and a glob's files are sorted; a directory keeps only files of `rules.suffixes`, and so does a glob
-    when `rules.others` is "ignore" (naming such a file is then always an error). A missing path, a glob or
-    directory with no file, and under `others="report"` a file of another type are passed to `report` (which may
-    raise, or count and skip them) or, without one, raised as `rules.error`; so is no file at all, always, and a
-    file named twice when `rules.duplicate` words it. Files under `exclude` are left out.
-    """
-    items = [spec] if isinstance(spec, str | os.PathLike) else list(spec)
-    kinds = rules.suffixes
-    words = {"items": items, "cwd": os.getcwd(), "kinds": "/".join(kinds), "suffixes": ", ".join(kinds)}
-
-    def problem(text: str, **fields) -> None:
-        message = text.format(**words, **fields)
-        if report is None:
-            raise rules.error(message)
-        report(message)
-
-    found: dict[Path, tuple[Path, str]] = {}  # resolved path -> (path as found, the item that named it)
-    for item in map(str, items):
-        if rules.directories and os.path.isdir(item):
-            listing = Path(item).rglob("*") if rules.directories == "recursive" else Path(item).iterdir()
-            matches = sorted((p for p in listing if p.is_file() and p.name.endswith(rules.suffixes)), key=str)
-            empty = rules.empty_dir
-        elif glob.has_magic(item):
-            matches = sorted((Path(p) for p in glob.glob(item, recursive=True) if os.path.isfile(p)), key=str)
-            if rules.others == "ignore":
-                matches = [p for p in matches if p.name.endswith(rules.suffixes)]
-            empty = rules.no_match
-        else:
-            matches, empty = [Path(item)], rules.missing
-        if exclude is not None:
-            matches = [p for p in matches if not p.resolve().is_relative_to(exclude)]
-        if not matches:
-            problem(empty, item=item, path=item, hint="")
-        for path in matches:
-            hint = next((h for piece, h in rules.hints.items() if piece in path.name), "")
-            fields = {"item": item, "path": path, "hint": hint}
-            if not path.is_file():
-                problem(rules.directory if rules.directory and path.is_dir() else rules.missing, **fields)
-            elif not path.name.endswith(rules.suffixes):
-                if rules.others == "ignore":
-                    raise rules.error(rules.unsupported.format(**words, **fields))
-                problem(rules.unsupported, **fields)
-            elif (key := path.resolve()) not in found:
-                found[key] = (path, item)
-            elif rules.duplicate:
-                raise rules.error(rules.duplicate.format(**words, **fields, first=found[key][1]))
-    if not found:
-        raise rules.error(rules.nothing.format(**words))
-    return [p for p, _ in found.values()]
-
-
 # The data loader's files: data files only, anything else in a directory or glob (a manifest.json) passed over.
 DATA_FILES = FileRules(
     suffixes=tuple(FORMATS),
@@ -310,6 +223,6 @@ def resolve_paths(spec, *, on_error: str = "raise", skipped: Counter | None = No
         if on_error == "raise":
             raise DataError(f"{message}; check the data path (data config or --data)")
         skipped["no_match"] += 1
-        warnings.warn(f"skipped: {message}", DataWarning, stacklevel=4)  # at the caller of resolve_paths
+        warnings.warn(f"skipped: {message}", DataWarning, stacklevel=5)  # at the caller of resolve_paths
 
     return find_files(spec, DATA_FILES, report=report)

@@ -35,7 +35,8 @@ from typing import Any
 import torch
 
 from dataset.chat import ChatError, ChatRenderer, normalize_record
-from dataset.jsonl_zst import ON_ERROR, DataWarning, FileRules, find_files
+from dataset.files import FileRules, find_files
+from dataset.jsonl_zst import ON_ERROR, DataWarning
 from dataset.lines import DataError, iter_lines
 from dataset.packing import IGNORE_INDEX
 from dataset.tokenizer import Tokenizer
@@ -146,21 +147,25 @@ class SFTDataset:
             if not raw.strip():
                 continue
             try:
-                try:
-                    obj = json.loads(raw)
-                except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-                    raise ChatError(f"{path}:{line}: invalid JSON ({e})") from None
+                obj = json.loads(raw)
+            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+                self._bad_record(f"{path}:{line}: invalid JSON ({e})")
+                continue
+            try:
                 messages = normalize_record(obj, path, line)
             except ChatError as e:
-                if self.on_error == "raise":
-                    raise SFTDataError(f"{e}; fix the record, or set on_error='skip' to count and skip it") from None
-                self.counts["skipped"] += 1
-                if self._warned < WARN_LIMIT:
-                    self._warned += 1
-                    more = " (further skips are counted, not shown)" if self._warned == WARN_LIMIT else ""
-                    warnings.warn(f"skipped: {e}{more}", DataWarning, stacklevel=2)
+                self._bad_record(str(e))
                 continue
             yield messages
+
+    def _bad_record(self, problem: str) -> None:
+        if self.on_error == "raise":
+            raise SFTDataError(f"{problem}; fix the record, or set on_error='skip' to count and skip it")
+        self.counts["skipped"] += 1
+        if self._warned < WARN_LIMIT:
+            self._warned += 1
+            more = " (further skips are counted, not shown)" if self._warned == WARN_LIMIT else ""
+            warnings.warn(f"skipped: {problem}{more}", DataWarning, stacklevel=3)  # at the reader of the records
 
     def __len__(self) -> int:
         """Number of conversations kept (all ranks together)."""

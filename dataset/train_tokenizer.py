@@ -45,8 +45,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dataset.chat import install_chat_template
+from dataset.files import FileRules, find_files
 from dataset.hf_tokenizer import ConversionError, parity_mismatches, write_hf_files
-from dataset.jsonl_zst import FORMATS, ON_ERROR, FileRules, find_files, iter_texts
+from dataset.jsonl_zst import FORMATS, ON_ERROR, iter_texts
 from dataset.lines import DataError, decompressed_size
 from dataset.tokenizer import CHAT_TOKENS, SPECIAL_TOKENS
 
@@ -324,7 +325,10 @@ def train_tokenizer(
         model_type, vocab_size, seconds, stats.sentences, stats.bytes / 1e6, stats.files,
         stats.split_long_sentences, stats.sampling,
     )  # fmt: skip
-    write_hf_files(out_dir / "tokenizer.model", out_dir)
+    try:
+        write_hf_files(out_dir / "tokenizer.model", out_dir)
+    except ConversionError as e:
+        raise TokenizerTrainError(str(e)) from None
     install_chat_template(out_dir)  # the SFT chat format, so apply_chat_template renders what sft.py trains on
     grouped = ["\n".join(sample.texts[i : i + 8]) for i in range(0, len(sample.texts), 8)]
     texts = [*PROBES, *sample.texts, *grouped]
@@ -374,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         train_tokenizer(args.inputs, args.out, **{k: v for k, v in vars(args).items() if k not in ("inputs", "out")})
-    except (TokenizerTrainError, ConversionError) as e:
+    except TokenizerTrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -90,11 +90,6 @@ class DeepSpeedEngine:
         norm = self.ds.get_global_grad_norm()
         return float("nan") if norm is None else float(norm)
 
-    def zero_grad(self) -> None:
-        """Drop the accumulated gradients."""
-        self.optimizer.zero_grad(set_to_none=True)
-        self._micro = 0
-
     def skip_step(self) -> None:
         """Not supported generically under ZeRO: the trainer stops instead (see its non-finite handling)."""
         raise RuntimeError("DeepSpeedEngine cannot discard accumulated ZeRO gradients")

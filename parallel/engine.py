@@ -50,9 +50,6 @@ class Engine(Protocol):
     def step(self) -> float:
         """Clip, step optimizer and schedule, zero the gradients; return the pre-clip global gradient norm."""
 
-    def zero_grad(self) -> None:
-        """Drop the accumulated gradients."""
-
     def skip_step(self) -> None:
         """Discard this step's gradients (or raise where the engine cannot)."""
 

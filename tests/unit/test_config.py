@@ -110,12 +110,9 @@ def test_model_config_takes_the_padded_vocabulary_and_ids_from_the_tokenizer():
     assert resolve_model_config(_cfg("model.vocab_size=2000"), _tokenizer(1000)).vocab_size == 2000
     with pytest.raises(ConfigError, match="model vocab_size=500 is smaller than the tokenizer's 1000"):
         resolve_model_config(_cfg("model.vocab_size=500"), _tokenizer(1000))
-    assert (
-        resolve_model_config(
-            _cfg("data.seq_len=4096", "model.max_position_embeddings=null"), None
-        ).max_position_embeddings
-        == 4096
-    )
+    # an unset max_position_embeddings is the model's default (2048), not stretched to data.seq_len
+    with pytest.raises(ConfigError, match="data.seq_len=4096 exceeds model max_position_embeddings=2048"):
+        resolve_model_config(_cfg("data.seq_len=4096", "model.max_position_embeddings=null"), None)
 
 
 def test_init_from_a_run_directory_reads_its_latest_steps_config(tmp_path):

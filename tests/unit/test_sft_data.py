@@ -13,8 +13,9 @@ import torch
 import zstandard
 
 from dataset.chat import CHAT_TEMPLATE, ChatError, install_chat_template, normalize_record, render
+from dataset.files import find_files
 from dataset.hf_tokenizer import write_hf_files
-from dataset.jsonl_zst import DataWarning, find_files
+from dataset.jsonl_zst import DataWarning
 from dataset.sft import SFT_FILES, SFTDataError, SFTDataset, build_sft_loader
 from dataset.tokenizer import CHAT_TOKENS, Tokenizer, TokenizerError
 
@@ -306,6 +307,9 @@ def test_file_errors(tok, tmp_path):
         find_files(tmp_path / "a.txt", SFT_FILES)
     with pytest.raises(SFTDataError, match=r"b\.jsonl: no such file"):
         find_files([tmp_path / "b.jsonl"], SFT_FILES)
+    (tmp_path / "d.jsonl").mkdir()
+    with pytest.raises(SFTDataError, match=r"d\.jsonl: no such file"):  # a glob match that is a directory
+        find_files(str(tmp_path / "*.jsonl"), SFT_FILES)
     path = write_records(tmp_path / "c.jsonl", [SINGLE])
     with pytest.raises(SFTDataError, match="1 usable conversations for 2 data-parallel ranks"):
         SFTDataset(path, tok, 64, dp_rank=1, dp_size=2)

@@ -16,8 +16,9 @@ from dataset.lines import DataError
 from dataset.loader import StreamingLoader, build_dataloader
 from dataset.packing import IGNORE_INDEX, boundaries_in_window, cut_windows, document_ids, make_batch, pad_window
 from dataset.sft import SFTLoader
+from dataset.sources import DataSource, epoch_order, plan_units
 from dataset.stream_cli import main
-from dataset.streaming import DataSource, StreamingDataset, epoch_order, plan_units
+from dataset.streaming import StreamingDataset
 from dataset.tokenizer import Tokenizer
 from training.data import SyntheticLoader, TrainData
 

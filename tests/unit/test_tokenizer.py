@@ -15,8 +15,8 @@ import sentencepiece as spm
 import zstandard
 from sentencepiece import sentencepiece_model_pb2
 
+from dataset.files import find_files
 from dataset.hf_tokenizer import parity_mismatches
-from dataset.jsonl_zst import find_files
 from dataset.tokenizer import CHAT_TOKENS, SPECIAL_TOKENS, Tokenizer
 from dataset.train_tokenizer import (
     INPUT_FILES,
@@ -345,6 +345,9 @@ def test_input_files(tmp_path, corpus):
     (tmp_path / "data.csv").write_text("a,b\n")
     with pytest.raises(TokenizerTrainError, match="unsupported file type"):
         find_files([str(tmp_path / "data.csv")], INPUT_FILES)
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(TokenizerTrainError, match=r"sub is a directory"):  # a glob that matches a directory names it
+        find_files([str(tmp_path / "su*")], INPUT_FILES)
 
 
 def test_bad_input_and_options_name_the_problem(tmp_path, corpus):
