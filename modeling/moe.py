@@ -44,7 +44,13 @@ Auxiliary-loss-free balancing (config.router_expert_bias, DeepSeek-V3): the per-
 top-k selection. Training forwards accumulate the chosen-assignment counts; `update_expert_bias()` (called by the
 trainer after each optimizer step) sums them over the data-parallel group (which contains the expert group; under
 sequence parallelism also over the tensor group), so every replica applies the same update
-b += router_bias_update_rate * sign(mean(load) - load).
+b += router_bias_update_rate * sign(mean(load) - load). The counts are this rank's own (`rank_local_buffers`: a
+data-parallel wrapper must not overwrite them with rank 0's, as DDP's buffer broadcast would; parallel/engine.py).
+
+Precision: routing and combining run in fp32 with autocast off (under autocast `F.linear` and `bmm` would return
+bf16 whatever the inputs' dtype), so the scores, the top-k choice, the weights and the weighted sum of the expert
+outputs are fp32; only the expert FFNs (and the shared experts) follow autocast. `expert_bias` and `expert_load`
+are fp32 buffers whatever the model's dtype (parallel/deepspeed_engine.py restores them where DeepSpeed casts).
 """
 
 from __future__ import annotations
@@ -74,6 +80,10 @@ class MoEMLP(nn.Module):
     tokens_per_expert (E,) long (assignments chosen for each expert among this rank's tokens, before dropping),
     dropped_fraction, lb_loss, z_loss (floats, unscaled, of this rank's tokens).
     """
+
+    # statistics of this rank's tokens, summed over the replicas only by update_expert_bias(): a data-parallel
+    # wrapper must leave them out of any buffer broadcast (parallel.engine.TorchEngine reads this)
+    rank_local_buffers = ("expert_load",)
 
     def __init__(
         self,
@@ -135,14 +145,15 @@ class MoEMLP(nn.Module):
         return copy_to_region(weight, self.state.tp_group) if self.state.sequence_parallel else weight
 
     def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(N, H) -> logits (N, E) fp32, scores (N, E), chosen experts (N, k), weights (N, k) fp32."""
-        logits = F.linear(tokens.float(), self._tp_replicated(self.gate.weight).float())  # (N, E)
-        scores = logits.softmax(-1) if self.config.router_score == "softmax" else logits.sigmoid()
-        selection = scores if self.expert_bias is None else scores.detach() + self.expert_bias.float()
-        indices = torch.topk(selection, self.top_k, dim=-1).indices  # (N, k)
-        weights = scores.gather(1, indices)  # (N, k)
-        if self.config.norm_topk_prob:
-            weights = weights / weights.sum(-1, keepdim=True)
+        """(N, H) -> logits (N, E), scores (N, E), chosen experts (N, k), weights (N, k): fp32, autocast or not."""
+        with _no_autocast(tokens):  # autocast would run this F.linear in bf16 despite the fp32 operands
+            logits = F.linear(tokens.float(), self._tp_replicated(self.gate.weight).float())  # (N, E)
+            scores = logits.softmax(-1) if self.config.router_score == "softmax" else logits.sigmoid()
+            selection = scores if self.expert_bias is None else scores.detach() + self.expert_bias.float()
+            indices = torch.topk(selection, self.top_k, dim=-1).indices  # (N, k)
+            weights = scores.gather(1, indices)  # (N, k)
+            if self.config.norm_topk_prob:
+                weights = weights / weights.sum(-1, keepdim=True)
         return logits, scores, indices, weights
 
     def drop_over_capacity(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -181,12 +192,14 @@ class MoEMLP(nn.Module):
 
         rows, tokens_per_expert, plan = dispatch(tokens, routed, self.num_experts, self.state.ep_group)
         out = combine(self.experts(rows, tokens_per_expert), plan)  # (N k, H), 0 for dropped assignments
-        out = torch.bmm(weights.unsqueeze(1), out.view(n, k, -1).float())  # (N, 1, H) = sum_j w_nj FFN_j(x_n)
+        with _no_autocast(out):  # fp32 weights times the experts' outputs, not a bf16 bmm
+            out = torch.bmm(weights.unsqueeze(1), out.view(n, k, -1).float())  # (N, 1, H) = sum_j w_nj FFN_j(x_n)
         out = out.view(x.shape).to(x.dtype)  # (B, T, H)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
 
-        self._losses(logits, scores, load, dropped=n * k - plan.order.numel())
+        with _no_autocast(logits):
+            self._losses(logits, scores, load, dropped=n * k - plan.order.numel())
         if self.expert_bias is not None and self.training and torch._C._current_graph_task_id() == -1:
             # not when an activation-checkpointed layer is recomputed inside backward: that would count twice
             self.expert_load += load
@@ -236,6 +249,11 @@ class MoEMLP(nn.Module):
             f"experts={self.num_experts} (local {start}..{start + self.num_local_experts - 1}), top_k={self.top_k}, "
             f"score={self.config.router_score}, capacity_factor={self.config.capacity_factor}"
         )
+
+
+def _no_autocast(like: torch.Tensor) -> torch.autocast:
+    """A region with autocast off on `like`'s device: the fp32 operations in it stay fp32."""
+    return torch.autocast(like.device.type, enabled=False)
 
 
 def _init(weight: torch.Tensor, init: InitMethod) -> None:

@@ -8,7 +8,15 @@ Under ZeRO 1/2 with expert parallelism (ep > 1) the experts become DeepSpeed MoE
 `group_name = "ep_size_<ep>"`, with this ParallelState's expert and expert-data-parallel groups registered under that
 name in `deepspeed.utils.groups` (instead of groups DeepSpeed would create) and the optimizer's `"moe"` param group
 named after it, so ZeRO reduces expert gradients and partitions their fp32 master weights and Adam states over the
-expert-data-parallel group.
+expert-data-parallel group. That path uses DeepSpeed internals (the group tables of `deepspeed.utils.groups`,
+`DeepSpeedEngine._configure_distributed_model`), so it checks first that the installed DeepSpeed is in the range it
+was tested with (`TESTED_DEEPSPEED`, the range requirements.txt states).
+
+Buffers keep the dtype the model built them in (fp32: the rotary frequencies, the MoE expert bias and loads) whatever
+DeepSpeed does to the module: releases before 0.19.2 cast the whole module to bf16 (`module.bfloat16()`), later
+ones cast the buffers when the json sets `data_types.buffer_dtype`. A bf16 `expert_bias` rounds the small updates of
+auxiliary-loss-free balancing away and bf16 `inv_freq` shifts every rotary angle, so the engine puts the fp32 values
+back after DeepSpeed's set-up.
 """
 
 from __future__ import annotations
@@ -20,7 +28,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.state import ParallelState
+from parallel.state import ParallelConfigError, ParallelState
+
+# (lowest, first excluded) DeepSpeed release, as requirements.txt states; tested with 0.19.8, and the internals the
+# expert-parallel path writes into are in every 0.19 release's sources
+TESTED_DEEPSPEED = ((0, 19), (0, 20))
 
 
 class DeepSpeedEngine:
@@ -47,6 +59,7 @@ class DeepSpeedEngine:
         self.zero_stage = int(config.get("zero_optimization", {}).get("stage", 0))
         for p in model.parameters():  # DeepSpeed's norm counts replicated parameters only on tensor rank 0
             p.tensor_model_parallel = getattr(p, "tp_split_dim", None) is not None
+        fp32_buffers = {n: b.detach().clone() for n, b in model.named_buffers() if b.dtype == torch.float32}
         offload = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
         if offload:  # ZeRO-Offload steps on the CPU with DeepSpeed's own Adam, built from the same groups
             config["zero_force_ds_cpu_optimizer"] = False
@@ -67,6 +80,7 @@ class DeepSpeedEngine:
                 mpu=_Mpu(state),
                 dist_init_required=False,
             )
+        _restore_fp32_buffers(model, fp32_buffers)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The wrapped module's forward (ZeRO-3 gathers parameters around it)."""
@@ -121,6 +135,37 @@ class DeepSpeedEngine:
         return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
 
 
+def _restore_fp32_buffers(model: nn.Module, fp32: dict[str, torch.Tensor]) -> None:
+    """Put back the fp32 values of the buffers DeepSpeed cast (in place: whoever holds the tensor sees fp32)."""
+    for name, buf in model.named_buffers():
+        if name in fp32 and buf.dtype != torch.float32:
+            buf.data = fp32[name].to(buf.device)
+
+
+def check_deepspeed_version(version: str, why: str) -> None:
+    """Raise ParallelConfigError unless `version` (deepspeed.__version__) is in TESTED_DEEPSPEED.
+
+    `why` names what needs the tested range (the feature that uses DeepSpeed's internals).
+    """
+    from packaging.version import InvalidVersion, Version
+
+    (lo, hi), wanted = TESTED_DEEPSPEED, _tested_range()
+    try:
+        release = Version(version).release[:2]
+    except InvalidVersion:
+        release = None
+    if release is None or not lo <= release < hi:
+        raise ParallelConfigError(
+            f"{why} uses DeepSpeed internals tested with deepspeed{wanted}, but DeepSpeed {version} is installed: "
+            f"pip install 'deepspeed{wanted}' (the range in requirements.txt)"
+        )
+
+
+def _tested_range() -> str:
+    (lo, hi) = TESTED_DEEPSPEED
+    return f">={lo[0]}.{lo[1]},<{hi[0]}.{hi[1]}"
+
+
 class _Mpu:
     """The model-parallel-unit interface DeepSpeed asks for, answered from a ParallelState."""
 
@@ -169,12 +214,15 @@ def _expert_parallel_deepspeed(
     "moe" group named, and `has_moe_layers` set (DeepSpeed sets it only for its own deepspeed.moe.layer.MoE modules,
     and its ZeRO optimizer reads it to reduce and partition expert groups over the expert-data-parallel group).
     """
+    import deepspeed
     from deepspeed import comm
     from deepspeed.accelerator import get_accelerator
     from deepspeed.runtime.config import DeepSpeedConfig
     from deepspeed.runtime.engine import DeepSpeedEngine as _DeepSpeedEngine
     from deepspeed.utils import groups
 
+    why = f"expert parallelism under DeepSpeed ZeRO (parallel.ep={state.ep_size})"
+    check_deepspeed_version(deepspeed.__version__, why)
     name = f"ep_size_{state.ep_size}"  # DeepSpeed parses the degree back out of this exact form
     groups._EXPERT_PARALLEL_GROUP[name] = state.ep_group
     groups._EXPERT_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(state.ep_group)
@@ -209,7 +257,8 @@ def _expert_parallel_deepspeed(
         config=config,
         config_class=DeepSpeedConfig(config, mpu),
     )
-    engine._configure_python_gc()
+    if hasattr(engine, "_configure_python_gc"):  # deepspeed.initialize's last step in the latest 0.19 releases
+        engine._configure_python_gc()
     return engine
 
 

@@ -18,6 +18,11 @@ Their gradients are summed over the expert-data-parallel group only (the replica
 dp, as DDP's mean: each rank's loss reached the experts of its whole expert group through the all-to-all, so that
 sum covers every data-parallel rank's tokens exactly once. The torch engine does this itself; DeepSpeed ZeRO 1/2 does
 it over the same groups (see parallel/deepspeed_engine.py).
+
+Buffers: DDP broadcasts the model's buffers from data-parallel rank 0 at every forward. A module's
+`rank_local_buffers` (names of buffers that count this rank's own tokens, the MoE expert loads) are left out of that
+broadcast: overwritten by rank 0's at each micro-batch they would lose this rank's earlier counts of the step, and
+the sum over ranks that `update_expert_bias` takes would count rank 0's tokens twice and the others' partly.
 """
 
 from __future__ import annotations
@@ -88,9 +93,11 @@ class TorchEngine:
         self._ddp = None
         self._experts = [p for p in model.parameters() if getattr(p, "expert_parallel", False)]
         if state.dp_size > 1:
-            # expert shards differ across the expert-parallel group: DDP must not average them over dp
+            # expert shards differ across the expert-parallel group: DDP must not average them over dp; per-rank
+            # statistics must not be replaced by rank 0's in DDP's buffer broadcast
             expert_names = [n for n, p in model.named_parameters() if getattr(p, "expert_parallel", False)]
-            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_names)
+            ignored = expert_names + rank_local_buffer_names(model)
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
             self._ddp = nn.parallel.DistributedDataParallel(model, process_group=state.dp_group)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -172,6 +179,16 @@ class TorchEngine:
     def full_parameters(self) -> Any:
         """A context in which parameters are whole (tensor-rank-local); a no-op outside ZeRO-3."""
         return nullcontext(self.module)
+
+
+def rank_local_buffer_names(model: nn.Module) -> list[str]:
+    """Full names of the buffers the model's modules declare in `rank_local_buffers` (this rank's own statistics)."""
+    names = []
+    for prefix, module in model.named_modules():
+        for name in getattr(module, "rank_local_buffers", ()):
+            if module._buffers.get(name) is not None:
+                names.append(f"{prefix}.{name}" if prefix else name)
+    return names
 
 
 def global_grad_norm(params: list[nn.Parameter], state: ParallelState) -> float:

@@ -1,12 +1,16 @@
-"""The torch engine at world size 1: accumulation, clipping and the non-finite skip, against plain torch."""
+"""The torch engine at world size 1: accumulation, clipping and the non-finite skip, against plain torch; the
+DeepSpeed version check of the expert-parallel path."""
 
 import copy
+from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
+from parallel.deepspeed_engine import TESTED_DEEPSPEED, check_deepspeed_version
 from parallel.engine import build_engine
-from parallel.state import ParallelState
+from parallel.state import ParallelConfigError, ParallelState
 
 
 def _setup(grad_clip: float):
@@ -52,3 +56,23 @@ def test_nonfinite_gradient_skips_the_update_and_advances_the_schedule():
         engine.backward(model(torch.randn(3, 8)).pow(2).mean())
     assert 0 < engine.step() < float("inf")
     assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+@pytest.mark.parametrize("version", ["0.18.9", "0.20.0", "0.15.4", "not-a-version"])
+def test_deepspeed_outside_the_tested_range_is_refused_with_what_to_install(version):
+    with pytest.raises(ParallelConfigError) as e:
+        check_deepspeed_version(version, "expert parallelism under DeepSpeed ZeRO (parallel.ep=2)")
+    text = str(e.value)
+    assert f"DeepSpeed {version} is installed" in text and "parallel.ep=2" in text
+    assert "pip install 'deepspeed>=0.19,<0.20'" in text
+
+
+@pytest.mark.parametrize("version", ["0.19.0", "0.19.8", "0.19.8+cpu", "0.19.10"])
+def test_deepspeed_in_the_tested_range_passes(version):
+    check_deepspeed_version(version, "expert parallelism")
+
+
+def test_requirements_state_the_tested_deepspeed_range():
+    lines = (Path(__file__).parents[2] / "requirements.txt").read_text().splitlines()
+    (lo, hi) = TESTED_DEEPSPEED
+    assert f"deepspeed>={lo[0]}.{lo[1]},<{hi[0]}.{hi[1]}" in lines

@@ -265,3 +265,38 @@ def test_training_config_refuses_what_expert_parallelism_cannot_run(overrides, w
     cfg = load_config(None, [*base, *overrides])
     with pytest.raises(ValueError, match=message):
         cfg.validate(world_size=world)
+
+
+@pytest.mark.parametrize("router_score", ["softmax", "sigmoid"])
+def test_routing_and_combining_stay_fp32_under_bf16_autocast(router_score, monkeypatch):
+    """Autocast (bf16 on CUDA by default) would run the router's F.linear and the combining bmm in bf16."""
+    moe = _moe(router_score=router_score, router_expert_bias=True)
+    with torch.no_grad():
+        moe.expert_bias.copy_(torch.tensor([0.013, -0.007, 0.002, 0.0]))
+    x = _x()
+    tokens = x.reshape(-1, H)
+    ref_logits = F.linear(tokens, moe.gate.weight)  # plain fp32, no autocast
+    ref_scores = ref_logits.softmax(-1) if router_score == "softmax" else ref_logits.sigmoid()
+    ref_idx = torch.topk(ref_scores + moe.expert_bias, K, dim=-1).indices
+    ref_w = ref_scores.gather(1, ref_idx)
+    ref_w = ref_w / ref_w.sum(-1, keepdim=True) if moe.config.norm_topk_prob else ref_w
+
+    combined = []  # what combine hands back: each assignment's expert output (N k, H)
+    real_combine = combine
+    monkeypatch.setattr(
+        "modeling.moe.combine", lambda rows, plan: combined.append(real_combine(rows, plan)) or combined[-1]
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, scores, idx, w = moe.route(tokens)
+    assert [t.dtype for t in (logits, scores, w)] == [torch.float32] * 3
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-6)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(w, ref_w, rtol=0, atol=1e-7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = moe(x)
+    assert moe.router_logits.dtype == moe.aux_loss.dtype == torch.float32
+    torch.testing.assert_close(moe.router_logits, ref_logits, rtol=0, atol=1e-6)
+    # the weighted sum of the experts' (bf16) outputs, taken in fp32 with the fp32 weights
+    expected = (ref_w.unsqueeze(-1) * combined[-1].float().view(-1, K, H)).sum(1).view(B, T, H)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
