@@ -1,4 +1,5 @@
-"""Count the collectives of one training step (forward + backward) of the whole model at tp=2.
+"""Count the collectives of one training step (forward + backward) of the whole model at tp=2, and of one MoE layer
+at ep=2 (at the end of this file).
 
 Inside each rank, `torch.distributed.{all_reduce, all_gather_single / all_gather_into_tensor, reduce_scatter_single
 / reduce_scatter_tensor, broadcast, all_to_all_single, ...}` are wrapped by recorders that log (phase, op, numel of
@@ -29,6 +30,7 @@ import torch.distributed as dist
 
 from modeling.config import ModelConfig
 from modeling.llama import LlamaForCausalLM
+from modeling.moe import MoEMLP
 from parallel.state import ParallelState
 from tests.dist_utils import run_distributed
 
@@ -265,3 +267,137 @@ def test_nothing_else_is_communicated(logs):
         }
         assert {(e[3], e[4]) for e in logs[key]} == {(F32, TP)}
         assert {e[0] for e in logs[key]} == {"fwd", "bwd"}
+
+
+# ---- one MoE layer at ep=2 ----
+#
+# Each rank routes its own N tokens to k of E experts; ep rank j of an expert group (blocks of ep consecutive ranks
+# at tp=1) holds experts [j E/ep, (j+1) E/ep). Per rank r, with a_r = its N k assignments, local_r = those to its own
+# experts and recv_r = the assignments of its whole expert group to its experts (local_r included):
+#
+#     forward   all_to_all_single of the (E,) counts            in E, out E, E - E/ep elements to the other ranks
+#               dispatch  all_to_all_single of token rows       in a_r H, out recv_r H, (a_r - local_r) H to others
+#               combine   all_to_all_single back                in recv_r H, out a_r H, (recv_r - local_r) H to others
+#     backward  the conjugates: combine's (as dispatch), then dispatch's (as combine)
+#
+# so each routed assignment's hidden vector crosses once each way per pass, except those to local experts, and no
+# buffer holds more than the group's assignments to one rank: an all-gather of the tokens (ep N H per call) or an
+# exchange over the whole world instead of the expert group would show.
+
+MOE_E, MOE_K, MOE_EP = 4, 2, 2
+MOE_N = B * T  # tokens per rank
+MOE_CONFIG = {**CONFIG, "num_local_experts": MOE_E, "num_experts_per_tok": MOE_K}
+
+
+class _MoERecorder:
+    """Wraps the collectives; logs (phase, op, input numel, output numel, numel sent to other ranks, dtype, n)."""
+
+    def __init__(self) -> None:
+        self.phase = "idle"
+        self.log: list[tuple] = []
+
+    def wrap(self, name: str, original):
+        def recorded(*args, **kwargs):
+            group = kwargs.get("group")
+            n = dist.get_world_size(group)
+            if name == "all_to_all_single":
+                out, x = args[0], args[1]
+                splits = kwargs.get("input_split_sizes") or [x.shape[0] // n] * n
+                row = x[0].numel() if x.dim() > 1 else 1
+                sent = sum(s for r, s in enumerate(splits) if r != dist.get_rank(group)) * row
+                self.log.append(
+                    (self.phase, name, x.numel(), out.numel(), sent, str(x.dtype).removeprefix("torch."), n)
+                )
+            else:  # not expected: record what there is
+                t = args[0] if args else next(iter(kwargs.values()))
+                t = t[0] if isinstance(t, list | tuple) else t
+                dtype = str(t.dtype).removeprefix("torch.")
+                self.log.append((self.phase, name, t.numel(), t.numel(), t.numel(), dtype, n))
+            return original(*args, **kwargs)
+
+        return recorded
+
+
+def _moe_count(rank: int, world_size: int, ep: int) -> dict:
+    rec = _MoERecorder()
+    originals = {name: getattr(dist, name) for name in PATCHED}
+    state = ParallelState.build(ep=ep)
+    torch.manual_seed(0)
+    moe = MoEMLP(ModelConfig(**MOE_CONFIG), state, init_method=lambda w: torch.nn.init.normal_(w, 0.0, 0.02))
+    g = torch.Generator().manual_seed(100 + rank)  # every rank its own tokens, so the routing differs
+    x = torch.randn(B, T, H, generator=g).requires_grad_()
+    dy = torch.randn(B, T, H, generator=g)
+    try:
+        for name in PATCHED:
+            setattr(dist, name, rec.wrap(name, originals[name]))
+        rec.phase = "fwd"
+        y = moe(x)
+        rec.phase = "bwd"
+        y.backward(dy)
+        rec.phase = "idle"
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+    # the routing, recomputed in plain torch from the (replicated) router weight: top-k of softmax(x G^T)
+    with torch.no_grad():
+        scores = (x.reshape(-1, H) @ moe.gate.weight.T).softmax(-1)  # (N, E)
+        chosen = torch.topk(scores, MOE_K, dim=-1).indices  # (N, k)
+    return {"log": rec.log, "chosen": chosen.tolist()}
+
+
+def expected_moe(chosen: list[list[list[int]]], ep: int) -> list[list[tuple]]:
+    """Per rank, the collectives of one MoE forward + backward, from every rank's chosen experts (N, k)."""
+    per_expert = MOE_E // ep
+    out = []
+    for rank, mine in enumerate(chosen):
+        block = range(rank - rank % ep, rank - rank % ep + ep)  # the expert group: ep consecutive ranks
+        experts = range((rank % ep) * per_expert, (rank % ep + 1) * per_expert)  # this rank's experts
+        assigned = MOE_N * MOE_K
+        local = sum(e in experts for token in mine for e in token)
+        recv = sum(e in experts for src in block for token in chosen[src] for e in token)
+        dispatch = (assigned * H, recv * H, (assigned - local) * H, F32, ep)
+        combine = (recv * H, assigned * H, (recv - local) * H, F32, ep)
+        counts = ("fwd", "all_to_all_single", MOE_E, MOE_E, MOE_E - per_expert, "int64", ep)
+        fwd, bwd = ("fwd", "all_to_all_single"), ("bwd", "all_to_all_single")
+        out.append([counts, (*fwd, *dispatch), (*fwd, *combine), (*bwd, *dispatch), (*bwd, *combine)])
+    return out
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
+def moe_logs(request):
+    world = request.param
+    results = run_distributed(_moe_count, world, MOE_EP)
+    chosen = [r["chosen"] for r in results]
+    return [r["log"] for r in results], expected_moe(chosen, MOE_EP), chosen
+
+
+def test_moe_ep2_collectives_are_all_to_all_of_the_analytic_volume(moe_logs):
+    logs, expected, _ = moe_logs
+    for rank, (got, exp) in enumerate(zip(logs, expected, strict=True)):
+        assert got == exp, f"rank {rank}:\ngot      {got}\nexpected {exp}"
+    # the routing splits the assignments between local and remote experts, so both terms are exercised
+    to_others = [e[4] for log in logs for e in log if e[0] == "fwd" and e[5] == F32]
+    assert all(0 < sent < MOE_N * MOE_K * H for sent in to_others), to_others
+
+
+def test_moe_ep2_each_assignment_crosses_once_each_way(moe_logs):
+    logs, _, chosen = moe_logs
+    per_expert = MOE_E // MOE_EP
+    # over all ranks: the assignments whose expert lives on another rank of the group
+    remote = sum(e // per_expert != rank % MOE_EP for rank, mine in enumerate(chosen) for tok in mine for e in tok)
+    for phase in ("fwd", "bwd"):
+        sent = sum(e[4] for log in logs for e in log if e[0] == phase and e[5] == F32)
+        assert sent == 2 * remote * H, phase  # there (dispatch) and back (combine)
+
+
+def test_moe_no_collective_grows_with_the_world(moe_logs):
+    logs, _, _ = moe_logs
+    for log in logs:
+        assert {e[6] for e in log} == {MOE_EP}, "a collective outside the expert group"
+        for _, op, n_in, n_out, _, dtype, _ in log:
+            assert op == "all_to_all_single"
+            if dtype == "int64":
+                assert n_in == n_out == MOE_E  # the count exchange: E entries, whatever the world
+            else:  # a rank sends its own assignments and receives at most what its group routes to it
+                assert max(n_in, n_out) <= MOE_EP * MOE_N * MOE_K * H
+                assert MOE_N * MOE_K * H in (n_in, n_out)  # this rank's own assignments, sent or returned

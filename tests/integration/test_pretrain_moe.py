@@ -2,7 +2,8 @@
 expert ranks (parallel.ep=2: each rank holds 2 of the 4 experts of every layer), gives the one-process run's curve.
 
 The reference is the one-process run of the same global batch (grad_accum 4, no collectives). Compared per step:
-the cross-entropy `loss`, the gradient norm, the aux loss, and the expert load (tokens per expert, dropped fraction),
+the cross-entropy `loss`, the pre-clip gradient norm (relative 1e-5: it sees a gradient scaled by dp or
+grad_accum, which the loss would not), the aux loss, and the expert load (tokens per expert, dropped fraction),
 which the one-process run counts on its own. Runs: the torch engine, ZeRO 1, and ZeRO 2 stopped at step 5 and
 resumed to 10 (with a capacity factor and the auxiliary-loss-free expert bias, whose state must survive the resume;
 its checkpoint shows the expert optimizer states partitioned over the expert-data-parallel group).
@@ -12,7 +13,7 @@ The torch run's checkpoint exports to Hugging Face Mixtral and transformers give
 import pytest
 import torch
 
-from tests.integration.train_utils import metrics, pretrain
+from tests.integration.train_utils import assert_same_curve, metrics, pretrain
 
 TOL = 1e-4
 STEPS = 10
@@ -43,8 +44,9 @@ def reference_bias_capacity(tmp_path_factory) -> list[dict]:
 
 
 def _assert_same_curve(got: list[dict], ref: list[dict]) -> None:
-    assert [r["step"] for r in got] == [r["step"] for r in ref]
-    for key in ("loss", "grad_norm", "moe/aux_loss", "moe/layer0/lb_loss", "moe/layer1/z_loss"):
+    # loss and grad norm: the grad norm relative to the reference's (NORM_RTOL), which sees a gradient-scale bug
+    assert_same_curve(got, ref, loss_tol=TOL)
+    for key in ("moe/aux_loss", "moe/layer0/lb_loss", "moe/layer1/z_loss"):
         diff = max(abs(a[key] - b[key]) for a, b in zip(got, ref, strict=True))
         assert diff < TOL, f"{key}: max diff {diff:.2e}\ngot {[a[key] for a in got]}\nref {[b[key] for b in ref]}"
     for key in ("moe/layer0/tokens_per_expert", "moe/layer1/tokens_per_expert", "moe/layer1/dropped_frac"):

@@ -1,6 +1,7 @@
 """Exact resume and faults of pretrain_llama.py: stop-and-rerun, SIGKILL, SIGTERM, a crash inside a checkpoint
 write, non-finite losses, a dead rank. The reference is an uninterrupted run of the same command; on CPU fp32 the
-resumed losses are required to be bitwise equal."""
+resumed losses and pre-clip gradient norms are required to be bitwise equal (the grad norm sees a gradient-scale
+error, say a lost 1/grad_accum in the restored state, that AdamW and clipping would hide from the loss)."""
 
 import signal
 import subprocess
@@ -9,17 +10,25 @@ import time
 
 import pytest
 
-from tests.integration.train_utils import REPO_ROOT, command, env, losses, metrics, pretrain
+from tests.integration.train_utils import REPO_ROOT, assert_same_curve, command, env, losses, metrics, pretrain
 from training.distributed import free_port
 
 STEPS = ["train.max_steps=20", "checkpoint.every=5"]
+# ZeRO-2 at dp=2 resumed at step 5: measured equal to the uninterrupted run (losses and grad norms, 3 runs of 3),
+# but DeepSpeed does not promise a fixed reduction order, so the test allows what the README states: 1e-6.
+ZERO_RESUME_TOL = 1e-6
+
+
+def _curve(out) -> list[tuple[float, float]]:
+    """(loss, grad_norm) per step: the resumed run must repeat both bitwise."""
+    return [(r["loss"], r["grad_norm"]) for r in metrics(out)]
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory) -> list[float]:
+def straight(tmp_path_factory) -> list[tuple[float, float]]:
     out = tmp_path_factory.mktemp("straight")
     pretrain(out, STEPS)
-    return losses(out)
+    return _curve(out)
 
 
 def test_stop_and_rerun_resumes_exactly(straight, tmp_path):
@@ -27,8 +36,8 @@ def test_stop_and_rerun_resumes_exactly(straight, tmp_path):
     assert "stopped by train.exit_interval at step 10" in first.stdout
     assert len(losses(tmp_path)) == 10
     second = pretrain(tmp_path, [*STEPS, "train.exit_interval=10"])
-    assert "resumed from" in second.stdout and "step 10" in second.stdout
-    assert losses(tmp_path) == straight  # bitwise
+    assert f"resumed from {tmp_path / 'step-00000010'} at step 10" in second.stdout
+    assert _curve(tmp_path) == straight  # bitwise
 
 
 def test_dp2_zero2_stop_and_rerun_resumes_exactly(tmp_path):
@@ -36,11 +45,10 @@ def test_dp2_zero2_stop_and_rerun_resumes_exactly(tmp_path):
     zero = ["parallel.deepspeed_config=configs/deepspeed/zero2.json"]
     pretrain(ref_dir, [*STEPS, "train.max_steps=10", *zero], nproc=2)
     run = tmp_path / "run"
-    for _ in range(2):
-        pretrain(run, [*STEPS, "train.max_steps=10", "train.exit_interval=5", *zero], nproc=2)
-    # DeepSpeed's ZeRO-2 reduction is not bitwise repeatable between runs on gloo; 1e-6 is what it reaches here
-    diff = max(abs(a - b) for a, b in zip(losses(run), losses(ref_dir), strict=True))
-    assert diff < 1e-5, diff
+    for i in range(2):
+        proc = pretrain(run, [*STEPS, "train.max_steps=10", "train.exit_interval=5", *zero], nproc=2)
+        assert (f"resumed from {run / 'step-00000005'} at step 5" in proc.stdout) == (i == 1), proc.stdout[-2000:]
+    assert_same_curve(metrics(run), metrics(ref_dir), loss_tol=ZERO_RESUME_TOL, norm_rtol=ZERO_RESUME_TOL)
 
 
 def _wait_for(path, proc, timeout=120):
@@ -63,15 +71,21 @@ def test_sigkill_after_checkpoint_then_rerun(straight, tmp_path):
     _wait_for(tmp_path / "step-00000010" / "trainer_state.json", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    pretrain(tmp_path, STEPS)
-    got = losses(tmp_path)
+    assert proc.returncode == -signal.SIGKILL, f"the run was not killed (exit {proc.returncode}): it had finished"
+    # killed between the checkpoints of steps 10 and 15: the rerun can only continue from step 10
+    assert not (tmp_path / "step-00000015").exists(), "the kill came too late: step 15 was already saved"
+    assert len(losses(tmp_path)) < 15, "the killed run logged step 15"
+    rerun = pretrain(tmp_path, STEPS)
+    assert f"resumed from {tmp_path / 'step-00000010'} at step 10" in rerun.stdout, rerun.stdout[-2000:]
+    got = _curve(tmp_path)
     assert len(got) == 20
-    assert got[10:] == straight[10:]  # bitwise: steps 11-20 after the kill equal the straight run's
+    assert got == straight  # bitwise: steps 1-10 before the kill and 11-20 replayed after it
 
 
-def test_sigterm_saves_and_exits_then_resumes(straight, tmp_path):
+def test_sigterm_saves_and_exits_then_resumes(tmp_path):
+    run = [*STEPS, "train.max_steps=20", "checkpoint.every=0", "data.seq_len=64"]  # longer steps: a signal mid-run
     proc = subprocess.Popen(
-        command(tmp_path, [*STEPS, "train.max_steps=20", "checkpoint.every=0", "data.seq_len=64"]),
+        command(tmp_path, run),
         cwd=REPO_ROOT,
         env=env(),
         stdout=subprocess.PIPE,
@@ -84,8 +98,14 @@ def test_sigterm_saves_and_exits_then_resumes(straight, tmp_path):
     assert proc.returncode == 0, err
     assert "stopped by a signal at step" in out
     done = int(out.split("stopped by a signal at step")[1].split(";")[0])
+    assert 0 < done < 20, f"the signal came at step {done}, not mid-run"
     assert (tmp_path / f"step-{done:08d}" / "trainer_state.json").exists()
     assert (tmp_path / "latest").read_text().strip() == f"step-{done:08d}"
+    # the same command again resumes there and ends as an uninterrupted run does
+    rerun = pretrain(tmp_path, run)
+    assert f"resumed from {tmp_path / f'step-{done:08d}'} at step {done}" in rerun.stdout, rerun.stdout[-2000:]
+    pretrain(tmp_path / "straight", run)
+    assert _curve(tmp_path) == _curve(tmp_path / "straight")  # bitwise
 
 
 def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):

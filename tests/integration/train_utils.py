@@ -8,6 +8,9 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 300
+# Gradient norms of two layouts of the same step agree to float32 reduction-order noise. The loss alone cannot see a
+# gradient-scale bug (AdamW is invariant to a uniform scale and clipping normalises it); the pre-clip norm can.
+NORM_RTOL = 1e-5
 
 # A model and synthetic data small enough that 10 steps take about a second per process.
 SYNTHETIC = [
@@ -78,3 +81,23 @@ def metrics(out: Path) -> list[dict]:
 def losses(out: Path) -> list[float]:
     """Training loss per step."""
     return [r["loss"] for r in metrics(out)]
+
+
+def assert_same_curve(got: list[dict], ref: list[dict], loss_tol: float, norm_rtol: float = NORM_RTOL) -> None:
+    """The rows of metrics.jsonl of two runs: the same steps, losses within `loss_tol`, grad norms within `norm_rtol`.
+
+    The grad norm is compared relative to the reference's: a gradient scaled by dp (a sum instead of a mean) or by
+    grad_accum, or a norm counting tensor-split parameters wrongly, moves it by far more than 1e-5 while the loss,
+    through AdamW and clipping, can stay within tolerance.
+    """
+    assert [r["step"] for r in got] == [r["step"] for r in ref], "the runs logged different steps"
+    loss_diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(got, ref, strict=True))
+    norm_diff = max(abs(a["grad_norm"] - b["grad_norm"]) / b["grad_norm"] for a, b in zip(got, ref, strict=True))
+    loss_got, loss_ref = [a["loss"] for a in got], [b["loss"] for b in ref]
+    assert loss_diff < loss_tol, (
+        f"max |loss diff| {loss_diff:.2e} over {len(ref)} steps\ngot {loss_got}\nref {loss_ref}"
+    )
+    norm_got, norm_ref = [a["grad_norm"] for a in got], [b["grad_norm"] for b in ref]
+    assert norm_diff < norm_rtol, (
+        f"max relative grad_norm diff {norm_diff:.2e} over {len(ref)} steps\ngot {norm_got}\nref {norm_ref}"
+    )
