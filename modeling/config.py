@@ -164,7 +164,10 @@ class ModelConfig:
         return self.rope_scaling["rope_type"] if self.rope_scaling else "default"
 
     def validate_parallel(self, tp: int, ep: int = 1) -> None:
-        """Check that every sharded dimension splits over `tp` tensor ranks (experts over `ep`); errors name the key."""
+        """Check that every sharded dimension splits over `tp` tensor ranks (experts over `ep`); errors name the key.
+
+        The vocabulary need not divide: the embedding and the head pad it to a multiple of tp (parallel.layers).
+        """
         if ep > 1 and (self.num_local_experts == 0 or self.num_local_experts % ep):
             raise ParallelConfigError(
                 f"model.num_local_experts={self.num_local_experts} is not divisible by parallel.ep={ep}"
@@ -174,7 +177,6 @@ class ModelConfig:
             ("num_attention_heads", self.num_attention_heads),
             ("num_key_value_heads", self.num_key_value_heads),
             ("intermediate_size", self.intermediate_size),
-            ("vocab_size", self.vocab_size),
         ]
         for key, value in checks:
             if value % tp:

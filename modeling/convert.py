@@ -212,7 +212,7 @@ def hf_to_native(
     dims = {name: dim for name, (_, dim) in expected_tensors(config).items() if name not in experts}
     dense = {k: v for k, v in full.items() if k not in experts}
     for rank in range(tp):
-        MODEL_SHARDS.write(split_for_rank(dense, config, rank, tp), dims, out, rank, tp)
+        MODEL_SHARDS.write(split_for_rank(dense, config, rank, tp, pad=False), dims, out, rank, tp)
     for rank in range(ep if experts else 0):
         shard = split_for_rank({k: full[k] for k in experts}, config, 0, 1, ep_rank=rank, ep_size=ep)
         EXPERT_SHARDS.write(shard, dict.fromkeys(shard, EXPERT_SPLIT_DIM), out, rank, ep)

@@ -9,6 +9,9 @@ mixture-of-experts model is, as in Megatron-LM,
 
     loss = CE + sum_{MoE layers l} aux_loss_l       (aux_loss_l = aux_coef lb_l + z_coef z_l, this rank's tokens)
 
+A vocabulary that tp does not divide is padded to a multiple of tp in the embedding and the head (zero rows,
+masked out of the loss, sliced off the logits; parallel.layers): config.vocab_size stays the real size.
+
 At tp=1 the state_dict of a dense model equals transformers' LlamaForCausalLM's, key for key; with experts, every
 tensor outside the MoE layers keeps its Llama/Mixtral name (modeling.convert renames the expert tensors).
 """
@@ -203,10 +206,11 @@ class LlamaForCausalLM(nn.Module):
             return CausalLMOutput(loss=ce + aux, ce_loss=ce, aux_loss=aux)
         if num_logits_to_keep and not self.state.sequence_parallel:
             x = x[:, -num_logits_to_keep:]  # (B, N, H)
-        logits = self.lm_head(x)  # (B, T', V/tp)
+        logits = self.lm_head(x)  # (B, T', V'/tp), V' the vocabulary padded to a multiple of tp
         if num_logits_to_keep:
             logits = logits[:, -num_logits_to_keep:]
-        return CausalLMOutput(logits=gather_from_region(logits, self.state.tp_group, -1))  # (B, T', V)
+        logits = gather_from_region(logits, self.state.tp_group, -1)  # (B, T', V')
+        return CausalLMOutput(logits=logits[..., : self.config.vocab_size])  # (B, T', V): padding sliced off
 
     def moe_layers(self) -> list[tuple[int, MoEMLP]]:
         """(layer index, MoEMLP) of every mixture-of-experts layer, in layer order (empty for a dense model)."""

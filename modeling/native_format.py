@@ -8,8 +8,11 @@ A native checkpoint is a directory holding
                                          expert rank, the same on every tensor rank; the metadata records the rank,
                                          the expert degree and, per tensor, the dimension the experts are split along
 Because every shard says how it was cut, weights saved at one tp (and ep) degree load at any other: the shards are
-concatenated along that dimension and re-split for the new degree. LoRA adapter shards (modeling.lora_files,
-adapter-tpNN-of-NN.safetensors) are the same kind of file: one ShardSet describes each of the three.
+concatenated along that dimension and re-split for the new degree. A vocabulary that tp does not divide is padded
+in memory only (parallel.layers.tp_chunk): a file holds the real rows, so the last ranks' vocabulary shards are
+shorter and the concatenation is the real (vocab_size, hidden) tensor, which re-splits at any tp. LoRA adapter
+shards (modeling.lora_files, adapter-tpNN-of-NN.safetensors) are the same kind of file: one ShardSet describes
+each of the three.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from safetensors.torch import save_file
 
 from modeling.config import CheckpointError, ModelConfig
 from modeling.llama import LlamaForCausalLM
+from parallel.layers import strip_padding, tp_chunk
 
 EXPERT_SPLIT_DIM = 0  # expert tensors are stacked (E, ...): expert ranks hold consecutive blocks of E/ep
 
@@ -148,8 +152,12 @@ def split_for_rank(
     *,
     ep_rank: int = 0,
     ep_size: int = 1,
+    pad: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """This (tensor rank, expert rank)'s shard of a full state dict."""
+    """This (tensor rank, expert rank)'s shard of a full state dict, as the model holds it (vocabulary padded).
+
+    `pad=False` keeps only the real rows of a padded vocabulary shard: what a file holds.
+    """
     config.validate_parallel(tp_size, ep_size)
     dims = expected_tensors(config)
     experts = expert_tensor_names(config)
@@ -158,7 +166,12 @@ def split_for_rank(
         dim, size, rank = dims[name][1], tp_size, tp_rank
         if name in experts:
             dim, size, rank = EXPERT_SPLIT_DIM, ep_size, ep_rank
-        out[name] = tensor if dim is None or size == 1 else tensor.chunk(size, dim=dim)[rank].contiguous()
+        if dim is None or size == 1:
+            out[name] = tensor
+        elif name in experts:
+            out[name] = tensor.chunk(size, dim=dim)[rank].contiguous()
+        else:  # only the vocabulary may not divide by tp (validate_parallel checks the rest): padded
+            out[name] = tp_chunk(tensor, dim, rank, size, pad=pad)
     return out
 
 
@@ -180,8 +193,12 @@ def save_native(model: LlamaForCausalLM, out_dir: str | Path) -> None:
         if getattr(p, "expert_parallel", False):
             experts[name] = p.detach().contiguous().cpu()
         else:
+            dim = getattr(p, "tp_split_dim", None)
+            full_size = getattr(p, "tp_full_size", None)
+            if full_size is not None:  # a padded vocabulary's shard: the file holds its real rows only
+                p = strip_padding(p, dim, state.tp_rank, full_size)
             tensors[name] = p.detach().contiguous().cpu()
-            dims[name] = getattr(p, "tp_split_dim", None)
+            dims[name] = dim
     if state.dp_rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         MODEL_SHARDS.write(tensors, dims, out, state.tp_rank, state.tp_size)

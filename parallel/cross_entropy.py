@@ -9,6 +9,10 @@ stacked tensor. The gradient is softmax(z) - onehot(t), computed on each rank fo
 full-vocabulary logits are never gathered. Tokens whose target is `ignore_index` contribute nothing; the loss is
 the mean over the other tokens, as F.cross_entropy(reduction="mean").
 
+A vocabulary padded to a multiple of tp (parallel.layers.padded_size) passes its real size as `vocab_size`: the
+logits of the padding columns are set to -inf before the max, so they add exp(-inf) = 0 to the sum and get a zero
+gradient: the loss is the one over the real vocabulary.
+
 `vocab_parallel_linear_cross_entropy` fuses the output head's matmul into the same function: the local logits
 z = X W_r^T become exp(z - m) in place and that one (N, V/tp) fp32 buffer turns into the gradient dL/dz in
 backward (the softmax's normalisation is applied there), from which dX_r = dz W_r and dW_r = dz^T X. Head and loss
@@ -25,15 +29,52 @@ import torch.nn.functional as F
 from parallel.mappings import Group, group_rank, group_size
 
 
-def _exp_and_loss(chunks: list[torch.Tensor], target: torch.Tensor, group: Group, ignore_index: int):
-    """Row chunks of the (N, V/tp) fp32 logits z, overwritten with exp(z - m) -> loss, what backward needs."""
+class TokenIdError(ValueError):
+    """A token id (model input or loss target) outside the model's vocabulary."""
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int, what: str, *, ignore_index: int | None = None) -> None:
+    """Raise TokenIdError unless every id is in [0, vocab_size) (or equals `ignore_index`).
+
+    Without this check an out-of-range target is masked and clamped by the vocab-parallel loss (a silently wrong
+    loss) and an out-of-range input id embeds as a zero vector at tp > 1. One min/max over the ids and one host
+    sync (`tolist`) per call: the price of an error instead of a wrong number. Every tensor rank holds the same
+    full ids, so every rank raises the same error and no collective is needed.
+    """
+    if ids.numel() == 0:
+        return
+    if ignore_index is not None:
+        ids = ids.masked_fill(ids == ignore_index, 0)  # ignored positions are in range by definition
+    # the one host sync per call (embedding and loss: two per forward, none per layer): raising needs the values
+    # on the host. Free on the CPU; on a GPU it also waits for the kernels queued before it, a small stall per step
+    lo, hi = torch.stack(torch.aminmax(ids)).tolist()
+    if lo >= 0 and hi < vocab_size:
+        return
+    bad = lo if lo < 0 else hi
+    ignored = f" and is not the ignore index {ignore_index}" if ignore_index is not None else ""
+    raise TokenIdError(
+        f"{what} id {bad} is outside the vocabulary [0, {vocab_size}){ignored}: the tokenizer or the data produces "
+        f"ids this model has no row for; use the tokenizer the model was built for, or a model whose vocab_size "
+        f"covers every id"
+    )
+
+
+def _exp_and_loss(chunks: list[torch.Tensor], target: torch.Tensor, group: Group, ignore_index: int, vocab_size: int):
+    """Row chunks of the (N, V'/tp) fp32 logits z, overwritten with exp(z - m) -> loss, what backward needs.
+
+    Columns at or past `vocab_size` (the padding of a vocabulary tp does not divide) are masked to -inf first.
+    """
     sizes = [z.shape[0] for z in chunks]
-    m = torch.cat([z.max(dim=-1).values for z in chunks])  # (N,)
+    v_local = chunks[0].shape[-1]
+    start = group_rank(group) * v_local
+    real = max(0, min(v_local, vocab_size - start))  # this rank's real (unpadded) columns
+    if real < v_local:
+        for z in chunks:
+            z[:, real:] = float("-inf")
+    m = torch.cat([z.max(dim=-1).values for z in chunks])  # (N,); -inf only on a rank of padding alone
     if group_size(group) > 1:
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
 
-    v_local = chunks[0].shape[-1]
-    start = group_rank(group) * v_local
     valid = target != ignore_index
     t_local = target - start
     mine = valid & (t_local >= 0) & (t_local < v_local)
@@ -43,7 +84,8 @@ def _exp_and_loss(chunks: list[torch.Tensor], target: torch.Tensor, group: Group
         z.sub_(m_c.unsqueeze(-1))
         z_t.append(z.gather(-1, t_c.unsqueeze(-1)).squeeze(-1))  # (n,)
         sum_exp.append(z.exp_().sum(dim=-1))  # (n,)
-    stats = torch.stack([torch.cat(z_t) * mine, torch.cat(sum_exp)])  # (2, N): one all-reduce for both
+    z_t = torch.where(mine, torch.cat(z_t), 0.0)  # not z_t * mine: a clamped index may read a -inf padding column
+    stats = torch.stack([z_t, torch.cat(sum_exp)])  # (2, N): one all-reduce for both
     if group_size(group) > 1:
         dist.all_reduce(stats, group=group)
     z_t, sum_exp = stats
@@ -69,9 +111,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     """fwd: mean loss from vocab-sharded logits (2 all-reduces) / bwd: softmax - onehot on the local shard."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, group: Group, ignore_index: int):
-        z = logits.to(torch.float32, copy=True)  # (N, V/tp), becomes exp(z - m)
-        loss, saved = _exp_and_loss([z], target, group, ignore_index)
+    def forward(ctx, logits, target, group: Group, ignore_index: int, vocab_size: int | None = None):
+        if vocab_size is None:  # no padding: every column is real
+            vocab_size = logits.shape[-1] * group_size(group)
+        z = logits.to(torch.float32, copy=True)  # (N, V'/tp), becomes exp(z - m)
+        loss, saved = _exp_and_loss([z], target, group, ignore_index, vocab_size)
         ctx.save_for_backward(*saved)
         ctx.logits_dtype = logits.dtype
         return loss
@@ -79,7 +123,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         (grad,) = _logits_grad(grad_loss, *ctx.saved_tensors)
-        return grad.to(ctx.logits_dtype), None, None, None
+        return grad.to(ctx.logits_dtype), None, None, None, None
 
 
 # fp32 copies of bf16 logits are made in row chunks of at most this many bytes: CPU allocators serve blocks of
@@ -96,7 +140,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, target, group: Group, ignore_index: int, matmul_dtype: torch.dtype):
+    def forward(ctx, x, weight, target, group: Group, ignore_index: int, vocab_size: int, matmul_dtype: torch.dtype):
         x2 = x.reshape(-1, x.shape[-1])  # (N, H)
         z = x2.to(matmul_dtype) @ weight.to(matmul_dtype).t()  # (N, V/tp)
         if z.dtype == torch.float32:
@@ -104,7 +148,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         else:
             rows = max(1, _CHUNK_BYTES // (4 * z.shape[-1]))
             chunks, kept = [c.float() for c in z.split(rows)], z
-        loss, saved = _exp_and_loss(chunks, target, group, ignore_index)
+        loss, saved = _exp_and_loss(chunks, target, group, ignore_index, vocab_size)
         ctx.save_for_backward(x, weight, kept, *saved)
         return loss
 
@@ -123,21 +167,29 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             dx = (dz @ weight.to(dz.dtype)).to(x.dtype).view_as(x)  # (..., H)
         if ctx.needs_input_grad[1]:
             dw = (dz.t() @ x.reshape(-1, x.shape[-1]).to(dz.dtype)).to(weight.dtype)  # (V/tp, H)
-        return dx, dw, None, None, None, None
+        return dx, dw, None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(
-    logits: torch.Tensor, target: torch.Tensor, group: Group = None, *, ignore_index: int = -100
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    group: Group = None,
+    *,
+    ignore_index: int = -100,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
-    """Mean cross-entropy of (..., V/tp) vocab-sharded logits against (...) full-vocabulary target ids.
+    """Mean cross-entropy of (..., V'/tp) vocab-sharded logits against (...) full-vocabulary target ids.
 
-    At group size 1 this is F.cross_entropy on fp32 logits.
+    `vocab_size` is the real vocabulary when V' is padded (default: all V' columns are real); TokenIdError for a
+    target outside it. At group size 1 this is F.cross_entropy on the fp32 logits of the real vocabulary.
     """
-    logits = logits.reshape(-1, logits.shape[-1])  # (N, V/tp)
+    logits = logits.reshape(-1, logits.shape[-1])  # (N, V'/tp)
     target = target.reshape(-1)  # (N,)
+    vocab_size = logits.shape[-1] * group_size(group) if vocab_size is None else vocab_size
+    check_token_ids(target, vocab_size, "target", ignore_index=ignore_index)
     if group_size(group) == 1:
-        return F.cross_entropy(logits.float(), target, ignore_index=ignore_index)
-    return _VocabParallelCrossEntropy.apply(logits, target, group, ignore_index)
+        return F.cross_entropy(logits[:, :vocab_size].float(), target, ignore_index=ignore_index)
+    return _VocabParallelCrossEntropy.apply(logits, target, group, ignore_index, vocab_size)
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -147,15 +199,19 @@ def vocab_parallel_linear_cross_entropy(
     group: Group = None,
     *,
     ignore_index: int = -100,
+    vocab_size: int | None = None,
     matmul_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Mean cross-entropy of the logits x W_r^T ((..., H) x, (V/tp, H) vocabulary shard W_r) against (...) ids.
+    """Mean cross-entropy of the logits x W_r^T ((..., H) x, (V'/tp, H) vocabulary shard W_r) against (...) ids.
 
-    Equals vocab_parallel_cross_entropy(F.linear(x, weight), target, group) up to rounding, without keeping the
-    logits, the log-softmax and their gradients as separate tensors. `matmul_dtype` defaults to the dtype
-    F.linear(x, weight) would multiply in (the autocast dtype when autocast is on).
+    Equals vocab_parallel_cross_entropy(F.linear(x, weight), target, group, vocab_size=vocab_size) up to rounding,
+    without keeping the logits, the log-softmax and their gradients as separate tensors. `matmul_dtype` defaults
+    to the dtype F.linear(x, weight) would multiply in (the autocast dtype when autocast is on).
     """
     if matmul_dtype is None:
         device = x.device.type
         matmul_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    return _VocabParallelLinearCrossEntropy.apply(x, weight, target.reshape(-1), group, ignore_index, matmul_dtype)
+    vocab_size = weight.shape[0] * group_size(group) if vocab_size is None else vocab_size
+    check_token_ids(target, vocab_size, "target", ignore_index=ignore_index)
+    target = target.reshape(-1)  # (N,)
+    return _VocabParallelLinearCrossEntropy.apply(x, weight, target, group, ignore_index, vocab_size, matmul_dtype)

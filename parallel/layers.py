@@ -6,6 +6,11 @@ is replicated). Checkpoint code merges and re-splits shards from that attribute 
 Weights are initialised as the full (master) matrix with the global RNG, identically on every tensor rank, and each
 rank keeps its slice: a model built at any tp degree from one seed holds the same full weights, and at tp=1 a layer
 holds exactly what nn.Linear / nn.Embedding would (same names, same init, same numbers).
+
+A vocabulary that does not divide by tp is padded, as Megatron-LM does: the embedding's and the head's full
+(V, H) weight gets zero rows up to `padded_size(V, tp)`, so the last rank's shard ends in padding. Only real ids
+are looked up, the padded logits are masked out of the loss (-inf) and sliced off the gathered logits, and
+`tp_chunk(..., pad=False)` strips the padding from a shard before it is saved: files only hold the real rows.
 """
 
 from __future__ import annotations
@@ -18,7 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+from parallel.cross_entropy import (
+    check_token_ids,
+    vocab_parallel_cross_entropy,
+    vocab_parallel_linear_cross_entropy,
+)
 from parallel.mappings import (
     all_gather_from_region,
     copy_to_region,
@@ -74,6 +83,33 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def padded_size(n: int, tp: int) -> int:
+    """`n` rounded up to a multiple of `tp`: the padded length of a dimension split over tp ranks."""
+    return -(-n // tp) * tp
+
+
+def tp_chunk(full: torch.Tensor, dim: int, rank: int, tp: int, *, pad: bool = True) -> torch.Tensor:
+    """Rank `rank`'s chunk of `full` along `dim` out of `tp`, `full` zero-padded at the end to padded_size first.
+
+    With pad=False the chunk keeps only the real rows (the last ranks' chunks are then shorter): what a file holds.
+    """
+    n = full.shape[dim]
+    local = padded_size(n, tp) // tp
+    start = min(rank * local, n)
+    chunk = full.narrow(dim, start, min(local, n - start))
+    missing = local - chunk.shape[dim]
+    if pad and missing:
+        zeros = chunk.new_zeros((*chunk.shape[:dim], missing, *chunk.shape[dim + 1 :]))
+        chunk = torch.cat([chunk, zeros], dim=dim)
+    return chunk.contiguous()
+
+
+def strip_padding(shard: torch.Tensor, dim: int, rank: int, full_size: int) -> torch.Tensor:
+    """The real rows of this rank's padded shard along `dim` (all of them when `full_size` divides evenly)."""
+    local = shard.shape[dim]
+    return shard.narrow(dim, 0, max(0, min(local, full_size - rank * local)))
+
+
 def _shard_param(
     full_shape: tuple[int, ...],
     split_dim: int | None,
@@ -83,16 +119,21 @@ def _shard_param(
     device: torch.device | str | None,
     dtype: torch.dtype | None,
 ) -> nn.Parameter:
-    """Initialise the full tensor, keep this tensor rank's chunk along `split_dim` (all of it when None)."""
+    """Initialise the full tensor, keep this tensor rank's chunk along `split_dim` (all of it when None).
+
+    A split dimension that tp does not divide is zero-padded (tp_chunk); `tp_full_size` records its real length.
+    """
     state.require_groups()
     full = torch.empty(full_shape, device=device, dtype=dtype)
     if full.device.type != "meta":
         with torch.no_grad():
             init(full)
     if split_dim is not None and state.tp_size > 1:
-        full = full.chunk(state.tp_size, dim=split_dim)[state.tp_rank].clone()
+        full = tp_chunk(full, split_dim, state.tp_rank, state.tp_size).clone()  # not a view keeping `full` alive
     param = nn.Parameter(full)
     param.tp_split_dim = split_dim  # type: ignore[attr-defined]
+    if split_dim is not None:
+        param.tp_full_size = full_shape[split_dim]  # type: ignore[attr-defined]
     return param
 
 
@@ -120,6 +161,8 @@ class ColumnParallelLinear(nn.Module):
     lora_B(lora_A(X)) to Y_r, computed from the same replicated X.
     """
 
+    pads_output = False  # the vocabulary head pads `out` to a multiple of tp instead of requiring one
+
     def __init__(
         self,
         in_features: int,
@@ -134,8 +177,9 @@ class ColumnParallelLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.state = state or ParallelState()
-        _check_divisible(f"output features of ColumnParallelLinear({in_features}, {out_features})", out_features,
-                         self.state.tp_size)  # fmt: skip
+        if not self.pads_output:
+            _check_divisible(f"output features of ColumnParallelLinear({in_features}, {out_features})",
+                             out_features, self.state.tp_size)  # fmt: skip
         self.in_features, self.out_features, self.gather_output = in_features, out_features, gather_output
         kw = {"device": device, "dtype": dtype}
         self.weight = _shard_param((out_features, in_features), 0, self.state, init_method or _linear_weight_init, **kw)
@@ -158,22 +202,30 @@ class ColumnParallelLinear(nn.Module):
 class VocabParallelHead(ColumnParallelLinear):
     """The output head: a ColumnParallelLinear(hidden, vocab) whose forward, given targets, returns the loss.
 
-    head(x) gives this rank's (..., V/tp) logits, as ColumnParallelLinear. head(x, targets) gives the mean
-    cross-entropy over the full vocabulary (ignore_index -100) without gathering the logits or keeping them:
-    vocab_parallel_linear_cross_entropy fuses the matmul with the loss. It goes through forward, so that hooks
-    on the module (ZeRO-3 gathers its weight in one) see the call.
+    head(x) gives this rank's (..., V'/tp) logits, as ColumnParallelLinear, where V' = padded_size(vocab, tp)
+    (the columns past `out_features` are padding: slice them off the gathered logits). head(x, targets) gives the
+    mean cross-entropy over the real vocabulary (ignore_index -100, padded logits masked out) without gathering
+    the logits or keeping them: vocab_parallel_linear_cross_entropy fuses the matmul with the loss. It goes
+    through forward, so that hooks on the module (ZeRO-3 gathers its weight in one) see the call.
     """
 
+    pads_output = True
+
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """(..., in) -> (..., vocab/tp) logits, or with (...) target ids the scalar mean loss."""
+        """(..., in) -> (..., V'/tp) logits, or with (...) target ids the scalar mean loss."""
         if targets is None:
             return super().forward(x)
-        group = self.state.tp_group
+        group, vocab = self.state.tp_group, self.out_features
         if self.bias is not None or self.lora_A is not None or self.gather_output:  # nothing to fuse into
-            return vocab_parallel_cross_entropy(super().forward(x), targets, group)
+            logits = super().forward(x)
+            if self.gather_output:
+                return vocab_parallel_cross_entropy(logits[..., :vocab], targets)
+            return vocab_parallel_cross_entropy(logits, targets, group, vocab_size=vocab)
         x = _enter_column_region(x, self.state)
         matmul_dtype = torch.float32 if _emulated_bf16(x) else None
-        return vocab_parallel_linear_cross_entropy(x, self.weight, targets, group, matmul_dtype=matmul_dtype)
+        return vocab_parallel_linear_cross_entropy(
+            x, self.weight, targets, group, vocab_size=vocab, matmul_dtype=matmul_dtype
+        )
 
 
 def _enter_column_region(x: torch.Tensor, state: ParallelState) -> torch.Tensor:
@@ -261,9 +313,10 @@ class RowParallelLinear(nn.Module):
 class VocabParallelEmbedding(nn.Module):
     """Embedding whose vocabulary rows are split over the tensor group.
 
-    Rank r holds rows [r V/tp, (r+1) V/tp). Ids outside that range look up row 0 and are zeroed, so exactly one
-    rank contributes each token's vector and an all-reduce (or, under sequence parallelism, a reduce-scatter
-    along the sequence) assembles the embedding.
+    Rank r holds rows [r V'/tp, (r+1) V'/tp) of the padded vocabulary V' = padded_size(V, tp) (the padding rows
+    are zeros, never looked up). Ids outside that range look up row 0 and are zeroed, so exactly one
+    rank contributes each token's vector and an all-reduce (or, under sequence parallelism, a reduce-scatter along
+    the sequence) assembles the embedding. Ids outside [0, V) raise TokenIdError first, at every tp.
     """
 
     def __init__(
@@ -278,7 +331,6 @@ class VocabParallelEmbedding(nn.Module):
     ) -> None:
         super().__init__()
         self.state = state or ParallelState()
-        _check_divisible("vocab_size", num_embeddings, self.state.tp_size)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.weight = _shard_param(
             (num_embeddings, embedding_dim), 0, self.state, init_method or nn.init.normal_, device=device, dtype=dtype
@@ -286,7 +338,8 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_start = self.state.tp_rank * self.weight.shape[0]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, H), or (B, T/tp, H) under sequence parallelism."""
+        """(B, T) token ids -> (B, T, H), or (B, T/tp, H) under sequence parallelism; TokenIdError if out of range."""
+        check_token_ids(ids, self.num_embeddings, "input")
         if self.state.tp_size == 1:
             return F.embedding(ids, self.weight)
         local = ids - self.vocab_start

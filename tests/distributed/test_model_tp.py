@@ -7,6 +7,8 @@ loss must agree and every parameter's gradient shard must equal the matching sli
 (`tp_split_dim` None = replicated, compared whole). Variants: GQA, tied embeddings, sequence parallelism, packed
 documents (document_ids), activation checkpointing.
 
+Out-of-range ids: TokenIdError with the same message on every rank.
+
 Loading: a native checkpoint written at tp=1 loads at tp=2 (and one written at tp=2 loads at tp=1) with the same
 full logits. Generation: greedy ids at tp=2 from a checkpoint written by transformers equal transformers' own
 `generate(do_sample=False)`.
@@ -27,6 +29,7 @@ from modeling.convert import load_model
 from modeling.generation import generate
 from modeling.llama import LlamaForCausalLM
 from modeling.native_format import save_native
+from parallel.cross_entropy import TokenIdError
 from parallel.state import ParallelState
 from tests.dist_utils import run_distributed
 
@@ -205,6 +208,31 @@ def _check_save_tp_load_tp1(c: _Checker, state: ParallelState, out_dir: str) -> 
         c.close("full logits", merged(ids).logits, ref(ids).logits)
 
 
+def _check_out_of_range_ids(c: _Checker, state: ParallelState, sp_state: ParallelState) -> None:
+    """An id outside [0, V) raises TokenIdError with the same message on every rank (inputs and targets, with and
+    without sequence parallelism, in generation): before the check the targets were clamped into a wrong loss and
+    the inputs embedded as zero vectors."""
+    V = BASE["vocab_size"]
+    ids, targets, _ = _batch()
+    for st in (state, sp_state):
+        torch.manual_seed(SEED)
+        model = LlamaForCausalLM(config_for(4), st)
+        for what, bad in (("target", V + 9), ("target", -7), ("input", V), ("input", -1)):
+            i, t = ids.clone(), targets.clone()
+            (t if what == "target" else i)[1, 4] = bad
+            try:
+                model(i, targets=t)
+                c.true(f"{what} {bad} sp={st.sequence_parallel} raises", False, "no error")
+            except TokenIdError as e:
+                expected = f"{what} id {bad} is outside the vocabulary [0, {V})"
+                c.true(f"{what} {bad} sp={st.sequence_parallel} message", str(e).startswith(expected), str(e))
+    try:
+        generate(LlamaForCausalLM(config_for(4), state), [[1, 2], [3, V + 1]], max_new_tokens=2)
+        c.true("generation prompt raises", False, "no error")
+    except TokenIdError as e:
+        c.true("generation prompt message", f"input id {V + 1} is outside" in str(e), str(e))
+
+
 def _generate_tp(state: ParallelState, hf_dir: str) -> list[list[int]]:
     model = load_model(hf_dir, state)
     assert model.state.tp_size == state.tp_size
@@ -219,6 +247,7 @@ def _all_checks(rank: int, world_size: int, dirs: dict[str, str] | None) -> dict
     for case in CASES:
         if case.tp == world_size:
             c.run(case.name, _check_case, case, sp_state if case.sp else state)
+    c.run("out-of-range ids", _check_out_of_range_ids, state, sp_state)
     out: dict = {"checks": c.results}
     if dirs is not None:
         c.run("load tp1 native at tp", _check_load_tp1_checkpoint, state, dirs["tp1_native"])
@@ -298,6 +327,14 @@ def test_tp2_matches_reference(tp2, case):
 @pytest.mark.parametrize("case", [c for c in CASES if c.tp == 4], ids=lambda c: c.name)
 def test_tp4_matches_reference(tp4, case):
     _assert_section(tp4, case.name)
+
+
+def test_out_of_range_ids_raise_on_every_rank_tp2(tp2):
+    _assert_section(tp2[0], "out-of-range ids")
+
+
+def test_out_of_range_ids_raise_on_every_rank_tp4(tp4):
+    _assert_section(tp4, "out-of-range ids")
 
 
 def test_tp1_native_checkpoint_loads_at_tp2(tp2):

@@ -2,10 +2,12 @@
 
 The reference is transformers' `LlamaForCausalLM.generate(do_sample=False)`, one prompt at a time (no padding), on
 the model that wrote the Hugging Face directory. The launcher is `python -m torch.distributed.run` (torchrun's
-module) with 2 gloo CPU processes; the native checkpoint is made by `python -m modeling.convert --tp 2`.
+module) with 2 gloo CPU processes; the native checkpoint is made by `python -m modeling.convert --tp 2`. Each test
+runs with a vocabulary tp divides (256) and one it does not (251: padded to 252 in memory, 126 + 125 rows on disk).
 """
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = [[1, 5, 9, 200, 37], [1, 17], [3, 250, 8, 8, 100, 42, 7, 1, 99]]
@@ -55,13 +58,13 @@ def _torchrun_generate(ckpt: Path) -> list[list[int]]:
     return [[int(t) for t in line.split()] for line in lines]
 
 
-@pytest.fixture(scope="module")
-def hf_reference(tmp_path_factory) -> tuple[Path, list[list[int]]]:
+@pytest.fixture(scope="module", params=[256, 251], ids=lambda v: f"vocab{v}")
+def hf_reference(tmp_path_factory, request) -> tuple[Path, list[list[int]]]:
     """A transformers Llama saved to disk (GQA, untied) and its greedy new ids per prompt."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        vocab_size=256,
+        vocab_size=request.param,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -75,7 +78,7 @@ def hf_reference(tmp_path_factory) -> tuple[Path, list[list[int]]]:
     )
     torch.manual_seed(4321)
     model = LlamaForCausalLM(cfg).eval()
-    hf_dir = tmp_path_factory.mktemp("generate_torchrun") / "hf"
+    hf_dir = tmp_path_factory.mktemp(f"generate_torchrun_{request.param}") / "hf"
     model.save_pretrained(hf_dir)
     expected = []
     with torch.no_grad():
@@ -104,4 +107,7 @@ def test_torchrun_tp2_native_checkpoint_matches_transformers(hf_reference, tmp_p
         "model-tp00-of-02.safetensors",
         "model-tp01-of-02.safetensors",
     ]
+    vocab = json.loads((hf_dir / "config.json").read_text())["vocab_size"]
+    with safe_open(str(native / "model-tp01-of-02.safetensors"), framework="pt") as f:
+        assert f.get_tensor("lm_head.weight").shape[0] == vocab // 2  # real rows only, no padding on disk
     assert _torchrun_generate(native) == expected
