@@ -12,7 +12,7 @@ See README.md for every config key and launch/README.md for multi-GPU and multi-
 
 from __future__ import annotations
 
-from training.loop import main as train_main
+from training.cli import main as train_main
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,9 +29,9 @@ from modeling.generation import generate
 from modeling.llama import LlamaForCausalLM
 from modeling.lora_files import load_adapter, save_adapter
 from parallel.lora import AdapterError, apply_lora
+from training.cli import main as train_main
 from training.data import TrainData
 from training.loop import Trainer
-from training.loop import main as train_main
 
 
 class SFTTrainer(Trainer):

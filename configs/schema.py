@@ -80,9 +80,23 @@ class TrainConfig:
             raise ConfigError(f"parallel.deepspeed_config: {path} line {e.lineno}: invalid JSON ({e.msg})") from None
 
     def zero_stage(self) -> int:
-        """ZeRO stage of the DeepSpeed config (0 without one)."""
+        """ZeRO stage of the DeepSpeed config (0 without one); one that is not 0, 1, 2 or 3 is a ConfigError."""
         ds = self.deepspeed_json()
-        return int((ds or {}).get("zero_optimization", {}).get("stage", 0))
+        if ds is None:
+            return 0
+        where = f"parallel.deepspeed_config: {resolve_path(self.parallel.deepspeed_config)}"
+        zero = ds.get("zero_optimization", {}) if isinstance(ds, dict) else None
+        if not isinstance(zero, dict):
+            raise ConfigError(
+                f"{where}: the top level and zero_optimization must be JSON objects (see configs/deepspeed/)"
+            )
+        stage = zero.get("stage", 0)
+        if type(stage) is not int or stage not in (0, 1, 2, 3):  # "two", "2", 2.5, true: refused here, by key
+            raise ConfigError(
+                f"{where}: zero_optimization.stage={json.dumps(stage)}; set it to the integer 0, 1, 2 or 3 "
+                f"(configs/deepspeed/zero1.json, zero2.json, zero3.json)"
+            )
+        return stage
 
     # ---- validation ----
 
@@ -103,10 +117,7 @@ class TrainConfig:
         if not d.synthetic:
             self.data_sources()  # each source's keys and weight
         if p.deepspeed_config:
-            self.deepspeed_json()
-            stage = self.zero_stage()
-            if stage not in (0, 1, 2, 3):
-                raise ConfigError(f"{p.deepspeed_config}: zero_optimization.stage={stage}; must be 0, 1, 2 or 3")
+            stage = self.zero_stage()  # the file, its JSON and its stage
             if stage == 3 and p.ep > 1:
                 raise ConfigError(
                     f"parallel.ep={p.ep} with {p.deepspeed_config} (ZeRO stage 3): expert parallelism runs under "

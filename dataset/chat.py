@@ -28,12 +28,12 @@ ids of "\n\n" alone: with the project's tokenizer, trained line by line so that 
 exactly the content; a token that joined the separator to the content would be labelled (the model must produce it),
 as transformers' assistant mask does (`CHAT_TEMPLATE` marks the assistant turns with `{% generation %}`):
 
-    hf.apply_chat_template(messages, chat_template=CHAT_TEMPLATE, return_dict=True, return_assistant_tokens_mask=True,
-                           tokenizer_kwargs={"split_special_tokens": False})
+    hf.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
 
-gives the same ids and mask. `split_special_tokens=False` is needed with the project's transformers files, which
-read a literal "<s>" as text (as SentencePiece does) and so would spell out the template's BOS; it also makes
-transformers read a literal "<s>" inside a message as BOS, where SentencePiece and this module read text.
+gives the same ids and mask with the project's transformers files (`dataset/hf_tokenizer.py`), a plain call: they
+keep `split_special_tokens` on, so a literal "<s>" in a message is text as here, and read the template's own "<s>"
+(the one that starts the text, right before the first header) as BOS. Passing `split_special_tokens=False` gives
+other ids: transformers then normalizes each stretch between two special tokens on its own.
 """
 
 from __future__ import annotations

@@ -7,6 +7,16 @@ the whole text, chat markers split out after it, the merges ranked by piece scor
 with `split_special_tokens` on so that a literal "<s>" is text, as in SentencePiece. `parity_mismatches` checks
 that both give the same ids; `python -m dataset.train_tokenizer` runs it on probe strings and a corpus sample.
 
+transformers' chat path: `apply_chat_template` renders the template to text and encodes it with the same settings,
+so the template's own "<s>" would be spelled out too. The one place the template writes it, the start of the text
+right before `<|start_header_id|>`, is therefore read as BOS (then the dummy-prefix "▁" that the text after it gets),
+which makes a plain `apply_chat_template(messages, add_generation_prompt=True)` give `dataset/chat.py`'s ids while a
+"<s>" inside a message, or anywhere else in a text, stays text. The price: a plain text that itself starts with
+exactly "<s><|start_header_id|>" encodes with BOS there, where SentencePiece spells the "<s>" out (BPE models; a
+unigram model cannot express it and spells the template's BOS out: pass the ids of `dataset/chat.py` instead).
+Control pieces and chat markers are special tokens, so `decode(skip_special_tokens=True)` drops `<|eot_id|>` and the
+headers; under `split_special_tokens` they are never matched as added tokens, so encoding is unchanged by that.
+
 Known differences: HF reads a text that is exactly a control or byte piece name ("</s>", "<0x41>") and comes right
 after a chat marker, at the end of the text or before another marker, as that piece; with `--model-type unigram`
 HF may also read such names anywhere when their first character is not in the vocabulary, and near-ties in long
@@ -20,7 +30,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from dataset.tokenizer import SPECIAL_TOKENS
+from dataset.tokenizer import CHAT_TOKENS, SPECIAL_TOKENS
 
 
 class ConversionError(ValueError):
@@ -76,16 +86,27 @@ def build_hf_backend(model_file: str | Path):
     if spec.add_dummy_prefix:
         # On the whole text, always: Metaspace skips texts that start with "▁" and runs per added-token chunk.
         steps.append(normalizers.Prepend("▁"))
-    backend.normalizer = normalizers.Sequence(steps)
     markers = sorted((p.piece for p in pieces if p.type == user), key=len, reverse=True)
-    if markers:
-        pattern = Regex("|".join(re.escape(m) for m in markers))
-        backend.pre_tokenizer = pre_tokenizers.Split(pattern, behavior="isolated")
+    bos = proto.trainer_spec.bos_piece
+    split = [re.escape(m) for m in markers]
+    # The chat template's BOS (see the module doc): "<s>" that starts the text right before the first header is the
+    # BOS piece, followed by the dummy-prefix "▁" that the text after it gets; anywhere else "<s>" stays text.
+    # BPE takes a chunk that is a whole piece as that piece; a unigram model would spell it (its score is a floor).
+    chat_start = proto.trainer_spec.model_type == sentencepiece_model_pb2.TrainerSpec.BPE and CHAT_TOKENS[0] in markers
+    if chat_start:
+        header, lead = re.escape(CHAT_TOKENS[0]), "▁" if spec.add_dummy_prefix else ""
+        steps.append(normalizers.Replace(Regex(rf"\A{lead}{re.escape(bos)}(?={header})"), f"{bos}{lead}"))
+        split.insert(0, rf"\A{re.escape(bos)}(?={lead}{header})")
+    backend.normalizer = normalizers.Sequence(steps)
+    if split:
+        backend.pre_tokenizer = pre_tokenizers.Split(Regex("|".join(split)), behavior="isolated")
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     backend.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if spec.add_dummy_prefix else []))
-    controls = [AddedToken(p.piece, normalized=False, special=True) for p in pieces if p.type in (2, control)]
-    backend.add_special_tokens(controls)
-    bos = proto.trainer_spec.bos_piece
+    # Control pieces and chat markers are special: decode(skip_special_tokens=True) drops them. Under
+    # split_special_tokens (set by write_hf_files) none is matched as an added token: the markers are split out by
+    # the pre-tokenizer above, after the normalizer has seen the whole text, and control names in text are text.
+    specials = [AddedToken(p.piece, normalized=False, special=True) for p in pieces if p.type in (2, control, user)]
+    backend.add_special_tokens(specials)
     backend.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1", special_tokens=[(bos, proto.trainer_spec.bos_id)]
     )

@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from modeling.config import CheckpointError, ConfigError, ModelConfig, resolve_checkpoint_dir
+from modeling.generation import eos_ids
 from modeling.hf_mixtral import MixtralLayoutError, mixtral_to_native, native_to_mixtral
 from modeling.llama import LlamaForCausalLM
 from modeling.lora_files import load_adapter_full, save_peft_adapter
@@ -121,9 +122,15 @@ def save_hf_checkpoint(config: ModelConfig, state_dict: dict[str, torch.Tensor],
     hf_config = config.to_hf_dict()
     hf_config["dtype"] = str(next(iter(state_dict.values())).dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    # transformers' generate() stops at any of these ids: EOS, and the chat template's end of turn when the tokenizer
+    # here (native_to_hf copies it first) has one, so that a reply ends there as in generate.py --chat. The marker is
+    # dataset/tokenizer.py's CHAT_TOKENS[-1], spelled out: modeling/ does not import dataset/.
+    tokenizer_json = out / "tokenizer.json"
+    added = json.loads(tokenizer_json.read_text(encoding="utf-8"))["added_tokens"] if tokenizer_json.is_file() else []
+    stops = sorted(eos_ids(config.eos_token_id) | {t["id"] for t in added if t["content"] == "<|eot_id|>"})
     gen = {
         "bos_token_id": config.bos_token_id,
-        "eos_token_id": config.eos_token_id,
+        "eos_token_id": stops[0] if len(stops) == 1 else stops or None,
         "pad_token_id": config.pad_token_id,
     }
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
@@ -227,8 +234,9 @@ def native_to_hf(
     config, full = load_checkpoint(ckpt_dir)
     if merge_lora is not None:
         full = merge_adapter(full, merge_lora)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    copy_tokenizer(resolve_checkpoint_dir(ckpt_dir), Path(out_dir))  # first: generation_config.json reads its stop ids
     save_hf_checkpoint(config, _cast(full, dtype), out_dir)
-    copy_tokenizer(resolve_checkpoint_dir(ckpt_dir), Path(out_dir))
 
 
 def adapter_to_peft(adapter_dir: str | Path, out_dir: str | Path, *, dtype: str | None = None) -> None:

@@ -9,11 +9,9 @@ SIGTERM/SIGINT saves a checkpoint and exits.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,8 +20,8 @@ import torch
 import torch.distributed as dist
 
 from configs.architecture import resolve_model_config
-from configs.schema import TrainConfig, load_config
-from configs.sections import ConfigError, resolve_path
+from configs.schema import TrainConfig
+from configs.sections import resolve_path
 from dataset.tokenizer import Tokenizer
 from modeling.config import ModelConfig
 from modeling.generation import generate
@@ -378,48 +376,3 @@ class Trainer:
 def _skipped(loader: TrainData) -> int:
     skipped = loader.stats().get("skipped", 0)
     return sum(skipped.values()) if isinstance(skipped, dict) else int(skipped)
-
-
-def main(argv: list[str] | None, *, description: str, trainer_cls: type[Trainer] = Trainer) -> None:
-    """The command line of pretrain_llama.py and sft.py: --config, --no-resume, dotted overrides; then train."""
-    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="yaml config (configs/*.yaml); defaults apply without one")
-    ap.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in checkpoint.dir")
-    ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 optim.lr=1e-3")
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
-    run_training(cfg, resume=not args.no_resume, trainer_cls=trainer_cls)
-
-
-def run_training(cfg: TrainConfig, *, resume: bool, trainer_cls: type[Trainer] = Trainer) -> None:
-    """Build a Trainer and run it; collective failures become one clear message instead of a hang or a trace dump."""
-    try:
-        trainer_cls(cfg, resume=resume).run()
-    except (ConfigError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        _exit(2)
-    except RuntimeError as e:
-        text = str(e)
-        if dist.is_initialized() and any(s in text for s in ("timed out", "Connection closed", "Connection reset")):
-            rank = dist.get_rank()
-            print(
-                f"error: rank {rank}: a collective failed ({text.splitlines()[0]}). Another rank probably died: see "
-                f"its log above. The last complete checkpoint is intact; rerun the same command to resume.",
-                file=sys.stderr,
-                flush=True,
-            )
-            _exit(3)
-        raise
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _exit(code: int) -> None:
-    # a dead peer can make destroy_process_group (and interpreter shutdown) block: leave at once
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)

@@ -1,5 +1,6 @@
 """configs/: yaml + dotted overrides into dataclasses, the model they resolve to, and every error names its key."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +74,24 @@ def test_validation_errors_name_the_key(overrides, world, message):
     with pytest.raises(ConfigError) as e:
         _cfg(*overrides).validate(world_size=world)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("stage", ["two", "2", 2.5, True, 4, None, [1]])
+def test_zero_stage_must_be_an_integer_from_0_to_3(tmp_path, stage):
+    ds = tmp_path / "zero.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": stage}}))
+    cfg = _cfg(f"parallel.deepspeed_config={ds}")
+    with pytest.raises(ConfigError) as e:
+        cfg.validate()
+    assert f"{ds}: zero_optimization.stage={json.dumps(stage)}; set it to the integer 0, 1, 2 or 3" in str(e.value)
+
+
+def test_zero_stages_of_the_shipped_configs():
+    stages = {
+        p.stem: _cfg(f"parallel.deepspeed_config={p}").zero_stage() for p in ROOT.glob("configs/deepspeed/*.json")
+    }
+    assert stages == {"zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3, "zero3_offload": 3}
+    assert _cfg().zero_stage() == 0
 
 
 def test_bad_yaml_names_file_and_line(tmp_path):

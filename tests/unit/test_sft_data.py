@@ -159,18 +159,16 @@ def test_ids_and_mask_equal_transformers_apply_chat_template(tok, hf, generation
         if generation:
             messages = messages[:-1]
         ids, labels = render(messages, tok, add_generation_prompt=generation)
-        kwargs = dict(
+        # a plain call: the template's own "<s>" is BOS, a message's literal "<s>" stays text (EDGE has one)
+        out = hf.apply_chat_template(
+            messages,
             chat_template=CHAT_TEMPLATE,
             add_generation_prompt=generation,
             return_dict=True,
-            tokenizer_kwargs={"split_special_tokens": False},  # the template's own "<s>" is BOS
+            return_assistant_tokens_mask=True,
         )
-        # with split_special_tokens off, transformers reads a message's literal "<s>" as BOS: SentencePiece alone
-        # (below) checks those
-        if not any(name in m["content"] for m in messages for name in ("<s>", "</s>", "<pad>")):
-            out = hf.apply_chat_template(messages, **kwargs, return_assistant_tokens_mask=True)
-            assert out["input_ids"] == ids
-            assert [int(x != -100) for x in labels] == out["assistant_masks"], messages
+        assert out["input_ids"] == ids, messages
+        assert [int(x != -100) for x in labels] == out["assistant_masks"], messages
         # SentencePiece on the whole rendered text gives the same ids
         text = hf.apply_chat_template(
             messages, chat_template=CHAT_TEMPLATE, add_generation_prompt=generation, tokenize=False
@@ -202,7 +200,7 @@ def test_install_chat_template(tok, tok_dir, tmp_path):
     hf = AutoTokenizer.from_pretrained(str(target))
     assert hf.chat_template == CHAT_TEMPLATE
     messages = conversations()[3]
-    got = hf.apply_chat_template(messages, return_dict=True, tokenizer_kwargs={"split_special_tokens": False})
+    got = hf.apply_chat_template(messages, return_dict=True)
     assert got["input_ids"] == render(messages, tok)[0]
     with pytest.raises(TokenizerError, match=r"tokenizer_config\.json: not found"):
         install_chat_template(tmp_path)
@@ -225,7 +223,6 @@ def test_token_joining_separator_and_content_is_labelled(tmp_path):
         chat_template=CHAT_TEMPLATE,
         return_dict=True,
         return_assistant_tokens_mask=True,
-        tokenizer_kwargs={"split_special_tokens": False},
     )
     assert ids == out["input_ids"]
     assert [int(x != -100) for x in labels] == out["assistant_masks"]
