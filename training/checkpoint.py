@@ -86,29 +86,67 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)  # left over by a crash during an earlier save
         tmp.mkdir()
     _barrier()
-    write_weights(tmp)  # e.g. the native model shards: dp_rank 0 of each tensor rank writes its own
-    torch.save({**engine.optimizer_state(), **rank_state, "rng": rng_state()}, tmp / f"rank-{state.rank:05d}.pt")
+    try:
+        write_weights(tmp)  # e.g. the native model shards: dp_rank 0 of each tensor rank writes its own
+        torch.save({**engine.optimizer_state(), **rank_state, "rng": rng_state()}, tmp / f"rank-{state.rank:05d}.pt")
+    except OSError as e:  # a full or failing disk: say so in one line (exit 2), not a traceback
+        raise _write_error(root, final, state.rank, e) from e
     _barrier()
     if state.rank == 0:
-        (tmp / "train_config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
-        if tokenizer_dir:  # so that generate.py and the HF export find it beside the weights
-            copy_tokenizer(Path(tokenizer_dir), tmp)
-        layout = {"world_size": state.dims.world_size, "tp": state.tp_size, "ep": state.ep_size}
-        (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step, "layout": layout}, indent=2))
-        _fsync_dir(tmp)
-        if final.exists():  # a rerun that reaches the same step again replaces it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        pointer = root / "latest.tmp"
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, root / "latest")
-        _fsync_dir(root)
-        # keep the most recently written ones: after --no-resume, an older run's higher steps go first
-        by_age = sorted(complete_checkpoints(root), key=lambda p: (p / STATE_FILE).stat().st_mtime_ns)
-        for old in by_age[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            _publish(root, tmp, final, step, state, trainer_state, config_dict, keep_last, tokenizer_dir)
+        except OSError as e:
+            raise _write_error(root, final, state.rank, e) from e
     _barrier()
     return final
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """Writing a checkpoint failed (a full disk, say); the message names the step, the rank and what is intact.
+
+    Also an OSError, so that code catching the write error still does; the CLI ends the run with the message and
+    exit code 2, as for any CheckpointError.
+    """
+
+
+def _write_error(root: Path, final: Path, rank: int, e: OSError) -> CheckpointWriteError:
+    previous = latest_checkpoint(root)
+    kept = f"the last complete checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+    return CheckpointWriteError(
+        f"rank {rank}: writing checkpoint {final} failed ({e}); {kept} and `latest` was not moved. Free space in "
+        f"{root} (or lower checkpoint.keep_last) and rerun the same command to resume"
+    )
+
+
+def _publish(
+    root: Path,
+    tmp: Path,
+    final: Path,
+    step: int,
+    state: ParallelState,
+    trainer_state: dict[str, Any],
+    config_dict: dict[str, Any],
+    keep_last: int,
+    tokenizer_dir: str | None,
+) -> None:
+    """Rank 0: complete the temporary directory, rename it to its final name, move `latest`, prune old ones."""
+    (tmp / "train_config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
+    if tokenizer_dir:  # so that generate.py and the HF export find it beside the weights
+        copy_tokenizer(Path(tokenizer_dir), tmp)
+    layout = {"world_size": state.dims.world_size, "tp": state.tp_size, "ep": state.ep_size}
+    (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step, "layout": layout}, indent=2))
+    _fsync_dir(tmp)
+    if final.exists():  # a rerun that reaches the same step again replaces it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    pointer = root / "latest.tmp"
+    pointer.write_text(final.name + "\n")
+    os.replace(pointer, root / "latest")
+    _fsync_dir(root)
+    # keep the most recently written ones: after --no-resume, an older run's higher steps go first
+    by_age = sorted(complete_checkpoints(root), key=lambda p: (p / STATE_FILE).stat().st_mtime_ns)
+    for old in by_age[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:

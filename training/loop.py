@@ -356,15 +356,15 @@ class Trainer:
                     if self.is_main:
                         say(f"sample {i} @ step {self.step}: {text!r}")
                         logger.log_text(self.step, f"sample_{i}", text)
-            stop = self._any_rank(self.stop_signal is not None)
-            stop = stop or bool(t.exit_interval and self.step % t.exit_interval == 0 and not last)
+            signalled = self._any_rank(self.stop_signal is not None)  # any rank's: a scheduler may signal one
+            stop = signalled or bool(t.exit_interval and self.step % t.exit_interval == 0 and not last)
             if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or last or stop:
                 path = self.save()
                 if self.is_main and (stop or last):
                     say(f"checkpoint: {path}")
             if stop:
                 if self.is_main:
-                    why = "a signal" if self.stop_signal is not None else "train.exit_interval"
+                    why = "a signal" if signalled else "train.exit_interval"
                     print(f"stopped by {why} at step {self.step}; rerun the same command to resume", flush=True)
                 break
         if bar is not None:
