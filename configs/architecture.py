@@ -17,18 +17,21 @@ import yaml
 from configs.sections import CONFIG_DIR, ConfigError, coerce, resolve_path
 from modeling.config import CheckpointError, ModelConfig, resolve_checkpoint_dir
 from modeling.config import ConfigError as ModelConfigError
+from parallel.layers import padded_size
 
 if TYPE_CHECKING:
     from configs.schema import TrainConfig
     from dataset.tokenizer import Tokenizer
 
-VOCAB_MULTIPLE = 64  # vocab_size pads to a multiple of 64 x tp: each tensor rank gets a 64-aligned slice
+# A vocabulary taken from the tokenizer pads to a multiple of 64 x tp: each tensor rank's slice of the embedding and
+# head is 64-aligned (faster matmuls). Any size works at any tp (parallel.layers pads to tp in memory); this one is
+# the size the model is built and saved with.
+VOCAB_MULTIPLE = 64
 
 
 def padded_vocab_size(vocab_size: int, tp: int) -> int:
     """`vocab_size` rounded up to a multiple of 64 x tp."""
-    multiple = VOCAB_MULTIPLE * tp
-    return -(-vocab_size // multiple) * multiple
+    return padded_size(vocab_size, VOCAB_MULTIPLE * tp)
 
 
 def _model_keys(cfg: TrainConfig) -> dict[str, Any]:

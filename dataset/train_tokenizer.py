@@ -7,7 +7,8 @@ writes `tokenizer/tokenizer.model` (read by `dataset.tokenizer.Tokenizer`) and `
 plus `train_tokenizer.json` (the options and corpus counts, for the record).
 
 Fixed ids: `<unk>` 0, `<s>` 1, `</s>` 2, `<pad>` 3 (control pieces: plain text never produces them, both libraries
-spell a literal "<s>" out), then the chat markers `<|start_header_id|>` 4, `<|end_header_id|>` 5, `<|eot_id|>` 6 and
+spell a literal "<s>" out, except transformers at the very start of a chat-template text: dataset/hf_tokenizer.py),
+then the chat markers `<|start_header_id|>` 4, `<|end_header_id|>` 5, `<|eot_id|>` 6 and
 `--extra-special-tokens` in order (user-defined pieces: their text encodes to their id in both libraries, so a
 chat template can render them as text). The settings follow Llama: identity normalization, a dummy prefix, no
 whitespace collapsing (runs of spaces, tabs and newlines survive decode(encode(x))), byte fallback, split digits.

@@ -102,10 +102,13 @@ def load_hf_checkpoint(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch
     return config, state_dict
 
 
-def save_hf_checkpoint(config: ModelConfig, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> None:
+def save_hf_checkpoint(
+    config: ModelConfig, state_dict: dict[str, torch.Tensor], out_dir: str | Path, *, tokenizer_dir: Path | None = None
+) -> None:
     """Write config.json, generation_config.json and safetensors (sharded above 5 GiB) that transformers loads.
 
     A mixture-of-experts model is written as Mixtral; CheckpointError when it uses what Mixtral cannot represent.
+    generation_config.json stops at EOS and at the end of turn of `tokenizer_dir`'s chat template, if it has one.
     """
     if config.num_local_experts:
         bad = config.mixtral_incompatibilities()
@@ -122,12 +125,9 @@ def save_hf_checkpoint(config: ModelConfig, state_dict: dict[str, torch.Tensor],
     hf_config = config.to_hf_dict()
     hf_config["dtype"] = str(next(iter(state_dict.values())).dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-    # transformers' generate() stops at any of these ids: EOS, and the chat template's end of turn when the tokenizer
-    # here (native_to_hf copies it first) has one, so that a reply ends there as in generate.py --chat. The marker is
-    # dataset/tokenizer.py's CHAT_TOKENS[-1], spelled out: modeling/ does not import dataset/.
-    tokenizer_json = out / "tokenizer.json"
-    added = json.loads(tokenizer_json.read_text(encoding="utf-8"))["added_tokens"] if tokenizer_json.is_file() else []
-    stops = sorted(eos_ids(config.eos_token_id) | {t["id"] for t in added if t["content"] == "<|eot_id|>"})
+    # transformers' generate() stops at any of these ids: EOS, and the chat template's end of turn, so that a reply
+    # ends there as in generate.py --chat
+    stops = sorted(eos_ids(config.eos_token_id) | _end_of_turn_ids(tokenizer_dir))
     gen = {
         "bos_token_id": config.bos_token_id,
         "eos_token_id": stops[0] if len(stops) == 1 else stops or None,
@@ -227,6 +227,23 @@ def hf_to_native(
     copy_tokenizer(Path(hf_dir), out)
 
 
+def _end_of_turn_ids(tokenizer_dir: Path | None) -> set[int]:
+    """The id of the chat template's end of turn in `tokenizer_dir`'s tokenizer.json (empty: none there).
+
+    The marker is dataset/tokenizer.py's CHAT_TOKENS[-1], spelled out (modeling/ does not import dataset/); it is an
+    added token in tokenizer files written since the markers became special, a vocabulary piece in older ones.
+    """
+    path = None if tokenizer_dir is None else tokenizer_dir / "tokenizer.json"
+    if path is None or not path.is_file():
+        return set()
+    data = json.loads(path.read_text(encoding="utf-8"))
+    found = {t["id"] for t in data.get("added_tokens", []) if t["content"] == "<|eot_id|>"}
+    vocab = data.get("model", {}).get("vocab")
+    if not found and isinstance(vocab, dict) and "<|eot_id|>" in vocab:
+        found.add(vocab["<|eot_id|>"])
+    return found
+
+
 def native_to_hf(
     ckpt_dir: str | Path, out_dir: str | Path, *, dtype: str | None = None, merge_lora: str | Path | None = None
 ) -> None:
@@ -234,9 +251,9 @@ def native_to_hf(
     config, full = load_checkpoint(ckpt_dir)
     if merge_lora is not None:
         full = merge_adapter(full, merge_lora)
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    copy_tokenizer(resolve_checkpoint_dir(ckpt_dir), Path(out_dir))  # first: generation_config.json reads its stop ids
-    save_hf_checkpoint(config, _cast(full, dtype), out_dir)
+    source = resolve_checkpoint_dir(ckpt_dir)
+    save_hf_checkpoint(config, _cast(full, dtype), out_dir, tokenizer_dir=source)
+    copy_tokenizer(source, Path(out_dir))
 
 
 def adapter_to_peft(adapter_dir: str | Path, out_dir: str | Path, *, dtype: str | None = None) -> None:

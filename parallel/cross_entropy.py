@@ -38,15 +38,16 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int, what: str, *, ignore_ind
 
     Without this check an out-of-range target is masked and clamped by the vocab-parallel loss (a silently wrong
     loss) and an out-of-range input id embeds as a zero vector at tp > 1. One min/max over the ids and one host
-    sync (`tolist`) per call: the price of an error instead of a wrong number. Every tensor rank holds the same
-    full ids, so every rank raises the same error and no collective is needed.
+    sync (`tolist`) per call: the price of an error instead of a wrong number. The ranks of a tensor group hold the
+    same full ids, so they raise together with no collective; a data-parallel peer whose batch is fine stops at its
+    next collective (parallel.timeout_minutes) with the message that another rank died.
     """
     if ids.numel() == 0:
         return
     if ignore_index is not None:
         ids = ids.masked_fill(ids == ignore_index, 0)  # ignored positions are in range by definition
-    # the one host sync per call (embedding and loss: two per forward, none per layer): raising needs the values
-    # on the host. Free on the CPU; on a GPU it also waits for the kernels queued before it, a small stall per step
+    # the one host sync per call (embedding and loss: two per micro-batch, none per layer): raising needs the values
+    # on the host. Free on the CPU; on a GPU it waits for the kernels queued before it (for the loss: the layers)
     lo, hi = torch.stack(torch.aminmax(ids)).tolist()
     if lo >= 0 and hi < vocab_size:
         return

@@ -65,7 +65,7 @@ class DeepSpeedEngine:
             config["zero_force_ds_cpu_optimizer"] = False
         if state.ep_size > 1 and any(getattr(p, "expert_parallel", False) for p in model.parameters()):
             if self.zero_stage == 3:
-                raise ValueError(
+                raise ParallelConfigError(
                     "ZeRO stage 3 with expert parallelism (parallel.ep > 1) is not supported: use "
                     "configs/deepspeed/zero1.json or zero2.json, or parallel.ep=1"
                 )
@@ -276,17 +276,17 @@ def fill_auto(
     for key, value in wanted.items():
         given = config.get(key, "auto")
         if given not in ("auto", value):
-            raise ValueError(
+            raise ParallelConfigError(
                 f'DeepSpeed config {key}={given} disagrees with the training config ({value}); set it to "auto"'
             )
         config[key] = value
     bf16_section = dict(config.get("bf16", {}))
     if bf16_section.get("enabled", "auto") not in ("auto", bf16):
-        raise ValueError(f"DeepSpeed config bf16.enabled={bf16_section['enabled']} disagrees with train.dtype")
+        raise ParallelConfigError(f"DeepSpeed config bf16.enabled={bf16_section['enabled']} disagrees with train.dtype")
     bf16_section["enabled"] = bf16
     config["bf16"] = bf16_section
     if config.get("fp16", {}).get("enabled") is True:
-        raise ValueError(
+        raise ParallelConfigError(
             "DeepSpeed config fp16.enabled=true: this project trains in bf16 or fp32; remove the fp16 section"
         )
     return config

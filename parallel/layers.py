@@ -1,7 +1,8 @@
 """Tensor-parallel layers: ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead.
 
 Each parameter carries `tp_split_dim`: the dimension along which it is split over the tensor group (None when it
-is replicated). Checkpoint code merges and re-splits shards from that attribute alone.
+is replicated), and a padded one `tp_full_size` (its real length along it; below). Checkpoint code merges and
+re-splits shards from these attributes alone.
 
 Weights are initialised as the full (master) matrix with the global RNG, identically on every tensor rank, and each
 rank keeps its slice: a model built at any tp degree from one seed holds the same full weights, and at tp=1 a layer

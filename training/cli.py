@@ -81,13 +81,15 @@ def _user_message(e: Exception) -> str:
     """The error's own message, also when a DataLoader worker raised it.
 
     torch re-raises a worker's exception with the worker's traceback as its message (a line "Caught DataError in
-    DataLoader worker process 0.", "Original Traceback ...", and last "dataset.lines.DataError: <message>"): keep
-    only <message>.
+    DataLoader worker process 0.", "Original Traceback ...", and last "dataset.lines.DataError: <message>", which
+    may span lines): keep only <message>.
     """
     text = str(e).strip()
     if "\nOriginal Traceback" not in text:
         return text
-    return re.sub(r"^[\w.]+: ", "", text.splitlines()[-1])
+    name = re.escape(f"{type(e).__module__}.{type(e).__qualname__}")
+    starts = [m.end() for m in re.finditer(rf"^{name}: ", text, re.MULTILINE)]
+    return text[starts[-1] :] if starts else text.splitlines()[-1]
 
 
 def _exit(code: int) -> None:

@@ -151,6 +151,8 @@ def test_transformers_ids_equal_sentencepiece(trained, hf):
     assert tok.encode(MIXED[0], bos=True, eos=True) == hf(MIXED[0])["input_ids"] + [2]
     assert hf("a b", "c")["input_ids"] == [1, *tok.encode("a b"), 1, *tok.encode("c")]
     assert parity_mismatches(trained, texts) == []
+    # a corpus line that starts as the chat template does is BOS in transformers by design: not a training failure
+    assert parity_mismatches(trained, ["<s><|start_header_id|>user<|end_header_id|>"]) == []
 
 
 def test_tokenizer_class_through_hf_files_only(trained, tmp_path):
