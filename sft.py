@@ -135,7 +135,9 @@ class SFTTrainer(Trainer):
             for p in self.cfg.train.sample_prompts
         ]
         with self.engine.full_parameters():
-            ids = generate(self.model, prompts, max_new_tokens=self.cfg.train.sample_tokens, eos_token_id=renderer.eot)
+            ids = generate(
+                self.forward_model, prompts, max_new_tokens=self.cfg.train.sample_tokens, eos_token_id=renderer.eot
+            )
         self.model.train()
         replies = [self.tokenizer.decode([i for i in out if i != renderer.eot]) for out in ids]
         return [f"{p} -> {r}" for p, r in zip(self.cfg.train.sample_prompts, replies, strict=True)]

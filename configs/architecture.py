@@ -18,6 +18,7 @@ from configs.sections import CONFIG_DIR, ConfigError, coerce, resolve_path
 from modeling.config import CheckpointError, ModelConfig, resolve_checkpoint_dir
 from modeling.config import ConfigError as ModelConfigError
 from parallel.layers import padded_size
+from parallel.pipeline import check_pipeline
 
 if TYPE_CHECKING:
     from configs.schema import TrainConfig
@@ -58,10 +59,13 @@ def _model_keys(cfg: TrainConfig) -> dict[str, Any]:
     return {k: coerce(f"model.{k}", v, hints[k]) for k, v in keys.items() if v is not None}
 
 
-def resolve_model_config(cfg: TrainConfig, tokenizer: Tokenizer | None) -> ModelConfig:
+def resolve_model_config(
+    cfg: TrainConfig, tokenizer: Tokenizer | None, *, grad_accum: int | None = None
+) -> ModelConfig:
     """The architecture: preset or checkpoint, then overrides; vocab_size from the tokenizer (padded) when not given.
 
-    Checked against parallel.* and data.seq_len. Without a tokenizer (validation before it is loaded) an unset
+    Checked against parallel.* (the pipeline's stages against the layers and, given `grad_accum`, the micro-batches
+    per step) and data.seq_len. Without a tokenizer (validation before it is loaded) an unset
     vocab_size is a placeholder of 64 x tp, except with synthetic data, which has no tokenizer to take it from.
     """
     keys = _model_keys(cfg)
@@ -84,6 +88,15 @@ def resolve_model_config(cfg: TrainConfig, tokenizer: Tokenizer | None) -> Model
     try:
         config = ModelConfig(**keys)
         config.validate_parallel(tp, cfg.parallel.ep)
+        p = cfg.parallel
+        check_pipeline(
+            pp=p.pp,
+            schedule=p.pp_schedule,
+            stages_per_rank=p.pp_stages_per_rank,
+            num_layers=config.num_hidden_layers,
+            pp_layers=p.pp_layers,
+            microbatches=grad_accum if grad_accum is not None else p.pp,
+        )
     except ValueError as e:  # ModelConfig's ConfigError and ParallelConfigError alike
         raise ConfigError(str(e)) from None
     if cfg.data.seq_len > config.max_position_embeddings:

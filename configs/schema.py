@@ -59,7 +59,7 @@ class TrainConfig:
     def parallel_dims(self, world_size: int) -> ParallelDims:
         """The rank layout of `world_size` processes under parallel.*; one that cannot work is a ConfigError."""
         try:
-            return ParallelDims(world_size=world_size, tp=self.parallel.tp, ep=self.parallel.ep)
+            return ParallelDims(world_size=world_size, tp=self.parallel.tp, ep=self.parallel.ep, pp=self.parallel.pp)
         except ParallelConfigError as e:
             raise ConfigError(str(e)) from None
 
@@ -123,7 +123,20 @@ class TrainConfig:
                     f"parallel.ep={p.ep} with {p.deepspeed_config} (ZeRO stage 3): expert parallelism runs under "
                     f"ZeRO 1 or 2 (configs/deepspeed/zero1.json, zero2.json) or the torch engine"
                 )
-        resolve_model_config(self, None)  # the model against parallel.* and data.seq_len
+            overlap = self.deepspeed_json().get("zero_optimization", {}).get("overlap_comm", False)
+            if stage == 1 and p.pp > 1 and overlap:
+                raise ConfigError(
+                    f"parallel.pp={p.pp} with {p.deepspeed_config}: zero_optimization.overlap_comm=true overlaps a "
+                    f"reduction that the pipeline runs at the step's end (DeepSpeed allows it only under ZeRO-2); "
+                    f"set it to false"
+                )
+            if stage > 1 and p.pp > 1:
+                raise ConfigError(
+                    f"parallel.pp={p.pp} with {p.deepspeed_config} (ZeRO stage {stage}): pipeline stages "
+                    f"accumulate gradients over micro-batches, which ZeRO-2/3 partition as they arrive (DeepSpeed "
+                    f"refuses it too); use configs/deepspeed/zero1.json or the torch engine"
+                )
+        resolve_model_config(self, None, grad_accum=self.grad_accum_steps(world_size))  # against parallel.*
 
     def data_sources(self) -> list[DataSource]:
         """data.train as a list of weighted sources."""

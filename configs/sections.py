@@ -15,6 +15,7 @@ from typing import Any, get_args, get_origin
 
 from dataset.jsonl_zst import ON_ERROR
 from parallel.lora import LORA_TARGETS
+from parallel.pipeline import SCHEDULES
 
 CONFIG_DIR = Path(__file__).resolve().parent
 
@@ -138,10 +139,14 @@ class DataSection:
 
 @dataclass
 class ParallelSection:
-    """How the world is laid out; data-parallel degree = world_size / (tp), experts carved out of it."""
+    """How the world is laid out; data-parallel degree = world_size / (pp x tp), experts carved out of it."""
 
     tp: int = 1
     ep: int = 1
+    pp: int = 1  # pipeline stages over ranks (parallel.pipeline); the outermost axis
+    pp_schedule: str = "1f1b"  # 1f1b | gpipe | interleaved_1f1b | zbv
+    pp_stages_per_rank: int = 1  # 2 or more for interleaved_1f1b; exactly 2 for zbv
+    pp_layers: list[int] | None = None  # decoder layers per stage, in order; None = balanced
     sequence_parallel: bool = False
     deepspeed_config: str | None = None  # a DeepSpeed json (configs/deepspeed/zero*.json); None = torch DDP
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
@@ -149,7 +154,8 @@ class ParallelSection:
 
     def validate(self) -> None:
         """Degrees and choices; how they fit the world size is ParallelDims' rule (TrainConfig.parallel_dims)."""
-        _positive("parallel", self, "tp", "ep", "timeout_minutes")
+        _positive("parallel", self, "tp", "ep", "pp", "pp_stages_per_rank", "timeout_minutes")
+        _choice("parallel.pp_schedule", self.pp_schedule, SCHEDULES)
         _choice("parallel.backend", self.backend, ("auto", "nccl", "gloo"))
 
 

@@ -2,21 +2,28 @@
 
 A batch of prompts of different lengths is left-padded; padded keys are masked out and positions count real
 tokens only, so each row generates what it would alone. Under tensor parallelism every rank runs the same loop;
-the gathered logits are identical on all tensor ranks and the chosen tokens are broadcast from tensor rank 0.
+the gathered logits are identical on all tensor ranks and the chosen tokens are broadcast from tensor rank 0; a
+model trained with sequence parallelism generates with whole sequences (whole_sequences).
 Expert-parallel ranks (a mixture-of-experts model run with ep > 1) all run the same prompts, exchanging tokens with
-their experts' ranks in every MoE layer; the chosen tokens are broadcast from expert rank 0 first.
+their experts' ranks in every MoE layer; the chosen tokens are broadcast from expert rank 0 first. Under pipeline
+parallelism (modeling.pipeline.PipelinedCausalLM) every stage gets the last stage's logits and the first stage's
+choice.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from modeling.attention import LayerCache
 from modeling.llama import LlamaForCausalLM
 from parallel.mappings import group_size
+from parallel.state import ParallelState
 
 
 class KVCache:
@@ -49,6 +56,27 @@ class KVCache:
         logits = model(ids, position_ids=positions, cache=self, num_logits_to_keep=1).logits  # (B, 1, V)
         self.length += T
         return logits[:, -1].float()
+
+
+@contextmanager
+def whole_sequences(model: nn.Module) -> Iterator[None]:
+    """Sequence parallelism off in every module of `model` for the duration, back on after.
+
+    A KV cache feeds a few tokens at a time, which cannot be split over the tensor group: generation runs the
+    tensor-parallel layers with whole sequences (the same weights, the same results), also in a model trained
+    with parallel.sequence_parallel.
+    """
+    swapped = []
+    for module in model.modules():
+        state = getattr(module, "state", None)
+        if isinstance(state, ParallelState) and state.sequence_parallel:
+            swapped.append((module, state))
+            module.state = dataclasses.replace(state, sequence_parallel=False)
+    try:
+        yield
+    finally:
+        for module, state in swapped:
+            module.state = state
 
 
 def sample(
@@ -107,28 +135,33 @@ def generate(
         ids[b, L - len(p) :] = torch.tensor(p, device=device)
         valid[b, L - len(p) :] = True
     positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, L): real tokens count from 0
-    eos = eos_ids(eos_token_id)
 
     model.eval()
-    cache = KVCache(model, B, L + max_new_tokens)
-    logits = cache.forward(model, ids, positions, valid)  # (B, V)
-    out: list[list[int]] = [[] for _ in range(B)]
-    done = [False] * B
-    tp_group, ep_group = model.state.tp_group, model.state.ep_group
-    for step in range(max_new_tokens):
-        token = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)  # (B,)
-        if group_size(ep_group) > 1:  # expert ranks must feed the same tokens: their all-to-alls pair up
-            dist.broadcast(token, src=dist.get_global_rank(ep_group, 0), group=ep_group)
-        if group_size(tp_group) > 1:
-            dist.broadcast(token, src=dist.get_global_rank(tp_group, 0), group=tp_group)
-        for b, t in enumerate(token.tolist()):
-            if not done[b]:
-                out[b].append(t)
-                done[b] = t in eos
-                if on_token is not None:
-                    on_token(b, t)
-        if all(done) or step == max_new_tokens - 1:
-            break
-        positions = positions[:, -1:] + 1  # (B, 1)
-        logits = cache.forward(model, token.unsqueeze(1), positions, torch.ones_like(token, dtype=torch.bool)[:, None])
-    return out
+    eos = eos_ids(eos_token_id)
+    with whole_sequences(model):
+        cache = KVCache(model, B, L + max_new_tokens)
+        logits = cache.forward(model, ids, positions, valid)  # (B, V)
+        out: list[list[int]] = [[] for _ in range(B)]
+        done = [False] * B
+        tp_group, ep_group, pp_group = model.state.tp_group, model.state.ep_group, model.state.pp_group
+        for step in range(max_new_tokens):
+            token = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)  # (B,)
+            if group_size(pp_group) > 1:  # pipeline stages sampled on their own generators: stage 0's token
+                dist.broadcast(token, src=dist.get_global_rank(pp_group, 0), group=pp_group)
+            if group_size(ep_group) > 1:  # expert ranks must feed the same tokens: their all-to-alls pair up
+                dist.broadcast(token, src=dist.get_global_rank(ep_group, 0), group=ep_group)
+            if group_size(tp_group) > 1:
+                dist.broadcast(token, src=dist.get_global_rank(tp_group, 0), group=tp_group)
+            for b, t in enumerate(token.tolist()):
+                if not done[b]:
+                    out[b].append(t)
+                    done[b] = t in eos
+                    if on_token is not None:
+                        on_token(b, t)
+            if all(done) or step == max_new_tokens - 1:
+                break
+            positions = positions[:, -1:] + 1  # (B, 1)
+            logits = cache.forward(
+                model, token.unsqueeze(1), positions, torch.ones_like(token, dtype=torch.bool)[:, None]
+            )
+        return out

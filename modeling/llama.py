@@ -18,6 +18,7 @@ tensor outside the MoE layers keeps its Llama/Mixtral name (modeling.convert ren
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -57,6 +58,15 @@ class CausalLMOutput:
     logits: torch.Tensor | None = None
     ce_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+
+
+def _tied_copy(embedding: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
+    """The last pipeline stage's copy of a tied embedding, with the head weight's sharding attributes."""
+    copy = nn.Parameter(embedding.detach())
+    for attr in ("tp_split_dim", "tp_full_size"):
+        setattr(copy, attr, getattr(like, attr))
+    copy.pipeline_tied = "copy"  # type: ignore[attr-defined]
+    return copy
 
 
 def positions_from_documents(document_ids: torch.Tensor) -> torch.Tensor:
@@ -102,17 +112,44 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """Embedding, decoder layers and final norm (Hugging Face's `model.` prefix)."""
+    """Embedding, decoder layers and final norm (Hugging Face's `model.` prefix).
 
-    def __init__(self, config: ModelConfig, state: ParallelState, **kw: object) -> None:
+    `layers` is keyed by the global layer index, so a pipeline stage that holds layers 4-7 names them
+    `model.layers.4` ... `model.layers.7`, as the whole model does. `part` says what this rank keeps (None: all);
+    the parts it leaves out are still drawn from the RNG and dropped, so every layout holds the same weights for
+    one seed (one dropped layer at a time is in memory).
+    """
+
+    def __init__(self, config: ModelConfig, state: ParallelState, part: ModelPart | None = None, **kw: object) -> None:
         super().__init__()
         factory = {k: v for k, v in kw.items() if k != "init_method"}
-        self.embed_tokens = VocabParallelEmbedding(
+        part = part or ModelPart.whole(config)
+        embed = VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, state=state, init_method=kw["init_method"], **factory
         )
-        self.layers = nn.ModuleList(DecoderLayer(config, state, i, **kw) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, state=state, **factory)
+        self.embed_tokens = embed if part.embedding else None
+        self.dropped_embedding = None if part.embedding else embed.weight  # a tied head copies it (pipeline)
+        self.layers = nn.ModuleDict()
+        for i in range(config.num_hidden_layers):
+            layer = DecoderLayer(config, state, i, **kw)
+            if i in part.layers:
+                self.layers[str(i)] = layer
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, state=state, **factory) if part.head else None
         self.rotary_emb = RotaryEmbedding(config, device=factory.get("device"))
+
+
+@dataclass(frozen=True)
+class ModelPart:
+    """What one rank holds of the model: decoder layers (global indices), the embedding, the final norm and head."""
+
+    layers: tuple[int, ...]
+    embedding: bool = True
+    head: bool = True
+
+    @classmethod
+    def whole(cls, config: ModelConfig) -> ModelPart:
+        """The whole model (no pipeline parallelism)."""
+        return cls(tuple(range(config.num_hidden_layers)))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -122,6 +159,12 @@ class LlamaForCausalLM(nn.Module):
     `skip_init` leaves them uninitialised, for a model whose weights are about to be loaded.
     `activation_checkpointing` recomputes each decoder layer in backward instead of storing its activations.
     The expert-parallel degree is the state's (parallel.ep): the experts of every MoE layer are split over it.
+
+    Under pipeline parallelism a rank builds only its `part` (modeling.pipeline cuts the stages; forward() needs the
+    whole model, the stages call embed / run_layers / finish). A tied head on a last stage that does not hold the
+    embedding is a copy of it: the two are marked `pipeline_tied` ("source", "copy"), the engines sum their
+    gradients over the embedding group and count the copy out of the gradient norm, the checkpoint holds only the
+    embedding, and loading fills the copy from it.
     """
 
     def __init__(
@@ -132,25 +175,44 @@ class LlamaForCausalLM(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         skip_init: bool = False,
+        part: ModelPart | None = None,
     ) -> None:
         super().__init__()
         self.config, self.state = config, state or ParallelState()
+        self.part = part or ModelPart.whole(config)
         config.validate_parallel(self.state.tp_size, self.state.ep_size)
         self.state.require_groups()
         std = config.initializer_range
         init = (lambda w: None) if skip_init else (lambda w: nn.init.normal_(w, 0.0, std))
         kw = {"init_method": init, "device": device, "dtype": dtype}
-        self.model = LlamaModel(config, self.state, **kw)
+        self.model = LlamaModel(config, self.state, self.part, **kw)
+        embedding = self.model.dropped_embedding if self.model.embed_tokens is None else self.model.embed_tokens.weight
+        del self.model.dropped_embedding
+        head_kw = {"state": self.state}
         if config.tie_word_embeddings:
-            self.lm_head = VocabParallelHead(config.hidden_size, config.vocab_size, state=self.state, device="meta")
-            self.lm_head.weight = self.model.embed_tokens.weight  # same (V/tp, H) shard layout
+            head = VocabParallelHead(config.hidden_size, config.vocab_size, device="meta", **head_kw)
+            if self.model.embed_tokens is not None:
+                head.weight = self.model.embed_tokens.weight  # same (V/tp, H) shard layout
+                if not self.part.head:  # the first pipeline stage: its gradient meets the last stage's copy's
+                    head.weight.pipeline_tied = "source"  # type: ignore[attr-defined]
+            else:  # the last pipeline stage: its own copy, kept equal to the first stage's
+                head.weight = _tied_copy(embedding, head.weight)
         else:
-            self.lm_head = VocabParallelHead(config.hidden_size, config.vocab_size, state=self.state, **kw)
+            head = VocabParallelHead(config.hidden_size, config.vocab_size, **head_kw, **kw)
+        self.lm_head = head if self.part.head else None
         with torch.no_grad():
             for name, p in self.named_parameters():
                 if name.endswith(".bias"):
                     p.zero_()
         self.activation_checkpointing = False
+        self._register_load_state_dict_pre_hook(self._fill_tied_copy)
+
+    def _fill_tied_copy(self, state_dict: dict, prefix: str, *args: object) -> None:
+        # a checkpoint holds a tied head only as the embedding: the pipeline's last stage loads its copy from it
+        head, embed = prefix + "lm_head.weight", prefix + "model.embed_tokens.weight"
+        if self.lm_head is not None and getattr(self.lm_head.weight, "pipeline_tied", None) == "copy":
+            if head not in state_dict and embed in state_dict:
+                state_dict[head] = state_dict[embed]
 
     def forward(
         self,
@@ -170,40 +232,81 @@ class LlamaForCausalLM(nn.Module):
         cache: a KV cache (generation); position_ids must then be given.
         num_logits_to_keep: without targets, return logits of the last N positions only (0 = all).
         """
-        B, T = input_ids.shape
-        if self.state.sequence_parallel and (cache is not None or T % self.state.tp_size):
-            raise ValueError(
-                f"sequence parallelism needs no KV cache and a sequence length divisible by tp="
-                f"{self.state.tp_size} (got T={T}); build the model without sequence_parallel for generation"
-            )
+        if self.part != ModelPart.whole(self.config):
+            raise ValueError("this rank holds one pipeline part of the model: run it through modeling.pipeline")
+        position_ids, mask = self.attention_inputs(input_ids.shape, input_ids.device, position_ids, document_ids, cache)
+        x = self.embed(input_ids, cache)
+        x = self.run_layers(x, position_ids, mask, cache)
+        return self.finish(x, targets, num_logits_to_keep, aux=self.aux_loss() if targets is not None else None)
+
+    @staticmethod
+    def attention_inputs(
+        shape: tuple[int, int],
+        device: torch.device,
+        position_ids: torch.Tensor | None,
+        document_ids: torch.Tensor | None,
+        cache: Cache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T) position ids (given, per document, or 0..T-1) and the attention mask (None = causal)."""
+        B, T = shape
         if position_ids is None:
             if document_ids is not None:
                 position_ids = positions_from_documents(document_ids)
             else:
-                position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+                position_ids = torch.arange(T, device=device).expand(B, T)
         mask = None
         if cache is not None:
             mask = cache.attention_mask(T)
         elif document_ids is not None:
             mask = document_causal_mask(document_ids)
+        return position_ids, mask
 
-        x = self.model.embed_tokens(input_ids)  # (B, T, H), or (B, T/tp, H) under sequence parallelism
+    def embed(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        """(B, T) ids -> (B, T, H), or (B, T/tp, H) under sequence parallelism."""
+        T = input_ids.shape[1]
+        if self.state.sequence_parallel and (cache is not None or T % self.state.tp_size):
+            raise ValueError(
+                f"sequence parallelism needs no KV cache and a sequence length divisible by tp="
+                f"{self.state.tp_size} (got T={T}); build the model without sequence_parallel for generation"
+            )
+        return self.model.embed_tokens(input_ids)
+
+    def run_layers(
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        *,
+        layers: tuple[int, ...] | None = None,
+    ) -> torch.Tensor:
+        """Decoder layers in order (this rank's, or the given global indices): (B, T, H) -> (B, T, H).
+
+        T/tp under sequence parallelism.
+        """
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)  # (B, T, hd)
-        for i, layer in enumerate(self.model.layers):
-            layer_cache = cache.layer(i) if cache is not None else None
+        keys = self.model.layers.keys() if layers is None else [str(i) for i in layers]
+        for key in keys:
+            layer, layer_cache = self.model.layers[key], cache.layer(int(key)) if cache is not None else None
             if self.activation_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, mask, layer_cache, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, layer_cache)
-        x = self.model.norm(x)
+        return x
 
+    def finish(
+        self,
+        x: torch.Tensor,
+        targets: torch.Tensor | None,
+        num_logits_to_keep: int = 0,
+        *,
+        aux: torch.Tensor | None = None,
+    ) -> CausalLMOutput:
+        """Final norm and head: given targets the loss, cross-entropy + `aux` (MoE aux losses), else the logits."""
+        x = self.model.norm(x)
         if targets is not None:
             ce = self.lm_head(x, targets)  # fused head + vocab-parallel loss: logits neither gathered nor kept
-            moe = self.moe_layers()
-            if not moe:
-                return CausalLMOutput(loss=ce, ce_loss=ce)
-            aux = torch.stack([m.aux_loss for _, m in moe]).sum()
-            return CausalLMOutput(loss=ce + aux, ce_loss=ce, aux_loss=aux)
+            return CausalLMOutput(loss=ce if aux is None else ce + aux, ce_loss=ce, aux_loss=aux)
         if num_logits_to_keep and not self.state.sequence_parallel:
             x = x[:, -num_logits_to_keep:]  # (B, N, H)
         logits = self.lm_head(x)  # (B, T', V'/tp), V' the vocabulary padded to a multiple of tp
@@ -212,9 +315,16 @@ class LlamaForCausalLM(nn.Module):
         logits = gather_from_region(logits, self.state.tp_group, -1)  # (B, T', V')
         return CausalLMOutput(logits=logits[..., : self.config.vocab_size])  # (B, T', V): padding sliced off
 
+    def aux_loss(self, layers: Iterable[int] | None = None) -> torch.Tensor | None:
+        """Sum of the aux losses of this rank's MoE layers (those in `layers` when given); None without any."""
+        wanted = None if layers is None else set(layers)
+        losses = [m.aux_loss for i, m in self.moe_layers() if wanted is None or i in wanted]
+        return torch.stack(losses).sum() if losses else None
+
     def moe_layers(self) -> list[tuple[int, MoEMLP]]:
         """(layer index, MoEMLP) of every mixture-of-experts layer, in layer order (empty for a dense model)."""
-        return [(i, layer.mlp) for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, MoEMLP)]
+        layers = self.model.layers.items()
+        return [(int(i), layer.mlp) for i, layer in layers if isinstance(layer.mlp, MoEMLP)]
 
     def update_expert_bias(self) -> None:
         """After an optimizer step: each MoE layer's auxiliary-loss-free bias update (collective; see MoEMLP)."""

@@ -16,9 +16,11 @@ Both are directories; adapter_config.json holds r, alpha, dropout and targets in
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -44,7 +46,8 @@ ADAPTER_SHARDS = ShardSet("adapter", "tp", "llama-tp-lora", error=AdapterError, 
 def save_adapter(model: nn.Module, out_dir: str | Path) -> None:
     """Write this tensor rank's adapter shard (ranks with dp_rank 0) and, on tensor rank 0, adapter_config.json.
 
-    Collective-free. Under ZeRO-3 call it where the parameters are whole (the engine's full_parameters()).
+    Collective-free, except under pipeline parallelism (the stages gather to the first, which writes the layers
+    of all). Under ZeRO-3 call it where the parameters are whole (the engine's full_parameters()).
     """
     config = getattr(model, "lora_config", None)
     if config is None:
@@ -53,11 +56,27 @@ def save_adapter(model: nn.Module, out_dir: str | Path) -> None:
     if state.dp_rank != 0:
         return
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
-    ADAPTER_SHARDS.write(tensors, lora_split_dims(model), out, state.tp_rank, state.tp_size)
+    dims = lora_split_dims(model)
+    if state.pp_size > 1:  # the stages send their layers' adapters to the first stage (collective over pp)
+        parts: list | None = [None] * state.pp_size if state.pp_rank == 0 else None
+        dst = dist.get_global_rank(state.pp_group, 0)
+        dist.gather_object((tensors, dims), parts, dst=dst, group=state.pp_group)
+        if state.pp_rank != 0:
+            return
+        for stage_tensors, stage_dims in parts[1:]:
+            tensors.update(stage_tensors)
+            dims.update(stage_dims)
+    out.mkdir(parents=True, exist_ok=True)
+    ADAPTER_SHARDS.write(tensors, dims, out, state.tp_rank, state.tp_size)
     if state.tp_rank == 0:
         _write_config(out, {"format": ADAPTER_SHARDS.format, **config.to_json_dict()})
+
+
+def _layer_index(name: str) -> int | None:
+    """The decoder layer of a tensor name (model.layers.N....), None outside the layers."""
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
 
 
 def _write_config(out: Path, d: dict) -> None:
@@ -125,6 +144,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
         )
     factors = lora_factors(model)
     expected = {f"{name}.weight" for name in factors}
+    part = getattr(model, "part", None)
+    if part is not None and len(part.layers) < model.config.num_hidden_layers:  # a pipeline stage's layers only
+        full = {k: v for k, v in full.items() if _layer_index(k) in part.layers}
     if set(full) != expected:
         missing, unexpected = sorted(expected - set(full)), sorted(set(full) - expected)
         raise AdapterError(f"{adapter_dir}: adapter tensors missing {missing[:4]}, unexpected {unexpected[:4]}")

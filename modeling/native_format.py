@@ -23,12 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from modeling.config import CheckpointError, ModelConfig
 from modeling.llama import LlamaForCausalLM
 from parallel.layers import strip_padding, tp_chunk
+from parallel.pipeline import recv_tensor, send_tensor
+from parallel.state import ParallelState
 
 EXPERT_SPLIT_DIM = 0  # expert tensors are stacked (E, ...): expert ranks hold consecutive blocks of E/ep
 
@@ -183,13 +186,17 @@ def is_native(path: str | Path) -> bool:
 def save_native(model: LlamaForCausalLM, out_dir: str | Path) -> None:
     """Write this rank's share: the tensor shard (dp_rank 0), the expert shard (tp_rank 0 of the first expert group).
 
-    Tensor rank 0 of dp_rank 0 also writes config.json.
+    Tensor rank 0 of dp_rank 0 also writes config.json. Under pipeline parallelism the stages of a pipeline send
+    their tensors to its first stage (collective over the pipeline group), which writes the files a run without
+    a pipeline writes: layers under their global indices, the tied embedding once.
     """
     state = model.state
     coords = state.dims.coords(state.rank)
     out = Path(out_dir)
     tensors, dims, experts = {}, {}, {}
     for name, p in model_tensors(model).items():
+        if getattr(p, "pipeline_tied", None) == "copy":  # the first stage holds the embedding itself
+            continue
         if getattr(p, "expert_parallel", False):
             experts[name] = p.detach().contiguous().cpu()
         else:
@@ -199,6 +206,16 @@ def save_native(model: LlamaForCausalLM, out_dir: str | Path) -> None:
                 p = strip_padding(p, dim, state.tp_rank, full_size)
             tensors[name] = p.detach().contiguous().cpu()
             dims[name] = dim
+    if state.pp_size > 1:
+        if not (state.dp_rank == 0 or (coords["edp"] == 0 and state.tp_rank == 0)):
+            return  # a pipeline whose first stage writes nothing (the same test as below)
+        if state.dp_rank != 0:
+            tensors, dims = {}, {}  # only its experts are written
+        if not (coords["edp"] == 0 and state.tp_rank == 0):
+            experts = {}  # another tensor rank writes them
+        device = next(model.parameters()).device
+        if not _gather_to_first_stage(tensors, dims, experts, state, device):
+            return
     if state.dp_rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         MODEL_SHARDS.write(tensors, dims, out, state.tp_rank, state.tp_size)
@@ -207,6 +224,37 @@ def save_native(model: LlamaForCausalLM, out_dir: str | Path) -> None:
     if experts and coords["edp"] == 0 and state.tp_rank == 0:  # one copy of each expert shard
         out.mkdir(parents=True, exist_ok=True)
         EXPERT_SHARDS.write(experts, dict.fromkeys(experts, EXPERT_SPLIT_DIM), out, state.ep_rank, state.ep_size)
+
+
+def _gather_to_first_stage(
+    tensors: dict[str, torch.Tensor],
+    dims: dict[str, int | None],
+    experts: dict[str, torch.Tensor],
+    state: ParallelState,
+    device: torch.device,
+) -> bool:
+    """Move every stage's tensors into the first stage's dicts (collective over the pipeline group).
+
+    The names and split dims travel as one small object; the tensors one at a time, point to point from `device`
+    (NCCL moves CUDA tensors: one tensor at a time on the GPU, not a pickled stage). True on the first stage.
+    """
+    first = dist.get_global_rank(state.pp_group, 0)
+    index = [(name, dims.get(name), name in experts) for name in [*tensors, *experts]]
+    indexes: list | None = [None] * state.pp_size if state.pp_rank == 0 else None
+    dist.gather_object(index, indexes, dst=first, group=state.pp_group)
+    if state.pp_rank != 0:
+        for name, _, is_expert in index:
+            send_tensor((experts if is_expert else tensors)[name].to(device), first, state.pp_group)
+        return False
+    for stage in range(1, state.pp_size):
+        src = dist.get_global_rank(state.pp_group, stage)
+        for name, dim, is_expert in indexes[stage]:
+            tensor = recv_tensor(src, state.pp_group, device).cpu()
+            if is_expert:
+                experts[name] = tensor
+            else:
+                tensors[name], dims[name] = tensor, dim
+    return True
 
 
 def load_native_state_dict(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:

@@ -96,13 +96,21 @@ def _exp_and_loss(chunks: list[torch.Tensor], target: torch.Tensor, group: Group
     return loss, (sum_exp, t_local, mine, valid, n_valid, *chunks)
 
 
-def _logits_grad(grad_loss: torch.Tensor, sum_exp, t_local, mine, valid, n_valid, *chunks) -> list[torch.Tensor]:
-    """dL/dz = (e / sum_e - onehot(t)) * valid * grad_loss / n_valid, written over the saved e = exp(z - m) chunks."""
+def _logits_grad(
+    grad_loss: torch.Tensor, reuse: bool, sum_exp, t_local, mine, valid, n_valid, *chunks
+) -> list[torch.Tensor]:
+    """dL/dz = (e / sum_e - onehot(t)) * valid * grad_loss / n_valid, from the saved e = exp(z - m) chunks.
+
+    With `reuse` it is written over the chunks (no second logits-sized buffer); without, into copies: a graph
+    whose backward runs twice (the zero-bubble schedules' split into input and weight gradients) needs them again.
+    """
+    if not reuse:
+        chunks = tuple(e.clone() for e in chunks)
     scale = valid.to(sum_exp.dtype) * (grad_loss / n_valid)  # (N,)
     sizes = [e.shape[0] for e in chunks]
     for e, a, b, t_c, mine_c in zip(chunks, (scale / sum_exp).split(sizes), scale.split(sizes), t_local.split(sizes),
                                     mine.split(sizes), strict=True):  # fmt: skip
-        e.mul_(a.unsqueeze(-1))  # saved for this backward only: modified in place
+        e.mul_(a.unsqueeze(-1))  # saved for this backward only (or a copy): modified in place
         rows = torch.arange(e.shape[0], device=e.device)
         e[rows, t_c] -= b * mine_c
     return chunks
@@ -112,19 +120,17 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     """fwd: mean loss from vocab-sharded logits (2 all-reduces) / bwd: softmax - onehot on the local shard."""
 
     @staticmethod
-    def forward(ctx, logits, target, group: Group, ignore_index: int, vocab_size: int | None = None):
-        if vocab_size is None:  # no padding: every column is real
-            vocab_size = logits.shape[-1] * group_size(group)
+    def forward(ctx, logits, target, group: Group, ignore_index: int, vocab_size: int, reuse: bool):
         z = logits.to(torch.float32, copy=True)  # (N, V'/tp), becomes exp(z - m)
         loss, saved = _exp_and_loss([z], target, group, ignore_index, vocab_size)
         ctx.save_for_backward(*saved)
-        ctx.logits_dtype = logits.dtype
+        ctx.logits_dtype, ctx.reuse = logits.dtype, reuse
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        (grad,) = _logits_grad(grad_loss, *ctx.saved_tensors)
-        return grad.to(ctx.logits_dtype), None, None, None, None
+        (grad,) = _logits_grad(grad_loss, ctx.reuse, *ctx.saved_tensors)
+        return grad.to(ctx.logits_dtype), None, None, None, None, None
 
 
 # fp32 copies of bf16 logits are made in row chunks of at most this many bytes: CPU allocators serve blocks of
@@ -141,7 +147,9 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, target, group: Group, ignore_index: int, vocab_size: int, matmul_dtype: torch.dtype):
+    def forward(
+        ctx, x, weight, target, group: Group, ignore_index: int, vocab_size: int, matmul_dtype: torch.dtype, reuse: bool
+    ):
         x2 = x.reshape(-1, x.shape[-1])  # (N, H)
         z = x2.to(matmul_dtype) @ weight.to(matmul_dtype).t()  # (N, V/tp)
         if z.dtype == torch.float32:
@@ -151,16 +159,17 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             chunks, kept = [c.float() for c in z.split(rows)], z
         loss, saved = _exp_and_loss(chunks, target, group, ignore_index, vocab_size)
         ctx.save_for_backward(x, weight, kept, *saved)
+        ctx.reuse = reuse
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         x, weight, z, *saved = ctx.saved_tensors
-        chunks = _logits_grad(grad_loss, *saved)  # fp32
+        chunks = _logits_grad(grad_loss, ctx.reuse, *saved)  # fp32
         if z is None:
             (dz,) = chunks  # (N, V/tp)
         else:
-            dz = z  # (N, V/tp) in the matmul dtype
+            dz = z if ctx.reuse else torch.empty_like(z)  # (N, V/tp) in the matmul dtype
             for dst, src in zip(z.split(chunks[0].shape[0]), chunks, strict=True):
                 dst.copy_(src)
         dx = dw = None
@@ -168,7 +177,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             dx = (dz @ weight.to(dz.dtype)).to(x.dtype).view_as(x)  # (..., H)
         if ctx.needs_input_grad[1]:
             dw = (dz.t() @ x.reshape(-1, x.shape[-1]).to(dz.dtype)).to(weight.dtype)  # (V/tp, H)
-        return dx, dw, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(
@@ -178,11 +187,13 @@ def vocab_parallel_cross_entropy(
     *,
     ignore_index: int = -100,
     vocab_size: int | None = None,
+    reuse_buffers: bool = True,
 ) -> torch.Tensor:
     """Mean cross-entropy of (..., V'/tp) vocab-sharded logits against (...) full-vocabulary target ids.
 
     `vocab_size` is the real vocabulary when V' is padded (default: all V' columns are real); TokenIdError for a
     target outside it. At group size 1 this is F.cross_entropy on the fp32 logits of the real vocabulary.
+    `reuse_buffers=False` keeps the saved buffers intact through backward, for a graph whose backward runs twice.
     """
     logits = logits.reshape(-1, logits.shape[-1])  # (N, V'/tp)
     target = target.reshape(-1)  # (N,)
@@ -190,7 +201,7 @@ def vocab_parallel_cross_entropy(
     check_token_ids(target, vocab_size, "target", ignore_index=ignore_index)
     if group_size(group) == 1:
         return F.cross_entropy(logits[:, :vocab_size].float(), target, ignore_index=ignore_index)
-    return _VocabParallelCrossEntropy.apply(logits, target, group, ignore_index, vocab_size)
+    return _VocabParallelCrossEntropy.apply(logits, target, group, ignore_index, vocab_size, reuse_buffers)
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -202,12 +213,14 @@ def vocab_parallel_linear_cross_entropy(
     ignore_index: int = -100,
     vocab_size: int | None = None,
     matmul_dtype: torch.dtype | None = None,
+    reuse_buffers: bool = True,
 ) -> torch.Tensor:
     """Mean cross-entropy of the logits x W_r^T ((..., H) x, (V'/tp, H) vocabulary shard W_r) against (...) ids.
 
     Equals vocab_parallel_cross_entropy(F.linear(x, weight), target, group, vocab_size=vocab_size) up to rounding,
     without keeping the logits, the log-softmax and their gradients as separate tensors. `matmul_dtype` defaults
     to the dtype F.linear(x, weight) would multiply in (the autocast dtype when autocast is on).
+    `reuse_buffers=False`: backward leaves what forward saved intact (it may run twice over one graph).
     """
     if matmul_dtype is None:
         device = x.device.type
@@ -215,4 +228,5 @@ def vocab_parallel_linear_cross_entropy(
     vocab_size = weight.shape[0] * group_size(group) if vocab_size is None else vocab_size
     check_token_ids(target, vocab_size, "target", ignore_index=ignore_index)
     target = target.reshape(-1)  # (N,)
-    return _VocabParallelLinearCrossEntropy.apply(x, weight, target, group, ignore_index, vocab_size, matmul_dtype)
+    args = (ignore_index, vocab_size, matmul_dtype, reuse_buffers)
+    return _VocabParallelLinearCrossEntropy.apply(x, weight, target, group, *args)

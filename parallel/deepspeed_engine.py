@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallel.pipeline import reduce_tied_grads
 from parallel.state import ParallelConfigError, ParallelState
 
 # (lowest, first excluded) DeepSpeed release, as requirements.txt states; tested with 0.19.8, and the internals the
@@ -59,6 +60,12 @@ class DeepSpeedEngine:
         self.zero_stage = int(config.get("zero_optimization", {}).get("stage", 0))
         for p in model.parameters():  # DeepSpeed's norm counts replicated parameters only on tensor rank 0
             p.tensor_model_parallel = getattr(p, "tp_split_dim", None) is not None
+            # and leaves out a tied embedding's last-stage copy (DeepSpeed's own pipeline marks its ties so)
+            p.ds_pipe_replicated = getattr(p, "pipeline_tied", None) == "copy"
+        if state.pp_size > 1:
+            # the pipeline schedule runs backward itself: DeepSpeed then only accumulates, and step() is the
+            # boundary that reduces (with its default accumulation the parameters drifted, by 1e-2 in a test)
+            config["managed_gradient_accumulation"] = False
         fp32_buffers = {n: b.detach().clone() for n, b in model.named_buffers() if b.dtype == torch.float32}
         offload = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
         if offload:  # ZeRO-Offload steps on the CPU with DeepSpeed's own Adam, built from the same groups
@@ -94,11 +101,13 @@ class DeepSpeedEngine:
             self.ds.step()  # a micro-step: DeepSpeed counts it and steps nothing
 
     def step(self) -> float:
-        """The boundary step: DeepSpeed clips, steps optimizer and schedule, zeroes the gradients.
+        """The boundary step: DeepSpeed reduces (under a pipeline), clips, steps optimizer and schedule.
 
         ZeRO-1/2 skip the step themselves when the gradient norm is not finite; ZeRO-3 does not in fp32/bf16, and
         the trainer stops the run on a non-finite norm there.
         """
+        if self.state.pp_size > 1:
+            reduce_tied_grads(list(self.module.parameters()), self.state)
         self.ds.step()
         self._micro = 0
         norm = self.ds.get_global_grad_norm()
@@ -167,23 +176,31 @@ def _tested_range() -> str:
 
 
 class _Mpu:
-    """The model-parallel-unit interface DeepSpeed asks for, answered from a ParallelState."""
+    """The model-parallel-unit interface DeepSpeed asks for, answered from a ParallelState.
+
+    DeepSpeed sums the gradient norm over `get_model_parallel_group()`: the tensor x pipeline ranks of one
+    data-parallel rank (every stage holds other layers), counting replicated parameters on tensor rank 0 only.
+    """
 
     def __init__(self, state: ParallelState) -> None:
         self.s = state
 
-    def get_model_parallel_rank(self) -> int:
+    def get_tensor_model_parallel_rank(self) -> int:
         return self.s.tp_rank
 
-    def get_model_parallel_world_size(self) -> int:
+    def get_tensor_model_parallel_world_size(self) -> int:
         return self.s.tp_size
 
-    def get_model_parallel_group(self) -> dist.ProcessGroup | None:
+    def get_tensor_model_parallel_group(self) -> dist.ProcessGroup | None:
         return self.s.tp_group
 
-    get_tensor_model_parallel_rank = get_model_parallel_rank
-    get_tensor_model_parallel_world_size = get_model_parallel_world_size
-    get_tensor_model_parallel_group = get_model_parallel_group
+    get_model_parallel_rank = get_tensor_model_parallel_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.s.tp_size * self.s.pp_size
+
+    def get_model_parallel_group(self) -> dist.ProcessGroup | None:
+        return self.s.mp_group if self.s.pp_size > 1 else self.s.tp_group
 
     def get_data_parallel_rank(self) -> int:
         return self.s.dp_rank
@@ -195,10 +212,13 @@ class _Mpu:
         return self.s.dp_group
 
     def get_pipeline_model_parallel_world_size(self) -> int:
-        return 1
+        return self.s.pp_size
 
     def get_pipeline_model_parallel_rank(self) -> int:
-        return 0
+        return self.s.pp_rank
+
+    def get_pipeline_model_parallel_group(self) -> dist.ProcessGroup | None:
+        return self.s.pp_group
 
 
 def _expert_parallel_deepspeed(

@@ -37,7 +37,10 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel.deepspeed_engine import DeepSpeedEngine
+from parallel.pipeline import reduce_tied_grads
 from parallel.state import ParallelState
+
+BUCKET_ELEMENTS = 2**24  # gradients reduced per collective without DDP (64 MiB of fp32)
 
 
 class Engine(Protocol):
@@ -92,7 +95,9 @@ class TorchEngine:
         self._micro = 0
         self._ddp = None
         self._experts = [p for p in model.parameters() if getattr(p, "expert_parallel", False)]
-        if state.dp_size > 1:
+        # pipeline stages run the model's pieces outside DDP's forward: their gradients are reduced in step()
+        self._reduce_dense = state.dp_size > 1 and state.pp_size > 1
+        if state.dp_size > 1 and not self._reduce_dense:
             # expert shards differ across the expert-parallel group: DDP must not average them over dp; per-rank
             # statistics must not be replaced by rank 0's in DDP's buffer broadcast
             expert_names = [n for n, p in model.named_parameters() if getattr(p, "expert_parallel", False)]
@@ -117,8 +122,12 @@ class TorchEngine:
 
         A non-finite norm skips the optimizer step (the caller sees the norm and counts the skip).
         """
-        self._reduce_expert_grads()
         params = [p for p in self.module.parameters() if p.grad is not None]
+        if self._reduce_dense:
+            self._reduce_dense_grads(params)
+        # after the dp reduction (Megatron's order): both copies of a tied embedding then sum the same two values
+        reduce_tied_grads(params, self.state)
+        self._reduce_expert_grads()
         norm = global_grad_norm(params, self.state)
         if not math.isfinite(norm):  # the same on every rank: the norm is global
             self.skip_step()
@@ -131,6 +140,22 @@ class TorchEngine:
         self.scheduler.step()
         self.zero_grad()
         return norm
+
+    def _reduce_dense_grads(self, params: list[nn.Parameter]) -> None:
+        """Non-expert gradients: the mean over the data-parallel group, in buckets (DDP's job without a pipeline)."""
+        grads = [p.grad for p in params if not getattr(p, "expert_parallel", False)]
+        start = 0
+        while start < len(grads):
+            end, n = start, 0
+            while end < len(grads) and (n == 0 or n + grads[end].numel() <= BUCKET_ELEMENTS):
+                n, end = n + grads[end].numel(), end + 1
+            bucket = grads[start:end]
+            flat = torch.cat([g.reshape(-1) for g in bucket])  # (n,): one collective per bucket
+            dist.all_reduce(flat, group=self.state.dp_group)
+            flat /= self.state.dp_size
+            for g, part in zip(bucket, flat.split([g.numel() for g in bucket]), strict=True):
+                g.copy_(part.view_as(g))
+            start = end
 
     def _reduce_expert_grads(self) -> None:
         """Expert gradients: sum over the expert-data-parallel replicas, then / dp, as DDP's mean over dp.
@@ -194,9 +219,11 @@ def rank_local_buffer_names(model: nn.Module) -> list[str]:
 def global_grad_norm(params: list[nn.Parameter], state: ParallelState) -> float:
     """L2 norm of the whole model's gradient, each parameter counted once.
 
-    Tensor-split parameters are summed over the tensor group, expert shards over the expert-parallel group.
+    Tensor-split parameters are summed over the tensor group, expert shards over the expert-parallel group, and
+    the stages' sums over the pipeline group (a tied embedding's last-stage copy left out).
     Replicated parameters (norm weights) carry the same gradient on every tensor rank, so they are counted once.
     """
+    params = [p for p in params if getattr(p, "pipeline_tied", None) != "copy"]  # the tied embedding counts once
     experts = [p.grad for p in params if getattr(p, "expert_parallel", False)]
     dense = [p for p in params if not getattr(p, "expert_parallel", False)]
     split = [p.grad for p in dense if getattr(p, "tp_split_dim", None) is not None]
@@ -208,7 +235,10 @@ def global_grad_norm(params: list[nn.Parameter], state: ParallelState) -> float:
     sq_experts = _sum_sq(experts, device)  # each ep rank holds other experts (the same on every tensor rank)
     if state.ep_size > 1:
         dist.all_reduce(sq_experts, group=state.ep_group)
-    return math.sqrt((sq_split + sq_experts + _sum_sq(replicated, device)).item())
+    total = sq_split + sq_experts + _sum_sq(replicated, device)
+    if state.pp_size > 1:  # each stage holds other layers
+        dist.all_reduce(total, group=state.pp_group)
+    return math.sqrt(total.item())
 
 
 def _sum_sq(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:

@@ -211,6 +211,9 @@ class VocabParallelHead(ColumnParallelLinear):
     """
 
     pads_output = True
+    # the loss's backward writes dL/dz over the buffers its forward saved; False keeps them (a schedule whose
+    # backward runs twice over one forward: zero-bubble pipelines split it into input and weight gradients)
+    reuse_loss_buffers = True
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """(..., in) -> (..., V'/tp) logits, or with (...) target ids the scalar mean loss."""
@@ -221,11 +224,18 @@ class VocabParallelHead(ColumnParallelLinear):
             logits = super().forward(x)
             if self.gather_output:
                 return vocab_parallel_cross_entropy(logits[..., :vocab], targets)
-            return vocab_parallel_cross_entropy(logits, targets, group, vocab_size=vocab)
+            reuse = self.reuse_loss_buffers
+            return vocab_parallel_cross_entropy(logits, targets, group, vocab_size=vocab, reuse_buffers=reuse)
         x = _enter_column_region(x, self.state)
         matmul_dtype = torch.float32 if _emulated_bf16(x) else None
         return vocab_parallel_linear_cross_entropy(
-            x, self.weight, targets, group, vocab_size=vocab, matmul_dtype=matmul_dtype
+            x,
+            self.weight,
+            targets,
+            group,
+            vocab_size=vocab,
+            matmul_dtype=matmul_dtype,
+            reuse_buffers=self.reuse_loss_buffers,
         )
 
 

@@ -22,8 +22,9 @@ whatever the batch size. The split factor's gradient is local and complete. Sequ
 the adapter reads the input the base matmul reads (the gathered sequence in a column layer, split features in a
 row layer) and its output joins the base output before the base layer's own collective.
 
-Initialisation draws the full A and B from the global RNG and keeps this rank's slice (parallel.layers
-._shard_param), so a model built at any tp degree from one seed holds the same adapters. Dropout draws its mask
+Initialisation draws the full A (B is zero) and keeps this rank's slice (parallel.layers._shard_param), from a
+generator seeded by one draw of the global RNG and the module's name: a model built at any tp degree, or a pipeline
+stage holding some of the layers, holds the same adapters for one seed. Dropout draws its mask
 for the full input and keeps this rank's slice, so with equal RNG states on every rank (the training loop seeds all
 ranks alike) tp=N drops exactly what tp=1 drops.
 
@@ -37,7 +38,9 @@ and `...q_proj.lora_B.weight` (PEFT's files prefix `base_model.model.`).
 
 from __future__ import annotations
 
+import functools
 import math
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -143,10 +146,6 @@ class LoRAFactor(nn.Module):
         return f"local {tuple(w.shape)}, split_dim={w.tp_split_dim}, scaling={self.scaling:g}, dropout={self.dropout:g}"
 
 
-def _kaiming_uniform(weight: torch.Tensor) -> None:
-    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # PEFT's lora_A init (that of nn.Linear)
-
-
 def apply_lora(
     model: nn.Module,
     *,
@@ -158,8 +157,9 @@ def apply_lora(
     """Freeze every parameter of `model` and give each target projection a trainable adapter; returns `model`.
 
     Targets are the last components of module names (q_proj, ..., down_proj) of Column/RowParallelLinear layers.
-    A and B are drawn in module order from the global RNG (A kaiming-uniform, B zeros) on the base weight's device
-    and dtype. The config is kept as `model.lora_config`.
+    A is kaiming-uniform, drawn per module from a generator seeded by one draw of the global RNG and the module's
+    name (so the layers a pipeline stage holds get the adapters the whole model would), B zeros, on the base
+    weight's device and dtype. The config is kept as `model.lora_config`.
     """
     config = LoRAConfig(r=r, alpha=alpha, dropout=dropout, targets=tuple(targets))
     if getattr(model, "lora_config", None) is not None:
@@ -177,10 +177,13 @@ def apply_lora(
         )
     for p in model.parameters():
         p.requires_grad_(False)
-    for layer in layers.values():
+    seed = int(torch.randint(0, 2**62, ()).item())
+    for name, layer in layers.items():
         column, state = isinstance(layer, ColumnParallelLinear), layer.state
         kw = {"device": layer.weight.device, "dtype": layer.weight.dtype}
-        a = _shard_param((r, layer.in_features), None if column else 1, state, _kaiming_uniform, **kw)
+        generator = torch.Generator(layer.weight.device).manual_seed(seed + zlib.crc32(name.encode()))
+        init = functools.partial(nn.init.kaiming_uniform_, a=math.sqrt(5), generator=generator)  # PEFT's (nn.Linear's)
+        a = _shard_param((r, layer.in_features), None if column else 1, state, init, **kw)
         b = _shard_param((layer.out_features, r), 0 if column else None, state, nn.init.zeros_, **kw)
         layer.lora_A = LoRAFactor(a, state, in_features=layer.in_features, scaling=config.scaling, dropout=dropout)
         layer.lora_B = LoRAFactor(b, state, in_features=r)

@@ -1,9 +1,10 @@
-"""ParallelState: how the world is laid out into data-, tensor- and expert-parallel groups.
+"""ParallelState: how the world is laid out into pipeline-, data-, tensor- and expert-parallel groups.
 
 Rank layout: the ranks form a mesh with one axis per kind of parallelism, `ParallelDims.AXES` outermost first and
-tensor innermost (as in Megatron-LM, so that a tensor group sits on one node's fast links):
+tensor innermost (as in Megatron-LM and DeepSpeed, so that a tensor group sits on one node's fast links and a
+pipeline stage may span nodes: only activations cross between stages):
 
-    global_rank = dp_rank * tp + tp_rank
+    global_rank = (pp_rank * dp + dp_rank) * tp + tp_rank
 
 Expert parallelism is carved out of the data-parallel dimension (as DeepSpeed-MoE and Megatron do): the dp ranks
 that share a tp_rank are cut into blocks of `ep` consecutive dp ranks. Experts are split over a block (the expert
@@ -14,6 +15,11 @@ Example, 8 ranks, tp=2, ep=2 -> dp=4, edp=2:
     dp groups   [0,2,4,6] [1,3,5,7]
     ep groups   [0,2] [4,6] [1,3] [5,7]
     edp groups  [0,4] [2,6] [1,5] [3,7]
+
+Pipeline parallelism adds, per (dp_rank, tp_rank): the pipeline group (the pp ranks holding the stages of one model
+replica), the embedding group (its first and last pipeline rank: a tied embedding's two copies reduce their
+gradients over it, as in Megatron-LM; unused where one rank holds both ends, the zbv schedule's V) and, per dp_rank,
+the model-parallel group tp x pp (the global gradient norm sums over it). At pp=1 none of them is created.
 
 The default `ParallelState()` is world size 1 and needs no `init_process_group`: every group is None and every
 collective in `parallel.mappings` returns early, so the model runs in a notebook.
@@ -43,11 +49,12 @@ class ParallelDims:
     in AXES. Experts are not a mesh axis: ep and edp cut each data-parallel group.
     """
 
-    AXES: ClassVar[tuple[str, ...]] = ("dp", "tp")
+    AXES: ClassVar[tuple[str, ...]] = ("pp", "dp", "tp")
 
     world_size: int = 1
     tp: int = 1
     ep: int = 1
+    pp: int = 1
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -56,8 +63,9 @@ class ParallelDims:
         given_axes = self._given_axes()
         replica = math.prod(getattr(self, a) for a in given_axes)  # ranks holding one copy of the model
         if self.world_size % replica:
-            degrees = " x ".join(f"parallel.{a}={getattr(self, a)}" for a in given_axes)
-            if len(given_axes) > 1:
+            named = [a for a in given_axes if getattr(self, a) > 1]
+            degrees = " x ".join(f"parallel.{a}={getattr(self, a)}" for a in named)
+            if len(named) > 1:
                 degrees += f" = {replica}"
             raise ParallelConfigError(
                 f"{degrees} does not divide the world size {self.world_size}: launch {' x '.join(reversed(self.AXES))} "
@@ -135,6 +143,13 @@ class ParallelDims:
         ep = self.ep
         groups["ep"] = [g[b * ep : (b + 1) * ep] for g in groups["dp"] for b in range(self.edp)]
         groups["edp"] = [g[e::ep] for g in groups["dp"] for e in range(ep)]
+        # a replica's first and last stage (one rank at pp=1), and the tp x pp ranks of one data-parallel rank
+        groups["embed"] = [sorted({g[0], g[-1]}) for g in groups["pp"]]
+        strides = self._strides()
+        groups["mp"] = [
+            sorted(d * strides["dp"] + p * strides["pp"] + t for p in range(self.pp) for t in range(self.tp))
+            for d in range(self.dp)
+        ]
         return groups
 
 
@@ -153,21 +168,29 @@ class ParallelState:
     dp_group: dist.ProcessGroup | None = None
     ep_group: dist.ProcessGroup | None = None
     edp_group: dist.ProcessGroup | None = None
+    pp_group: dist.ProcessGroup | None = None
+    embed_group: dist.ProcessGroup | None = None
+    mp_group: dist.ProcessGroup | None = None
 
     @classmethod
-    def build(cls, *, tp: int = 1, ep: int = 1, sequence_parallel: bool = False) -> ParallelState:
+    def build(cls, *, tp: int = 1, ep: int = 1, pp: int = 1, sequence_parallel: bool = False) -> ParallelState:
         """Create all groups over the initialised default process group (every rank must call this)."""
         if not dist.is_initialized():
-            if tp == 1 and ep == 1:
+            if tp == 1 and ep == 1 and pp == 1:
                 return cls(sequence_parallel=False)
             raise ParallelConfigError(
-                f"parallel.tp={tp}, parallel.ep={ep} need torch.distributed: launch with torchrun "
+                f"parallel.tp={tp}, parallel.ep={ep}, parallel.pp={pp} need torch.distributed: launch with torchrun "
                 f"(torchrun --nproc_per_node N ...) so that the process group can be initialised"
             )
-        dims = ParallelDims(world_size=dist.get_world_size(), tp=tp, ep=ep)
+        dims = ParallelDims(world_size=dist.get_world_size(), tp=tp, ep=ep, pp=pp)
         rank = dist.get_rank()
         mine: dict[str, dist.ProcessGroup | None] = {}
         for kind, all_groups in dims.group_ranks().items():
+            if kind in ("pp", "embed", "mp") and dims.pp == 1:
+                continue  # no pipeline: none of its groups (each new_group is a barrier over the whole world)
+            if kind == "embed" and dims.pp == 2:
+                mine["embed"] = mine["pp"]  # the first and the last stage are the whole pipeline
+                continue
             for ranks in all_groups:
                 group = dist.new_group(ranks)  # every rank creates every group, in the same order
                 if rank in ranks:
@@ -180,6 +203,9 @@ class ParallelState:
             dp_group=mine["dp"],
             ep_group=mine["ep"],
             edp_group=mine["edp"],
+            pp_group=mine.get("pp"),
+            embed_group=mine.get("embed"),  # None on the middle stages of pp > 2
+            mp_group=mine.get("mp"),
         )
 
     def require_groups(self) -> None:
@@ -187,7 +213,7 @@ class ParallelState:
         if self.dims.world_size > 1 and self.tp_group is None:
             raise ParallelConfigError(
                 f"ParallelState with world size {self.dims.world_size} has no process groups: create it with "
-                f"ParallelState.build(tp=..., ep=...) after torch.distributed is initialised (launch with torchrun)"
+                f"ParallelState.build(tp=..., ep=..., pp=...) after torch.distributed is initialised (torchrun)"
             )
 
     @property
@@ -220,10 +246,20 @@ class ParallelState:
         """This rank's index in its expert group."""
         return self.dims.coords(self.rank)["ep"]
 
+    @property
+    def pp_size(self) -> int:
+        """Pipeline-parallel degree."""
+        return self.dims.pp
+
+    @property
+    def pp_rank(self) -> int:
+        """This rank's index in its pipeline group."""
+        return self.dims.coords(self.rank)["pp"]
+
     def describe(self) -> str:
         """One line for logs: the degrees and this rank's coordinates."""
         c = self.dims.coords(self.rank)
         return (
-            f"rank {self.rank}/{self.dims.world_size}: tp {c['tp']}/{self.dims.tp} dp {c['dp']}/{self.dims.dp} "
-            f"ep {c['ep']}/{self.dims.ep} sequence_parallel={self.sequence_parallel}"
+            f"rank {self.rank}/{self.dims.world_size}: pp {c['pp']}/{self.dims.pp} tp {c['tp']}/{self.dims.tp} "
+            f"dp {c['dp']}/{self.dims.dp} ep {c['ep']}/{self.dims.ep} sequence_parallel={self.sequence_parallel}"
         )

@@ -133,8 +133,7 @@ def _publish(
     (tmp / "train_config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
     if tokenizer_dir:  # so that generate.py and the HF export find it beside the weights
         copy_tokenizer(Path(tokenizer_dir), tmp)
-    layout = {"world_size": state.dims.world_size, "tp": state.tp_size, "ep": state.ep_size}
-    (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step, "layout": layout}, indent=2))
+    (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step, "layout": layout(state)}, indent=2))
     _fsync_dir(tmp)
     if final.exists():  # a rerun that reaches the same step again replaces it
         shutil.rmtree(final)
@@ -147,6 +146,11 @@ def _publish(
     by_age = sorted(complete_checkpoints(root), key=lambda p: (p / STATE_FILE).stat().st_mtime_ns)
     for old in by_age[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def layout(state: ParallelState) -> dict[str, int]:
+    """The world layout a checkpoint records (and a resume must match)."""
+    return {"world_size": state.dims.world_size, "tp": state.tp_size, "ep": state.ep_size, "pp": state.pp_size}
 
 
 def _fsync_dir(path: Path) -> None:

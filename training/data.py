@@ -91,7 +91,7 @@ def build_train_loader(
             vocab_size=vocab_size,
             seq_len=d.seq_len,
             micro_batch=t.micro_batch_size,
-            grad_accum=cfg.grad_accum_steps(dp_size * cfg.parallel.tp),
+            grad_accum=t.global_batch_size // (t.micro_batch_size * dp_size),
             dp_rank=dp_rank,
             dp_size=dp_size,
             seed=t.seed,

@@ -18,16 +18,19 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from configs.architecture import resolve_model_config
 from configs.schema import TrainConfig
 from configs.sections import resolve_path
 from dataset.tokenizer import Tokenizer
-from modeling.config import ModelConfig
+from modeling.config import CheckpointError, ModelConfig
 from modeling.generation import generate
 from modeling.llama import CausalLMOutput, LlamaForCausalLM
 from modeling.native_format import save_native
+from modeling.pipeline import PipelinedCausalLM, PipelinePlan, StageModule
 from parallel.engine import Engine, build_engine
+from parallel.pipeline import PipelineSchedule
 from parallel.state import ParallelState
 from training import checkpoint as ckpt_io
 from training.data import TrainData, build_eval_batches, build_train_loader, token_byte_lengths
@@ -56,13 +59,30 @@ class Trainer:
         self.cfg = cfg
         self.device = init_distributed(cfg)
         p = cfg.parallel
-        self.state = ParallelState.build(tp=p.tp, ep=p.ep, sequence_parallel=p.sequence_parallel)
+        self.state = ParallelState.build(tp=p.tp, ep=p.ep, pp=p.pp, sequence_parallel=p.sequence_parallel)
         self.is_main = self.state.rank == 0
         self.out = Path(cfg.checkpoint.dir)
         self.dtype = self._dtype()
         self.grad_accum = cfg.grad_accum_steps(world)
         self.tokenizer = None if cfg.data.synthetic else Tokenizer(cfg.data.tokenizer)
-        self.model_cfg = resolve_model_config(cfg, self.tokenizer)
+        self.model_cfg = resolve_model_config(cfg, self.tokenizer, grad_accum=self.grad_accum)
+        self.plan = None
+        if p.pp > 1:
+            self.plan = PipelinePlan.build(
+                self.model_cfg,
+                pp=p.pp,
+                schedule=p.pp_schedule,
+                stages_per_rank=p.pp_stages_per_rank,
+                pp_layers=p.pp_layers,
+                microbatches=self.grad_accum,
+            )
+            if self.grad_accum < p.pp and self.is_main:
+                print(
+                    f"warning: {self.grad_accum} micro-batches per step for parallel.pp={p.pp} stages: the pipeline "
+                    f"bubble ({p.pp - 1} of {self.grad_accum + p.pp - 1} slots) dominates the step; raise "
+                    f"train.global_batch_size or lower train.micro_batch_size",
+                    flush=True,
+                )
         self.resume_from = ckpt_io.latest_checkpoint(self.out) if resume and cfg.checkpoint.resume else None
         if not resume and self.is_main and ckpt_io.complete_checkpoints(self.out):
             print(f"--no-resume: starting fresh; existing checkpoints in {self.out} will be replaced", flush=True)
@@ -83,6 +103,27 @@ class Trainer:
             micro_batch_size=cfg.train.micro_batch_size,
             bf16=self.dtype == torch.bfloat16,
         )
+        self.forward_model: nn.Module = self.model  # eval and samples (the whole pipeline under pp)
+        self.pipeline = None
+        if self.plan is not None:
+            self.stages = [
+                StageModule(self.model, self.plan, s, microbatches=self.grad_accum)
+                for s in self.plan.rank_stages(self.state.pp_rank)
+            ]
+            for stage in self.stages:
+                stage.on_forward = self.moe_stats.add_stage
+                stage.autocast_dtype = self.dtype if self._autocast() else None
+            dtype = next(self.model.parameters()).dtype  # the residual stream's (bf16 where DeepSpeed cast it)
+            self.pipeline = PipelineSchedule(
+                self.stages,
+                [stage.stage for stage in self.stages],
+                [stage.io_meta(cfg.train.micro_batch_size, cfg.data.seq_len, dtype) for stage in self.stages],
+                state=self.state,
+                schedule=p.pp_schedule,
+                microbatches=self.grad_accum,
+                device=self.device,
+            )
+            self.forward_model = PipelinedCausalLM(self.model, self.plan)
         self.loader = self.build_data()
         self._batches = None
         self.step, self.tokens_seen, self.nonfinite_total = 0, 0, 0
@@ -101,7 +142,8 @@ class Trainer:
     def build_model(self) -> LlamaForCausalLM:
         """The model on this rank's device, its weights loaded from weights_source()."""
         # fp32 master weights: the torch engine autocasts to bf16, DeepSpeed keeps its own bf16 copy
-        model = LlamaForCausalLM(self.model_cfg, self.state, device=self.device, dtype=torch.float32)
+        part = self.plan.part(self.state.pp_rank) if self.plan is not None else None
+        model = LlamaForCausalLM(self.model_cfg, self.state, device=self.device, dtype=torch.float32, part=part)
         model.activation_checkpointing = self.cfg.train.activation_checkpointing
         source = self.weights_source()
         if source is not None:
@@ -135,8 +177,22 @@ class Trainer:
             return torch.bfloat16 if self.device.type == "cuda" else torch.float32
         return torch.bfloat16 if d == "bf16" else torch.float32
 
+    def _pipeline_stages(self) -> list[list[int]] | None:
+        """[pipeline rank, first layer, layers] per stage: what a resume must find again (None without a pipeline)."""
+        if self.plan is None:
+            return None
+        return [[self.plan.owner(s), layers[0], len(layers)] for s, layers in enumerate(self.plan.layers)]
+
     def _restore(self, path: Path) -> None:
         meta = ckpt_io.read_trainer_state(path)
+        saved = {**meta.get("layout", {}), "pipeline": meta.get("pipeline")}
+        here = {**ckpt_io.layout(self.state), "pipeline": self._pipeline_stages()}
+        if any(saved.get(k, here[k]) != v for k, v in here.items()):
+            raise CheckpointError(
+                f"{path} was written at the layout {saved}, this run's is {here}: a checkpoint resumes at the world "
+                f"size and parallel.tp, ep, pp, pp_schedule, pp_stages_per_rank and pp_layers that wrote it. Rerun "
+                f"with those, or start a new run from its weights with model.init_from={path}"
+            )
         rank_state = ckpt_io.load_rank_state(path, self.state)
         self.engine.load_optimizer_state(rank_state)
         self.loader.load_state_dict(rank_state["data"])
@@ -156,7 +212,11 @@ class Trainer:
             write_weights=self.write_weights,
             engine=self.engine,
             state=self.state,
-            trainer_state={"tokens_seen": self.tokens_seen, "nonfinite_steps": self.nonfinite_total},
+            trainer_state={
+                "tokens_seen": self.tokens_seen,
+                "nonfinite_steps": self.nonfinite_total,
+                "pipeline": self._pipeline_stages(),
+            },
             rank_state={"data": self.loader.state_dict()},
             config_dict=self.cfg.to_dict(),
             keep_last=self.cfg.checkpoint.keep_last,
@@ -173,8 +233,9 @@ class Trainer:
         kwargs = {"targets": batch["targets"].to(self.device)}
         if "document_ids" in batch and self.cfg.data.document_attention:
             kwargs["document_ids"] = batch["document_ids"].to(self.device)
+        forward = self.engine.forward if self.pipeline is None else self.forward_model  # pp: eval only
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self._autocast()):
-            return self.engine.forward(batch["input_ids"].to(self.device), **kwargs)
+            return forward(batch["input_ids"].to(self.device), **kwargs)
 
     def _autocast(self) -> bool:
         # the torch engine keeps fp32 weights and autocasts; DeepSpeed casts the module to bf16 itself
@@ -186,28 +247,17 @@ class Trainer:
         The objective is the model's loss (cross-entropy + the MoE layers' aux losses); `loss` reports the
         cross-entropy alone, so that dense and MoE runs compare, and the MoE terms come as `moe/...` keys.
         """
-        losses, nonfinite, tokens = [], False, 0
         if self._batches is None:
             self._batches = iter(self.loader)  # after any load_state_dict
-        for _ in range(self.grad_accum):
-            batch = next(self._batches)
-            out = self._forward(batch)
-            tokens += batch["input_ids"].numel()
-            if self._any_rank(not torch.isfinite(out.loss).item()):
-                nonfinite = True
-                break
-            self.moe_stats.add(out.aux_loss)
-            self.engine.backward(out.loss)
-            losses.append(out.ce_loss.detach())
-        if nonfinite:
+        accumulate = self._accumulate if self.pipeline is None else self._accumulate_pipeline
+        loss, tokens = accumulate()
+        if loss is None:
             if self.engine.zero_stage:
                 raise TrainingError(
                     f"non-finite loss at step {self.step + 1}; under ZeRO the accumulated gradients cannot be "
                     f"discarded, so the run stops here with the last checkpoint intact. Lower optim.lr or raise "
                     f"optim.warmup_steps and rerun (it resumes from the last checkpoint)"
                 )
-            for _ in range(self.grad_accum - len(losses) - 1):  # consume the step's remaining batches
-                next(self._batches)
             self.engine.skip_step()
             self.moe_stats.row()  # collective, like the step's: forget the skipped step's counts
             return {"loss": float("nan"), "grad_norm": float("nan"), "nonfinite": True, "tokens": tokens}
@@ -219,7 +269,6 @@ class Trainer:
                 f"non-finite gradient norm at step {self.step + 1} under ZeRO-3, which cannot skip the update in "
                 f"fp32/bf16; the last checkpoint is intact: lower optim.lr and rerun to resume from it"
             )
-        loss = torch.stack(losses).mean()
         if self.state.dp_size > 1:
             dist.all_reduce(loss, group=self.state.dp_group)
             loss /= self.state.dp_size
@@ -234,6 +283,47 @@ class Trainer:
             "tokens": int(tokens_t.item()),
             **self.moe_stats.row(),
         }
+
+    def _accumulate(self) -> tuple[torch.Tensor | None, int]:
+        """Forward and backward of the step's micro-batches: (mean cross-entropy, tokens), None if non-finite.
+
+        A non-finite loss on any rank stops before its backward (the step's remaining batches are consumed).
+        """
+        losses, tokens = [], 0
+        for i in range(self.grad_accum):
+            batch = next(self._batches)
+            out = self._forward(batch)
+            tokens += batch["input_ids"].numel()
+            if self._any_rank(not torch.isfinite(out.loss).item()):
+                for _ in range(self.grad_accum - i - 1):
+                    next(self._batches)
+                return None, tokens
+            self.moe_stats.add(out.aux_loss)
+            self.engine.backward(out.loss)
+            losses.append(out.ce_loss.detach())
+        return torch.stack(losses).mean(), tokens
+
+    def _accumulate_pipeline(self) -> tuple[torch.Tensor | None, int]:
+        """The step's micro-batches as the pipeline's microbatches, through the schedule (forward and backward).
+
+        Every stage of a pipeline reads the same batches; the last stage's mean cross-entropy reaches every stage.
+        A non-finite loss is seen after the backward: the step is then skipped on every rank.
+        """
+        batches = [next(self._batches) for _ in range(self.grad_accum)]
+        tokens = sum(b["input_ids"].numel() for b in batches)
+        whole = {k: torch.cat([b[k] for b in batches]).to(self.device) for k in batches[0]}  # (accum x B, T)
+        kwargs = {}
+        if "document_ids" in whole and self.cfg.data.document_attention:
+            kwargs["document_ids"] = whole["document_ids"]
+        self.pipeline.step(whole["input_ids"], whole["targets"], **kwargs)  # the stages autocast their forwards
+        ce = [loss for stage in self.stages for loss in stage.ce_losses]
+        for stage in self.stages:
+            stage.ce_losses.clear()
+        loss = torch.stack(ce).mean() if ce else torch.zeros((), device=self.device)
+        dist.all_reduce(loss, group=self.state.pp_group)  # only the last stage's is not zero
+        if self._any_rank(not torch.isfinite(loss).item()):
+            return None, tokens
+        return loss, tokens
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -264,7 +354,7 @@ class Trainer:
         prompts = [self.tokenizer.encode(p, bos=True) for p in self.cfg.train.sample_prompts]
         with self.engine.full_parameters():
             ids = generate(
-                self.model,
+                self.forward_model,
                 prompts,
                 max_new_tokens=self.cfg.train.sample_tokens,
                 eos_token_id=self.tokenizer.eos_id if self.tokenizer.eos_id >= 0 else None,

@@ -26,39 +26,60 @@ from parallel.state import ParallelState
 
 
 class MoEStepStats:
-    """Accumulates one step's expert statistics; `row()` reduces them (collective) and starts the next step."""
+    """Accumulates one step's expert statistics; `row()` reduces them (collective) and starts the next step.
+
+    Under pipeline parallelism each stage sees its own MoE layers: `add_stage` records one stage's forward, and
+    `row()` joins the stages' rows over the pipeline group (their aux losses add up).
+    """
 
     def __init__(self, model: LlamaForCausalLM, state: ParallelState) -> None:
         self.layers = model.moe_layers()
         self.state = state
+        cfg = model.config
+        self.any_moe = any(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))  # on any pipeline stage
         self._reset()
 
     def _reset(self) -> None:
-        self.micro_batches = 0
+        self.calls = [0 for _ in self.layers]  # forwards seen per layer (micro-batches)
         self.aux = 0.0
         self.tokens = [0 for _ in self.layers]
         self.scalars = [[0.0, 0.0, 0.0] for _ in self.layers]  # dropped_fraction, lb_loss, z_loss
 
     def add(self, aux_loss: torch.Tensor | None) -> None:
         """Record the micro-batch just forwarded (its total aux loss and every MoE layer's stats)."""
-        if not self.layers:
+        self.add_stage(aux_loss, None)
+
+    def add_stage(self, aux_loss: torch.Tensor | None, layer_ids: tuple[int, ...] | None) -> None:
+        """Record one forward of the given layers (None: all of this rank's) and their summed aux loss."""
+        if aux_loss is None:
             return
-        self.micro_batches += 1
         self.aux += float(aux_loss.detach())
-        for j, (_, moe) in enumerate(self.layers):
+        for j, (i, moe) in enumerate(self.layers):
+            if layer_ids is not None and i not in layer_ids:
+                continue
             st = moe.stats
+            self.calls[j] += 1
             self.tokens[j] = self.tokens[j] + st["tokens_per_expert"].cpu()
             for k, key in enumerate(("dropped_fraction", "lb_loss", "z_loss")):
                 self.scalars[j][k] += st[key]
 
     def row(self) -> dict[str, Any]:
         """The step's metrics (empty for a dense model), identical on every rank; resets the accumulators."""
-        if not self.layers or self.micro_batches == 0:
-            self._reset()
-            return {}
-        n_layers = len(self.layers)
-        means = torch.tensor([self.aux] + [v for s in self.scalars for v in s], dtype=torch.float64)
-        means /= self.micro_batches
+        out = self._local_row() if self.layers and max(self.calls) else {}
+        self._reset()
+        if self.any_moe and group_size(self.state.pp_group) > 1:  # every stage's layers, on every rank
+            rows: list[dict[str, Any]] = [{} for _ in range(self.state.pp_size)]
+            dist.all_gather_object(rows, out, group=self.state.pp_group)
+            out = {k: v for r in rows for k, v in r.items()}
+            if any(rows):
+                out["moe/aux_loss"] = sum(r.get("moe/aux_loss", 0.0) for r in rows)
+        return out
+
+    def _local_row(self) -> dict[str, Any]:
+        """This rank's layers, reduced over the data-parallel (and sequence-parallel) ranks."""
+        n_layers, micro_batches = len(self.layers), max(self.calls)
+        scalars = torch.tensor(self.scalars, dtype=torch.float64) / torch.tensor(self.calls).clamp(min=1)[:, None]
+        means = torch.cat([torch.tensor([self.aux / micro_batches], dtype=torch.float64), scalars.reshape(-1)])
         counts = torch.stack(self.tokens).to(torch.float64)  # (L, E)
         device = next(self.layers[0][1].parameters()).device
         flat = torch.cat([means, counts.reshape(-1)]).to(device)  # one collective for the whole row
@@ -80,5 +101,4 @@ class MoEStepStats:
             out[f"moe/layer{i}/dropped_frac"] = dropped
             out[f"moe/layer{i}/lb_loss"] = lb
             out[f"moe/layer{i}/z_loss"] = z
-        self._reset()
         return out

@@ -14,6 +14,8 @@ from configs.sections import OptimSection
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight matrices decay; norms, biases and embeddings do not (as Megatron and Open-Llama).
 
+    A tied embedding's copy on the last pipeline stage (`pipeline_tied`, named lm_head) is the embedding too.
+
     Expert-parallel weights (MoE experts, all matrices) form a third group marked `"moe": True`, DeepSpeed's mark of
     a group whose ZeRO partitions span the expert-data-parallel group (the engine names it; parallel.deepspeed_engine).
     """
@@ -23,7 +25,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             continue
         if getattr(p, "expert_parallel", False):
             experts.append(p)
-        elif p.ndim < 2 or "embed" in name or "norm" in name:
+        elif p.ndim < 2 or "embed" in name or "norm" in name or getattr(p, "pipeline_tied", None):
             no_decay.append(p)
         else:
             decay.append(p)

@@ -225,7 +225,7 @@ class _OneLayer:
     """The part of LlamaForCausalLM that MoEStepStats reads: one MoE layer."""
 
     def __init__(self, moe: MoEMLP):
-        self.moe = moe
+        self.moe, self.config = moe, moe.config
 
     def moe_layers(self) -> list[tuple[int, MoEMLP]]:
         """(layer index, MoEMLP) pairs, as LlamaForCausalLM.moe_layers."""

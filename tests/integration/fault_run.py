@@ -3,7 +3,8 @@
     LLAMA_FAULT=PHASE:STEP:RANK python tests/integration/fault_run.py [pretrain_llama.py arguments]
 
 PHASE is where rank RANK fails while computing (or saving, or evaluating) optimizer step STEP (1-based):
-    forward, backward, optimizer   SIGKILL in the first micro-batch's forward or backward, or in the engine's step
+    forward, backward, optimizer   SIGKILL in the first micro-batch's forward or backward (a pipeline stage's, under
+                                   pipeline parallelism), or in the engine's step
     checkpoint                     SIGKILL after this rank wrote its model shards into step-STEP.tmp
     enospc                         the checkpoint writer raises OSError(ENOSPC) after this rank wrote its shards
     eval_sigterm                   SIGTERM to itself as the eval of step STEP starts (as a scheduler would send)
@@ -59,6 +60,19 @@ def install(phase: str, step: int, rank: int) -> None:
             return opt_step()
 
         engine.backward, engine.step = faulty_backward, faulty_step
+        for stage in getattr(self, "stages", []):  # pipeline parallelism: the schedule calls the stages
+            stage.forward = faulty_stage_forward(self, stage.forward)
+
+    def faulty_stage_forward(self: Trainer, stage_forward):
+        def run(*args, **kwargs):
+            if phase == "forward" and self.step + 1 == step:
+                _die(phase, step)
+            out = stage_forward(*args, **kwargs)
+            if phase == "backward" and self.step + 1 == step and out.requires_grad:
+                out.register_hook(lambda grad: _die(phase, step))
+            return out
+
+        return run
 
     forward, write_weights, evaluate = Trainer._forward, Trainer.write_weights, Trainer.evaluate
 

@@ -1,6 +1,6 @@
 """The fault matrix of README.md "### Faults": a rank killed (SIGKILL) in the forward, the backward, the optimizer
-step or a checkpoint write, at dp=2 and at tp=2; the disk failing (OSError ENOSPC from the checkpoint writer); SIGTERM
-during an eval. For each case: the survivor exits by itself within the collective timeout plus a margin, with a
+step or a checkpoint write, at dp=2, tp=2 and pp=2; the disk failing (OSError ENOSPC from the checkpoint writer);
+SIGTERM during an eval. For each case: the survivor exits by itself within the collective timeout plus a margin, with a
 message naming the cause and its exit code (training/cli.py); `latest` names the last complete checkpoint; rerunning
 the same command resumes from it and the whole run's losses and grad norms equal the uninterrupted run's, bitwise
 (CPU, fp32, gloo).
@@ -14,7 +14,6 @@ which patches the trainer in its own process: production code has no test hooks.
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 import time
@@ -22,18 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import zstandard
 
-from tests.integration.train_utils import REPO_ROOT, SYNTHETIC, env, metrics
+from tests.integration.train_utils import REPO_ROOT, SYNTHETIC, env, metrics, text_corpus, text_overrides
 from training.distributed import free_port
 
 TIMEOUT_MINUTES = 0.1  # parallel.timeout_minutes: 6 s, the longest a survivor may wait on a dead peer
 MARGIN_S = 10.0  # process exit, slack for a loaded 2-core machine
 RUN = ["train.max_steps=6", "checkpoint.every=2", f"parallel.timeout_minutes={TIMEOUT_MINUTES}"]
-LAYOUTS = {"dp2": [], "tp2": ["parallel.tp=2"]}
+LAYOUTS = {"dp2": [], "tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"]}
 FAULT_STEP = 4  # killed while computing (or saving) step 4: the last complete checkpoint is step 2
 DEAD_PEER = "Another rank probably died"
-WORDS = "the a model data token train loss step layer head vocab shard rank batch learn text code run".split()
 
 
 @dataclass
@@ -152,28 +149,14 @@ def test_disk_full_during_checkpoint(reference, tmp_path):
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """A few hundred short documents in jsonl.zst shards (train, valid) and a SentencePiece tokenizer on them."""
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    for split, docs in (("train", 150), ("valid", 30)):
-        (root / split).mkdir()
-        text = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40))) + f" {split}-{d}." for d in range(docs)]
-        data = "".join(json.dumps({"text": t.capitalize()}) + "\n" for t in text).encode()
-        (root / split / "part-00000.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(data))
-    from dataset.train_tokenizer import train_tokenizer
-
-    train_tokenizer([str(root / "train" / "*.jsonl.zst")], root / "tok", vocab_size=400)
-    return root
+    return text_corpus(tmp_path_factory.mktemp("corpus"), files=1, docs=150)
 
 
 def test_sigterm_during_eval(corpus, tmp_path):
     # A scheduler's SIGTERM reaches rank 1 while it evaluates step 4: the eval ends, both ranks agree to stop, save
     # step 4 (no periodic checkpoints here) and exit 0; the same command resumes there.
     text = [
-        f"data.train={corpus}/train/*.jsonl.zst",
-        f"data.valid={corpus}/valid/*.jsonl.zst",
-        f"data.tokenizer={corpus}/tok",
-        "data.synthetic=false",
-        "model.vocab_size=null",
+        *text_overrides(corpus),
         "train.eval_every=2",
         "train.eval_batches=2",
         "train.sample_tokens=4",

@@ -3,42 +3,20 @@ workers, eval and samples. A run stopped twice (train.exit_interval) and rerun e
 the loader's saved position resumes with exactly the next token."""
 
 import json
-import random
 
 import pytest
-import zstandard
 
-from tests.integration.train_utils import pretrain
-
-WORDS = "the a model data token train loss step layer head vocab shard rank batch learn text code run".split()
+from tests.integration.train_utils import pretrain, text_corpus, text_overrides
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    for split, files, docs in (("train", 3, 120), ("valid", 1, 30)):
-        (root / split).mkdir()
-        for f in range(files):
-            lines = []
-            for d in range(docs):
-                text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 60))) + f" {split}{f}-{d}."
-                lines.append(json.dumps({"text": text.capitalize()}))
-            data = ("\n".join(lines) + "\n").encode()
-            (root / split / f"part-{f:05d}.jsonl.zst").write_bytes(zstandard.ZstdCompressor(level=3).compress(data))
-    from dataset.train_tokenizer import train_tokenizer
-
-    train_tokenizer([str(root / "train" / "*.jsonl.zst")], root / "tok", vocab_size=400)
-    return root
+    return text_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def _args(corpus):
     return [
-        f"data.train={corpus}/train/*.jsonl.zst",
-        f"data.valid={corpus}/valid/*.jsonl.zst",
-        f"data.tokenizer={corpus}/tok",
-        "data.synthetic=false",
-        "model.vocab_size=null",
+        *text_overrides(corpus),
         "data.seq_len=32",
         "data.num_workers=2",
         "train.micro_batch_size=2",

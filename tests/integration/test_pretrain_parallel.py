@@ -10,7 +10,7 @@ Synthetic data numbers every sequence of the run globally, so every layout sees 
 
 import pytest
 
-from tests.integration.train_utils import assert_same_curve, metrics, pretrain
+from tests.integration.train_utils import assert_same_curve, metrics, pretrain, text_corpus, text_overrides
 
 TOL = 1e-4
 STEPS = 10
@@ -60,3 +60,17 @@ def test_dp2_tp2_four_processes_match_one_process(reference, tmp_path):
 def test_dp2_tp2_zero2_four_processes_match_one_process(reference, tmp_path):
     pretrain(tmp_path, ["parallel.tp=2", "parallel.deepspeed_config=configs/deepspeed/zero2.json"], nproc=4)
     _assert_close(metrics(tmp_path), reference)
+
+
+def test_tp2_sequence_parallel_on_text_samples_as_without_it(tmp_path):
+    # the samples' KV cache feeds a token at a time, which sequence parallelism cannot split: generation runs the
+    # layers with whole sequences (modeling.generation.whole_sequences); it used to stop the run at its first sample
+    (tmp_path / "corpus").mkdir()
+    corpus = text_corpus(tmp_path / "corpus")
+    text = [*text_overrides(corpus), "train.max_steps=2", "train.sample_tokens=4"]
+    runs = {}
+    for name, extra in (("sp", ["parallel.sequence_parallel=true"]), ("plain", [])):
+        proc = pretrain(tmp_path / name, [*text, "parallel.tp=2", *extra], nproc=2)
+        runs[name] = [line for line in proc.stdout.splitlines() if line.startswith("sample ")]
+    assert runs["sp"] and runs["sp"] == runs["plain"]
+    assert_same_curve(metrics(tmp_path / "sp"), metrics(tmp_path / "plain"), loss_tol=TOL)

@@ -183,6 +183,21 @@ def test_full_finetuning_from_hf_at_tp2_gives_tp1s_loss_curve(task, tmp_path):
     assert max(abs(a - b) for a, b in zip(tp1, tp2, strict=True)) < 1e-4, (tp1, tp2)
 
 
+def test_lora_pp2_matches_pp1_and_its_checkpoint_holds_every_stage(task, tmp_path):
+    # two pipeline stages of one layer each; 2 micro-batches of 8 per step (1F1B needs at least pp of them)
+    lora = ["lora.enabled=true", "lora.r=4", "lora.alpha=8", "train.micro_batch_size=8", "train.max_steps=4"]
+    lora += ["train.eval_every=0", "train.sample_tokens=4"]
+    pp1 = _sft(task, tmp_path / "pp1", lora)
+    pp2 = _sft(task, tmp_path / "pp2", [*lora, "parallel.pp=2"], nproc=2)
+    assert len(pp2) == 4 and max(abs(a - b) for a, b in zip(pp1, pp2, strict=True)) < 1e-5, (pp1, pp2)
+    from modeling.lora_files import load_adapter_full
+
+    _, one = load_adapter_full(tmp_path / "pp1" / "step-00000004")
+    _, two = load_adapter_full(tmp_path / "pp2" / "step-00000004")
+    assert one.keys() == two.keys() and any(".layers.1." in k for k in two)  # the last stage's layer too
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+
+
 def test_lora_tp2_matches_tp1_resumes_exactly_and_checkpoint_holds_only_the_adapter(task, tmp_path):
     # dropout on: tp=2 must draw tp=1's masks, and the resumed run must restore the RNG state
     lora = [
@@ -242,7 +257,9 @@ def test_lora_tp2_matches_tp1_resumes_exactly_and_checkpoint_holds_only_the_adap
         cwd=REPO_ROOT, env=env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ref = merged.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)[0, len(prompt) :]
+    # generate.py without --chat stops at EOS only; the export's generation_config also stops at the end of turn
+    eos = merged.config.eos_token_id
+    ref = merged.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=eos)[0, len(prompt) :]
     assert proc.stdout.split() == [str(i) for i in ref.tolist()]
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +102,38 @@ def assert_same_curve(got: list[dict], ref: list[dict], loss_tol: float, norm_rt
     assert norm_diff < norm_rtol, (
         f"max relative grad_norm diff {norm_diff:.2e} over {len(ref)} steps\ngot {norm_got}\nref {norm_ref}"
     )
+
+
+WORDS = "the a model data token train loss step layer head vocab shard rank batch learn text code run".split()
+
+
+def text_corpus(root: Path, files: int = 3, docs: int = 120) -> Path:
+    """Short random-word documents in jsonl.zst shards (root/train: `files` x `docs`, root/valid: 1 x 30) and a
+    400-piece SentencePiece tokenizer trained on them (root/tok)."""
+    import zstandard
+
+    from dataset.train_tokenizer import train_tokenizer
+
+    rng = random.Random(0)
+    for split, n_files, n_docs in (("train", files, docs), ("valid", 1, 30)):
+        (root / split).mkdir()
+        for f in range(n_files):
+            lines = []
+            for d in range(n_docs):
+                text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 60))) + f" {split}{f}-{d}."
+                lines.append(json.dumps({"text": text.capitalize()}))
+            data = ("\n".join(lines) + "\n").encode()
+            (root / split / f"part-{f:05d}.jsonl.zst").write_bytes(zstandard.ZstdCompressor(level=3).compress(data))
+    train_tokenizer([str(root / "train" / "*.jsonl.zst")], root / "tok", vocab_size=400)
+    return root
+
+
+def text_overrides(corpus: Path) -> list[str]:
+    """The overrides that train on text_corpus(corpus) instead of synthetic tokens."""
+    return [
+        f"data.train={corpus}/train/*.jsonl.zst",
+        f"data.valid={corpus}/valid/*.jsonl.zst",
+        f"data.tokenizer={corpus}/tok",
+        "data.synthetic=false",
+        "model.vocab_size=null",
+    ]

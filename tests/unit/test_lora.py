@@ -109,7 +109,7 @@ def test_targets_subset_adapts_only_those_layers():
     assert model.lora_config.targets == ("q_proj", "down_proj")
     names = {n.rsplit(".", 3)[-3] for n in lora_state_dict(model)}
     assert names == {"q_proj", "down_proj"}
-    assert model.model.layers[0].self_attn.k_proj.lora_A is None
+    assert model.model.layers["0"].self_attn.k_proj.lora_A is None
 
 
 def test_merged_weights_give_the_adapter_logits():

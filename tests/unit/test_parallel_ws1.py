@@ -124,7 +124,7 @@ def test_internal_vocab_parallel_cross_entropy_matches_f_cross_entropy(scale):
     flat_logits, flat_target = logits.reshape(-1, 13), target.reshape(-1)
     ours_in = flat_logits.clone().requires_grad_()
     ref_in = flat_logits.clone().requires_grad_()
-    loss = _VocabParallelCrossEntropy.apply(ours_in, flat_target, None, -100)
+    loss = _VocabParallelCrossEntropy.apply(ours_in, flat_target, None, -100, 13, True)
     ref = F.cross_entropy(ref_in, flat_target, ignore_index=-100)
     assert torch.isfinite(loss)
     torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-6)
@@ -246,17 +246,46 @@ def test_group_ranks_match_the_documented_layout():
         "dp": [[0, 2, 4, 6], [1, 3, 5, 7]],
         "ep": [[0, 2], [4, 6], [1, 3], [5, 7]],
         "edp": [[0, 4], [2, 6], [1, 5], [3, 7]],
+        "pp": [[r] for r in range(8)],
+        "embed": [[r] for r in range(8)],
+        "mp": [[0, 1], [2, 3], [4, 5], [6, 7]],
     }
 
 
-@pytest.mark.parametrize(("world_size", "tp", "ep"), [(1, 1, 1), (8, 2, 2), (8, 1, 4), (16, 4, 2), (6, 3, 1)])
-def test_group_ranks_partition_the_world_consistently_with_coords(world_size, tp, ep):
-    dims = ParallelDims(world_size=world_size, tp=tp, ep=ep)
-    sizes = {"tp": tp, "dp": dims.dp, "ep": ep, "edp": dims.edp}
-    for kind, groups in dims.group_ranks().items():
-        assert sorted(r for g in groups for r in g) == list(range(world_size)), kind
+def test_pipeline_groups_put_stages_outermost():
+    # Megatron's order: 8 ranks, tp=2, pp=2 -> dp=2; a stage is a block of 4 consecutive ranks
+    dims = ParallelDims(world_size=8, tp=2, pp=2)
+    groups = dims.group_ranks()
+    assert groups["tp"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert groups["dp"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert groups["pp"] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert groups["embed"] == groups["pp"]  # two stages: the first and last are the whole pipeline
+    assert groups["mp"] == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    assert dims.coords(6) == {"tp": 0, "dp": 1, "pp": 1, "ep": 0, "edp": 1}
+    assert ParallelDims(world_size=12, pp=3).group_ranks()["embed"][0] == [0, 8]
+
+
+def test_pipeline_degree_must_divide_the_world():
+    with pytest.raises(ParallelConfigError, match=r"parallel\.pp=4 x parallel\.tp=2 = 8 does not divide"):
+        ParallelDims(world_size=12, tp=2, pp=4)
+
+
+@pytest.mark.parametrize(
+    ("world_size", "tp", "ep", "pp"), [(1, 1, 1, 1), (8, 2, 2, 1), (8, 1, 4, 1), (16, 4, 2, 1), (6, 3, 1, 1),
+                                       (8, 2, 1, 2), (16, 2, 2, 2), (12, 1, 2, 3)]
+)  # fmt: skip
+def test_group_ranks_partition_the_world_consistently_with_coords(world_size, tp, ep, pp):
+    dims = ParallelDims(world_size=world_size, tp=tp, ep=ep, pp=pp)
+    sizes = {"tp": tp, "dp": dims.dp, "ep": ep, "edp": dims.edp, "pp": pp, "embed": min(pp, 2), "mp": tp * pp}
+    all_groups = dims.group_ranks()
+    assert all_groups["embed"] == [sorted({g[0], g[-1]}) for g in all_groups["pp"]]  # middle stages are in none
+    for kind, groups in all_groups.items():
+        if kind != "embed":
+            assert sorted(r for g in groups for r in g) == list(range(world_size)), kind
         for group in groups:
             assert len(group) == sizes[kind], kind
+            if kind in ("embed", "mp"):  # not mesh axes: no coordinate of their own
+                continue
             # each rank's index inside its group is its coordinate of that kind
             assert [dims.coords(r)[kind] for r in group] == list(range(len(group))), (kind, group)
 
@@ -269,13 +298,16 @@ def test_group_ranks_equal_the_explicit_megatron_layout(world_size, tp, ep):
     expected = {
         "tp": [[rank(d, t) for t in range(tp)] for d in range(dp)],
         "dp": [[rank(d, t) for d in range(dp)] for t in range(tp)],
+        "pp": [[r] for r in range(world_size)],
         "ep": [[rank(b * ep + e, t) for e in range(ep)] for t in range(tp) for b in range(dp // ep)],
         "edp": [[rank(b * ep + e, t) for b in range(dp // ep)] for t in range(tp) for e in range(ep)],
+        "embed": [[r] for r in range(world_size)],
+        "mp": [[rank(d, t) for t in range(tp)] for d in range(dp)],
     }
     assert dims.group_ranks() == expected and list(dims.group_ranks()) == list(expected)  # the creation order too
     for r in range(world_size):
         t, d = r % tp, r // tp
-        assert dims.coords(r) == {"tp": t, "dp": d, "ep": d % ep, "edp": d // ep}
+        assert dims.coords(r) == {"tp": t, "dp": d, "pp": 0, "ep": d % ep, "edp": d // ep}
 
 
 def test_enabled_predicates():
