@@ -89,6 +89,19 @@ def resolve_model_config(
         config = ModelConfig(**keys)
         config.validate_parallel(tp, cfg.parallel.ep)
         p = cfg.parallel
+        heads = config.num_attention_heads // tp
+        if p.cp > 1 and p.cp_attention == "ulysses" and heads % p.cp:
+            raise ConfigError(
+                f"parallel.cp_attention=ulysses splits each tensor rank's {heads} attention heads (model "
+                f"num_attention_heads={config.num_attention_heads} / parallel.tp={tp}) over parallel.cp={p.cp} ranks: "
+                f"choose a cp that divides them, or parallel.cp_attention=ring"
+            )
+        if p.cp > 1 and p.ep > 1 and p.deepspeed_config:
+            raise ConfigError(
+                f"parallel.cp={p.cp} with parallel.ep={p.ep} under {p.deepspeed_config}: DeepSpeed reduces expert "
+                f"gradients over the expert-data-parallel group only, not over the context group; use the torch "
+                f"engine (parallel.deepspeed_config=null) or ep=1"
+            )
         check_pipeline(
             pp=p.pp,
             schedule=p.pp_schedule,

@@ -59,7 +59,8 @@ class TrainConfig:
     def parallel_dims(self, world_size: int) -> ParallelDims:
         """The rank layout of `world_size` processes under parallel.*; one that cannot work is a ConfigError."""
         try:
-            return ParallelDims(world_size=world_size, tp=self.parallel.tp, ep=self.parallel.ep, pp=self.parallel.pp)
+            p = self.parallel
+            return ParallelDims(world_size=world_size, tp=p.tp, ep=p.ep, pp=p.pp, cp=p.cp)
         except ParallelConfigError as e:
             raise ConfigError(str(e)) from None
 
@@ -114,6 +115,18 @@ class TrainConfig:
             )
         if p.sequence_parallel and d.seq_len % p.tp:
             raise ConfigError(f"data.seq_len={d.seq_len} must divide by parallel.tp={p.tp} under sequence_parallel")
+        if p.cp > 1:
+            if d.seq_len % (2 * p.cp):
+                raise ConfigError(
+                    f"data.seq_len={d.seq_len} must divide by 2 x parallel.cp={2 * p.cp}: each of the cp ranks holds "
+                    f"two of 2 x cp equal chunks of every sequence (one early, one late: the causal work is balanced)"
+                )
+            if p.sequence_parallel and (d.seq_len // p.cp) % p.tp:
+                raise ConfigError(
+                    f"data.seq_len={d.seq_len} / parallel.cp={p.cp} must divide by parallel.tp={p.tp} under "
+                    f"sequence_parallel (each context chunk is split again over the tensor group)"
+                )
+
         if not d.synthetic:
             self.data_sources()  # each source's keys and weight
         if p.deepspeed_config:

@@ -139,7 +139,7 @@ class DataSection:
 
 @dataclass
 class ParallelSection:
-    """How the world is laid out; data-parallel degree = world_size / (pp x tp), experts carved out of it."""
+    """How the world is laid out; data-parallel degree = world_size / (pp x cp x tp), experts carved out of it."""
 
     tp: int = 1
     ep: int = 1
@@ -147,6 +147,8 @@ class ParallelSection:
     pp_schedule: str = "1f1b"  # 1f1b | gpipe | interleaved_1f1b | zbv
     pp_stages_per_rank: int = 1  # 2 or more for interleaved_1f1b; exactly 2 for zbv
     pp_layers: list[int] | None = None  # decoder layers per stage, in order; None = balanced
+    cp: int = 1  # context parallelism: each sequence split over cp ranks (parallel.context)
+    cp_attention: str = "ulysses"  # ulysses (all-to-all of heads) | ring (key/value chunks passed around)
     sequence_parallel: bool = False
     deepspeed_config: str | None = None  # a DeepSpeed json (configs/deepspeed/zero*.json); None = torch DDP
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
@@ -154,8 +156,9 @@ class ParallelSection:
 
     def validate(self) -> None:
         """Degrees and choices; how they fit the world size is ParallelDims' rule (TrainConfig.parallel_dims)."""
-        _positive("parallel", self, "tp", "ep", "pp", "pp_stages_per_rank", "timeout_minutes")
+        _positive("parallel", self, "tp", "ep", "pp", "pp_stages_per_rank", "cp", "timeout_minutes")
         _choice("parallel.pp_schedule", self.pp_schedule, SCHEDULES)
+        _choice("parallel.cp_attention", self.cp_attention, ("ulysses", "ring"))
         _choice("parallel.backend", self.backend, ("auto", "nccl", "gloo"))
 
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modeling.config import ModelConfig
+from modeling.context import ContextMask
 from modeling.rope import apply_rotary
 from parallel.layers import (
     ColumnParallelLinear,
@@ -49,7 +50,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         *,
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor | ContextMask | None = None,
         cache: LayerCache | None = None,
     ) -> torch.Tensor:
         """(B, T, H) -> (B, T, H); `mask` (B, 1, T, S) bool, True = attend; None = causal over T.
@@ -73,8 +74,11 @@ class Attention(nn.Module):
         if q.device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16():
             # without bf16 hardware torch's CPU attention kernels run bf16 several times slower than fp32
             q, k, v = q.float(), k.float(), v.float()
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_heads != self.n_kv_heads
-        ).to(dtype)  # (B, nh, T, hd)
+        if isinstance(mask, ContextMask):  # the sequence is split over the context group (modeling.context)
+            y = mask.attend(q, k, v).to(dtype)  # (B, nh, T/cp, hd)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_heads != self.n_kv_heads
+            ).to(dtype)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh * hd)
         return self.o_proj(y)

@@ -5,6 +5,12 @@ rope_scaling (none / linear / dynamic / llama3), tie_word_embeddings, attention_
 transformers 4 form (`rope_theta` + `rope_scaling`) and the transformers 5 form (`rope_parameters`) are read; both
 are written, so either version loads an export.
 
+sliding_window (Mistral's and Mixtral's key; None = full causal attention): a query at sequence index i attends the
+keys at j with i - window < j <= i (modeling.llama.causal_mask). A dense model with a window reads and writes
+Mistral's config.json (architectures MistralForCausalLM, model_type mistral); without one it is a Llama (a Mistral
+checkpoint with "sliding_window": null exports as the Llama it computes). Llama has no window: a Llama config.json
+with one is refused.
+
 A model with experts (num_local_experts > 0) reads and writes Mixtral's config.json (architectures
 MixtralForCausalLM, model_type mixtral: num_local_experts, num_experts_per_tok, router_aux_loss_coef, ...); the
 fields Mixtral lacks (router_score, capacity_factor, shared experts, ...) are written beside them, so a native
@@ -44,6 +50,9 @@ MOE_FIELDS = (
 )
 
 
+MISTRAL_DEFAULT_WINDOW = 4096  # transformers' MistralConfig.sliding_window when config.json leaves it out
+
+
 class ConfigError(ValueError):
     """A model configuration that cannot work; the message names the key."""
 
@@ -74,6 +83,7 @@ class ModelConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
+    sliding_window: int | None = None  # attend to the last `sliding_window` tokens (this one included); None = all
     # Mixture of experts (Mixtral's names where it has them). num_local_experts=0 is a dense Llama.
     num_local_experts: int = 0
     num_experts_per_tok: int = 2
@@ -107,6 +117,13 @@ class ModelConfig:
             raise ConfigError(
                 f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
                 f"model.num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.sliding_window is not None and (
+            isinstance(self.sliding_window, bool) or not isinstance(self.sliding_window, int) or self.sliding_window < 1
+        ):
+            raise ConfigError(
+                f"model.sliding_window={self.sliding_window!r} must be a positive integer (the number of tokens a "
+                f"query attends to, itself included) or null for full causal attention"
             )
         self.rope_scaling = self._check_rope_scaling(self.rope_scaling)
         self._check_moe()
@@ -191,18 +208,23 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
-        """Read a Hugging Face LlamaConfig or MixtralConfig dict (transformers 4 or 5 layout)."""
+        """Read a Hugging Face LlamaConfig, MistralConfig or MixtralConfig dict (transformers 4 or 5 layout)."""
         model_type = d.get("model_type", "llama")
-        if model_type not in ("llama", "mixtral"):
+        if model_type not in ("llama", "mistral", "mixtral"):
             raise ConfigError(
-                f"{source}: model_type={model_type!r}; this converter reads Llama and Mixtral checkpoints (model_type "
-                f"'llama' or 'mixtral', architectures ['LlamaForCausalLM'] or ['MixtralForCausalLM'])"
+                f"{source}: model_type={model_type!r}; this converter reads Llama, Mistral and Mixtral checkpoints "
+                f"(model_type 'llama', 'mistral' or 'mixtral', architectures ['LlamaForCausalLM'], "
+                f"['MistralForCausalLM'] or ['MixtralForCausalLM'])"
             )
-        if model_type == "mixtral" and d.get("sliding_window") is not None:
+        d = dict(d)
+        if model_type == "llama" and d.get("sliding_window") is not None:
             raise ConfigError(
-                f"{source}: sliding_window={d['sliding_window']}: sliding-window attention is not supported; set "
-                f'"sliding_window": null if the model was trained with full attention'
+                f"{source}: sliding_window={d['sliding_window']} with model_type 'llama': transformers' Llama has no "
+                f"sliding window and would ignore it. Use model_type 'mistral' (MistralForCausalLM) for a model "
+                f'trained with a window, or set "sliding_window": null'
             )
+        if model_type == "mistral":
+            d.setdefault("sliding_window", MISTRAL_DEFAULT_WINDOW)  # MistralConfig's default when the key is absent
         if d.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"{source}: hidden_act={d['hidden_act']!r} is not supported (Llama uses 'silu')")
         if d.get("pretraining_tp", 1) != 1:
@@ -216,17 +238,21 @@ class ModelConfig:
         return cls(**kwargs, rope_theta=float(rope_theta), rope_scaling=rope or None)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """A config.json that transformers 4 and 5 load as LlamaForCausalLM (with experts: MixtralForCausalLM)."""
-        moe = self.num_local_experts > 0
-        skip = {"rope_scaling", *(() if moe else MOE_FIELDS)}
+        """A config.json that transformers 4 and 5 load as LlamaForCausalLM.
+
+        With experts: MixtralForCausalLM; dense with a sliding window: MistralForCausalLM (Llama has no window).
+        """
+        moe, mistral = self.num_local_experts > 0, self.num_local_experts == 0 and self.sliding_window is not None
+        skip = {"rope_scaling", *(() if moe else MOE_FIELDS), *(() if moe or mistral else ("sliding_window",))}
         d = {k: v for k, v in asdict(self).items() if k not in skip}  # asdict copies: no aliasing
         rope_scaling = dict(self.rope_scaling) if self.rope_scaling else None
         rope_parameters = {**(rope_scaling or {}), "rope_type": self.rope_type, "rope_theta": self.rope_theta}
-        arch = (
-            {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "sliding_window": None}
-            if moe
-            else {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "pretraining_tp": 1}
-        )
+        if moe:
+            arch = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral"}
+        elif mistral:
+            arch = {"architectures": ["MistralForCausalLM"], "model_type": "mistral"}
+        else:
+            arch = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "pretraining_tp": 1}
         return {
             **arch,
             "hidden_act": "silu",
@@ -235,6 +261,13 @@ class ModelConfig:
             "rope_scaling": rope_scaling,
             "rope_parameters": rope_parameters,
         }
+
+    def mistral_incompatibilities(self) -> list[str]:
+        """The settings transformers' MistralForCausalLM cannot represent (empty: a windowed model exports exactly).
+
+        Mistral's projections have no biases (its attention and MLP are built with bias=False).
+        """
+        return [k for k in ("attention_bias", "mlp_bias") if getattr(self, k)]
 
     def mixtral_incompatibilities(self) -> list[str]:
         """The settings transformers' MixtralForCausalLM cannot represent (empty: the model exports exactly)."""

@@ -5,9 +5,12 @@ experts, experts-epNN-of-NN.safetensors, loadable at any tp and ep degree) is mo
 
 Hugging Face format: config.json + model.safetensors (or sharded with model.safetensors.index.json, or
 pytorch_model*.bin read with weights_only=True). Llama's tensor names are the same in both formats, and RoPE uses
-the same rotate-half layout, so conversion renames nothing and permutes nothing. Mixtral (MixtralForCausalLM) renames
-and stacks only its expert tensors (modeling.hf_mixtral); settings Mixtral cannot represent (sigmoid routing,
-capacity, shared experts, expert bias, dense layers between MoE ones) stop the export with the config key named.
+the same rotate-half layout, so conversion renames nothing and permutes nothing. Mistral (MistralForCausalLM) is a
+Llama without biases plus `sliding_window`, with Llama's tensor names: a Mistral directory loads as the native model
+with that window, and a dense native model with a window exports as Mistral (one without as Llama); biases, which
+Mistral lacks, stop that export. Mixtral (MixtralForCausalLM, its sliding_window read and written) renames and
+stacks only its expert tensors (modeling.hf_mixtral); settings Mixtral cannot represent (sigmoid routing, capacity,
+shared experts, expert bias, dense layers between MoE ones) stop the export with the config key named.
 
     python -m modeling.convert --from-hf HF_DIR --out DIR [--tp N] [--ep N] [--dtype bf16]
     python -m modeling.convert --to-hf DIR --out HF_DIR [--dtype bf16]
@@ -89,7 +92,7 @@ def read_hf_state_dict(hf_dir: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_hf_checkpoint(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Config and validated full state dict (native names) of a Hugging Face Llama or Mixtral directory."""
+    """Config and validated full state dict (native names) of a Hugging Face Llama, Mistral or Mixtral directory."""
     hf = Path(hf_dir)
     config = ModelConfig.load(hf / "config.json")
     state_dict = read_hf_state_dict(hf)
@@ -107,7 +110,8 @@ def save_hf_checkpoint(
 ) -> None:
     """Write config.json, generation_config.json and safetensors (sharded above 5 GiB) that transformers loads.
 
-    A mixture-of-experts model is written as Mixtral; CheckpointError when it uses what Mixtral cannot represent.
+    A mixture-of-experts model is written as Mixtral, a dense one with a sliding window as Mistral (same tensor names
+    as Llama), any other as Llama; CheckpointError when it uses what that architecture cannot represent.
     generation_config.json stops at EOS and at the end of turn of `tokenizer_dir`'s chat template, if it has one.
     """
     if config.num_local_experts:
@@ -120,6 +124,14 @@ def save_hf_checkpoint(
                 f"no shared experts or expert bias)"
             )
         state_dict = native_to_mixtral(state_dict)
+    elif config.sliding_window is not None:
+        bad = config.mistral_incompatibilities()
+        if bad:
+            raise CheckpointError(
+                f"this model has model.sliding_window={config.sliding_window}, so it exports as Hugging Face Mistral "
+                f"(Llama has no window), which has no equivalent of model.{bad[0]} (all: {', '.join(bad)}): Mistral's "
+                f"projections have no biases. Keep the native checkpoint, or train without biases"
+            )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hf_config = config.to_hf_dict()
@@ -207,7 +219,7 @@ def hf_to_native(
     dtype: str | None = None,
     merge_lora: str | Path | None = None,
 ) -> None:
-    """Convert a Hugging Face Llama or Mixtral directory into native shards for tp x ep ranks, LoRA merged in."""
+    """Convert a Hugging Face Llama, Mistral or Mixtral directory into native shards for tp x ep ranks (LoRA merged)."""
     config, full = load_hf_checkpoint(hf_dir)
     config.validate_parallel(tp, ep)
     if merge_lora is not None:
@@ -280,9 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     """Command line: --from-hf, --to-hf (either with --merge-lora) or --to-peft."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument(
-        "--from-hf", metavar="HF_DIR", help="Hugging Face Llama or Mixtral directory to convert to native shards"
-    )
+    src.add_argument("--from-hf", metavar="HF_DIR", help="Hugging Face Llama, Mistral or Mixtral directory to convert")
     src.add_argument("--to-hf", metavar="DIR", help="native checkpoint directory to export to Hugging Face")
     src.add_argument("--to-peft", metavar="ADAPTER_DIR", help="native LoRA adapter directory to export to PEFT")
     ap.add_argument("--out", required=True, help="output directory")

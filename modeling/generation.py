@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from modeling.attention import LayerCache
-from modeling.llama import LlamaForCausalLM
+from modeling.llama import LlamaForCausalLM, causal_mask
 from parallel.mappings import group_size
 from parallel.state import ParallelState
 
@@ -36,18 +36,23 @@ class KVCache:
         self.values = [p.new_empty(shape) for _ in range(cfg.num_hidden_layers)]
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=p.device)  # (B, max_len)
         self.length = 0
+        self.sliding_window = cfg.sliding_window
 
     def layer(self, index: int) -> LayerCache:
         """Buffers of one layer and the first free position."""
         return self.keys[index], self.values[index], self.length
 
     def attention_mask(self, num_new: int) -> torch.Tensor:
-        """(B, 1, T, S) bool: causal over absolute positions, padded keys hidden, each query sees itself."""
+        """(B, 1, T, S) bool: causal_mask over cache slots, padded keys hidden, each query sees itself.
+
+        Slots are absolute indices of the sequence (prompts are left-padded, so the distance between two real tokens
+        is the same in slots and in positions): the model's sliding window applies to the cached keys as in training.
+        """
         S = self.length + num_new
-        q_pos = torch.arange(self.length, S, device=self.valid.device).unsqueeze(1)  # (T, 1)
-        k_pos = torch.arange(S, device=self.valid.device).unsqueeze(0)  # (1, S)
-        mask = (k_pos <= q_pos) & self.valid[:, None, :S]  # (B, T, S)
-        return (mask | (k_pos == q_pos)).unsqueeze(1)  # a padded query attends to itself: no all-masked row
+        q_pos = torch.arange(self.length, S, device=self.valid.device)  # (T,)
+        k_pos = torch.arange(S, device=self.valid.device)  # (S,)
+        mask = causal_mask(q_pos, k_pos, self.sliding_window) & self.valid[:, None, :S]  # (B, T, S)
+        return (mask | (k_pos == q_pos[:, None])).unsqueeze(1)  # a padded query attends to itself: no all-masked row
 
     def forward(self, model: LlamaForCausalLM, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor):
         """Feed (B, T) new tokens, return the (B, V) logits of the last one, and advance the cache."""
@@ -60,18 +65,18 @@ class KVCache:
 
 @contextmanager
 def whole_sequences(model: nn.Module) -> Iterator[None]:
-    """Sequence parallelism off in every module of `model` for the duration, back on after.
+    """Sequence and context parallelism off in every module of `model` for the duration, back on after.
 
-    A KV cache feeds a few tokens at a time, which cannot be split over the tensor group: generation runs the
-    tensor-parallel layers with whole sequences (the same weights, the same results), also in a model trained
-    with parallel.sequence_parallel.
+    A KV cache feeds a few tokens at a time, which cannot be split over the tensor or the context group: generation
+    runs the layers with whole sequences (the same weights, the same results) on every rank, also in a model trained
+    with parallel.sequence_parallel or parallel.cp > 1.
     """
     swapped = []
     for module in model.modules():
         state = getattr(module, "state", None)
-        if isinstance(state, ParallelState) and state.sequence_parallel:
+        if isinstance(state, ParallelState) and (state.sequence_parallel or state.context_parallel):
             swapped.append((module, state))
-            module.state = dataclasses.replace(state, sequence_parallel=False)
+            module.state = dataclasses.replace(state, sequence_parallel=False, context_parallel=False)
     try:
         yield
     finally:

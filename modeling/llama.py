@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from modeling import context
 from modeling.attention import Attention, LayerCache
 from modeling.config import ModelConfig
 from modeling.mlp import SwiGLUMLP
@@ -78,12 +79,25 @@ def positions_from_documents(document_ids: torch.Tensor) -> torch.Tensor:
     return idx - torch.where(starts, idx, 0).cummax(dim=1).values
 
 
-def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) document ids -> (B, 1, T, T) bool mask: causal, and only within the same document."""
-    T = document_ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()  # (T, T)
+def causal_mask(q_idx: torch.Tensor, k_idx: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
+    """(Tq,) query and (S,) key sequence indices -> (Tq, S) bool, True = attend: j <= i and i - j < sliding_window.
+
+    The one definition of causal and sliding-window attention (training, documents, the KV cache): the rule of
+    transformers' masking_utils (causal_mask_function and sliding_window_overlay, kv_idx > q_idx - sliding_window),
+    so a window of w sees w tokens, the query's own included.
+    """
+    diff = q_idx.unsqueeze(1) - k_idx.unsqueeze(0)  # (Tq, S): i - j
+    mask = diff >= 0
+    if sliding_window is not None:
+        mask = mask & (diff < sliding_window)
+    return mask
+
+
+def document_causal_mask(document_ids: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
+    """(B, T) document ids -> (B, 1, T, T) bool mask: causal_mask (with the window), and only within the document."""
+    idx = torch.arange(document_ids.shape[1], device=document_ids.device)
     same_doc = document_ids.unsqueeze(2) == document_ids.unsqueeze(1)  # (B, T, T)
-    return (same_doc & causal).unsqueeze(1)
+    return (same_doc & causal_mask(idx, idx, sliding_window)).unsqueeze(1)
 
 
 class DecoderLayer(nn.Module):
@@ -235,31 +249,47 @@ class LlamaForCausalLM(nn.Module):
         if self.part != ModelPart.whole(self.config):
             raise ValueError("this rank holds one pipeline part of the model: run it through modeling.pipeline")
         position_ids, mask = self.attention_inputs(input_ids.shape, input_ids.device, position_ids, document_ids, cache)
-        x = self.embed(input_ids, cache)
+        x = self.embed(self.local(input_ids), cache)
         x = self.run_layers(x, position_ids, mask, cache)
-        return self.finish(x, targets, num_logits_to_keep, aux=self.aux_loss() if targets is not None else None)
+        local = self.local(targets)
+        return self.finish(x, local, num_logits_to_keep, aux=self.aux_loss() if targets is not None else None)
 
-    @staticmethod
+    def local(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """This rank's tokens of a (B, T, ...) tensor under context parallelism (modeling.context), else `x`."""
+        return context.shard(self.state, x) if context.active(self.state) else x
+
     def attention_inputs(
+        self,
         shape: tuple[int, int],
         device: torch.device,
         position_ids: torch.Tensor | None,
         document_ids: torch.Tensor | None,
         cache: Cache | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, T) position ids (given, per document, or 0..T-1) and the attention mask (None = causal)."""
+        """(B, T) position ids (given, per document, or 0..T-1) and the attention mask (None = causal).
+
+        The mask is causal_mask's rule: within each document when `document_ids` are given, over the last
+        config.sliding_window tokens when it is set; the cache builds its own over the cached keys. Plain causal
+        attention (no documents, no window) passes no mask, so that SDPA runs its is_causal kernel.
+        """
         B, T = shape
         if position_ids is None:
             if document_ids is not None:
                 position_ids = positions_from_documents(document_ids)
             else:
                 position_ids = torch.arange(T, device=device).expand(B, T)
-        mask = None
+        window = self.config.sliding_window
         if cache is not None:
-            mask = cache.attention_mask(T)
-        elif document_ids is not None:
-            mask = document_causal_mask(document_ids)
-        return position_ids, mask
+            return position_ids, cache.attention_mask(T)
+        if context.active(self.state):  # this rank's tokens; attention reads the others' from the context group
+            docs = context.shard(self.state, document_ids)  # (B, T/cp)
+            return context.shard(self.state, position_ids), context.context_mask(self.state, T, device, docs, window)
+        if document_ids is None and (window is None or window >= T):
+            return position_ids, None  # a window as long as the sequence hides nothing
+        if document_ids is None:
+            idx = torch.arange(T, device=device)
+            return position_ids, causal_mask(idx, idx, window)[None, None]  # (1, 1, T, T), broadcast over the batch
+        return position_ids, document_causal_mask(document_ids, window)
 
     def embed(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
         """(B, T) ids -> (B, T, H), or (B, T/tp, H) under sequence parallelism."""
@@ -304,15 +334,22 @@ class LlamaForCausalLM(nn.Module):
     ) -> CausalLMOutput:
         """Final norm and head: given targets the loss, cross-entropy + `aux` (MoE aux losses), else the logits."""
         x = self.model.norm(x)
+        split = context.active(self.state)  # x holds this rank's tokens of each sequence (targets too)
         if targets is not None:
             ce = self.lm_head(x, targets)  # fused head + vocab-parallel loss: logits neither gathered nor kept
+            if split:  # this chunk's share of the whole sequence's loss (modeling.context)
+                loss, mean = context.loss_share(self.state, ce, targets, aux=aux)
+                return CausalLMOutput(loss=loss, ce_loss=mean, aux_loss=aux)
             return CausalLMOutput(loss=ce if aux is None else ce + aux, ce_loss=ce, aux_loss=aux)
-        if num_logits_to_keep and not self.state.sequence_parallel:
+        if num_logits_to_keep and not (self.state.sequence_parallel or split):
             x = x[:, -num_logits_to_keep:]  # (B, N, H)
         logits = self.lm_head(x)  # (B, T', V'/tp), V' the vocabulary padded to a multiple of tp
-        if num_logits_to_keep:
+        if num_logits_to_keep and not split:
             logits = logits[:, -num_logits_to_keep:]
         logits = gather_from_region(logits, self.state.tp_group, -1)  # (B, T', V')
+        if split:
+            logits = context.gather_logits(self.state, logits)  # (B, T, V') in sequence order
+            logits = logits[:, -num_logits_to_keep:] if num_logits_to_keep else logits
         return CausalLMOutput(logits=logits[..., : self.config.vocab_size])  # (B, T', V): padding sliced off
 
     def aux_loss(self, layers: Iterable[int] | None = None) -> torch.Tensor | None:

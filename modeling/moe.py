@@ -34,7 +34,9 @@ Losses (this rank's tokens, Megatron's default under data/expert parallelism), s
 Under sequence parallelism (tp ranks routing the tp chunks of the same sequences) the counts in f_e are summed over
 the tensor group and each rank's aux_loss is 1/tp of the above on its chunk: the router gradients, summed over the
 tensor group by copy_to_region, are then those of the unsplit sequence's loss (mean_t z_t = z and
-mean_t E sum_e f_e P_t,e = lb for equal chunks). The logged values (training.moe_metrics) average the chunks.
+mean_t E sum_e f_e P_t,e = lb for equal chunks). Context parallelism (cp ranks holding the cp chunks of the same
+sequences) does the same over the context group (the engines sum the router gradients over it). The logged values
+(training.moe_metrics) average the chunks.
 
 With softmax scores and no expert bias, lb is transformers' `load_balancing_loss_func` for one layer. For a whole
 model transformers computes one loss over all layers' logits (`mixtral_aux_loss` here), which is not the sum or
@@ -209,12 +211,12 @@ class MoEMLP(nn.Module):
         n = logits.shape[0]
         probs = scores if self.config.router_score == "softmax" else scores / scores.sum(-1, keepdim=True)
         counts, chunks = load.float(), 1  # (E,)
-        if self.state.sequence_parallel and group_size(self.state.tp_group) > 1:
-            chunks = group_size(self.state.tp_group)
-            dist.all_reduce(counts, group=self.state.tp_group)  # f_e over the whole sequence, not this chunk
+        for group in self.state.sequence_groups():  # f_e over the whole sequence, not this chunk
+            chunks *= group_size(group)
+            dist.all_reduce(counts, group=group)
         lb = self.num_experts * torch.dot(counts / (n * chunks), probs.mean(0))
         z = torch.logsumexp(logits, dim=-1).square().mean()
-        # this chunk's share: the shares of the tensor group sum to the unsplit sequence's loss
+        # this chunk's share: the shares of the tensor (and context) group sum to the unsplit sequence's loss
         self.aux_loss = (self.config.router_aux_loss_coef * lb + self.config.router_z_loss_coef * z) / chunks
         self.router_logits = logits
         lb_value, z_value = torch.stack([lb.detach(), z.detach()]).tolist()
@@ -237,8 +239,8 @@ class MoEMLP(nn.Module):
         load = self.expert_load.clone()
         if group_size(self.state.dp_group) > 1:
             dist.all_reduce(load, group=self.state.dp_group)  # the expert group is inside the data-parallel group
-        if self.state.sequence_parallel and group_size(self.state.tp_group) > 1:
-            dist.all_reduce(load, group=self.state.tp_group)  # tensor ranks routed different sequence chunks
+        for group in self.state.sequence_groups():  # tensor or context ranks routed other chunks of the sequences
+            dist.all_reduce(load, group=group)
         self.expert_bias += self.config.router_bias_update_rate * torch.sign(load.mean() - load)
         self.expert_load.zero_()
 

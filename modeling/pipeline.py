@@ -120,7 +120,8 @@ class StageModule(nn.Module):
     def io_meta(self, micro_batch: int, seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(input, output) of one micro-batch on the meta device; the residual stream in `dtype`."""
         state = self.model.state
-        local = seq_len // state.tp_size if state.sequence_parallel else seq_len
+        local = seq_len // state.cp_size if state.context_parallel else seq_len  # this rank's tokens of a sequence
+        local = local // state.tp_size if state.sequence_parallel else local
         stream = torch.empty(micro_batch, local, self.model.config.hidden_size, dtype=dtype, device="meta")
         stream.requires_grad_(True)
         ids = torch.empty(micro_batch, seq_len, dtype=torch.long, device="meta")
@@ -144,14 +145,14 @@ class StageModule(nn.Module):
         B, T = targets.shape if targets is not None else x.shape[:2]
         position_ids, mask = m.attention_inputs((B, T), x.device, None, document_ids, None)
         if self.first:
-            x = m.embed(x)
+            x = m.embed(m.local(x))  # this rank's tokens under context parallelism
         x = m.run_layers(x, position_ids, mask, layers=self.layer_ids)
         aux = m.aux_loss(self.layer_ids)
         if self.on_forward is not None:
             self.on_forward(aux, self.layer_ids)
         if not self.last:
             return x if aux is None or not torch.is_grad_enabled() else attach_loss(x, aux, self.scale)
-        out = m.finish(x, targets, aux=aux)
+        out = m.finish(x, m.local(targets), aux=aux)
         self.ce_losses.append(out.ce_loss.detach())
         return out.loss
 
@@ -189,12 +190,12 @@ class PipelinedCausalLM(nn.Module):
         x, out = None, None
         for stage in plan.rank_stages(me):
             if stage == 0:
-                x = m.embed(input_ids, cache)
+                x = m.embed(m.local(input_ids), cache)
             elif plan.owner(stage - 1) != me:
                 x = recv_tensor(_peer(state, plan.owner(stage - 1)), state.pp_group, input_ids.device)
             x = m.run_layers(x, position_ids, mask, cache, layers=plan.layers[stage])
             if stage == last:
-                out = m.finish(x, targets, num_logits_to_keep)
+                out = m.finish(x, m.local(targets), num_logits_to_keep)
             elif plan.owner(stage + 1) != me:
                 send_tensor(x, _peer(state, plan.owner(stage + 1)), state.pp_group)
         src = plan.owner(last)

@@ -91,7 +91,8 @@ def _exp_and_loss(chunks: list[torch.Tensor], target: torch.Tensor, group: Group
         dist.all_reduce(stats, group=group)
     z_t, sum_exp = stats
 
-    n_valid = valid.sum()
+    # no valid target (a context-parallel chunk of prompt tokens, say) is a loss of 0 with zero gradients, not 0/0
+    n_valid = valid.sum().clamp(min=1)
     loss = ((sum_exp.log() - z_t) * valid).sum() / n_valid
     return loss, (sum_exp, t_local, mine, valid, n_valid, *chunks)
 

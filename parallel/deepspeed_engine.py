@@ -56,7 +56,7 @@ class DeepSpeedEngine:
 
         self.module, self.state, self.grad_accum, self.grad_clip = model, state, grad_accum, grad_clip
         self._micro = 0
-        config = fill_auto(ds_config, micro_batch_size, grad_accum, grad_clip, bf16, state.dp_size)
+        config = fill_auto(ds_config, micro_batch_size, grad_accum, grad_clip, bf16, state.dp_cp_size)
         self.zero_stage = int(config.get("zero_optimization", {}).get("stage", 0))
         for p in model.parameters():  # DeepSpeed's norm counts replicated parameters only on tensor rank 0
             p.tensor_model_parallel = getattr(p, "tp_split_dim", None) is not None
@@ -128,7 +128,7 @@ class DeepSpeedEngine:
 
     def load_optimizer_state(self, sd: dict[str, Any]) -> None:
         """Restore this rank's ZeRO partition (the fp32 master weights included) and the scheduler."""
-        mine = [sd["optimizer"]] * self.state.dp_size  # ZeRO indexes the list by data-parallel rank
+        mine = [sd["optimizer"]] * self.state.dp_cp_size  # ZeRO indexes the list by data-parallel rank
         if self.zero_stage == 3:
             self.ds.optimizer.load_state_dict(mine, load_optimizer_states=True)
         else:
@@ -202,14 +202,15 @@ class _Mpu:
     def get_model_parallel_group(self) -> dist.ProcessGroup | None:
         return self.s.mp_group if self.s.pp_size > 1 else self.s.tp_group
 
+    # ZeRO shards and reduces over dp x cp: context ranks hold the same weights and other chunks of the sequences
     def get_data_parallel_rank(self) -> int:
-        return self.s.dp_rank
+        return self.s.dp_cp_rank
 
     def get_data_parallel_world_size(self) -> int:
-        return self.s.dp_size
+        return self.s.dp_cp_size
 
     def get_data_parallel_group(self) -> dist.ProcessGroup | None:
-        return self.s.dp_group
+        return self.s.dp_cp_group
 
     def get_pipeline_model_parallel_world_size(self) -> int:
         return self.s.pp_size

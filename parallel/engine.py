@@ -1,7 +1,8 @@
 """The engine interface and its torch (DDP) implementation; `build_engine` picks torch or DeepSpeed ZeRO 1-3.
 
 Data-parallel wrapping happens after construction: tensor (and expert) parallelism live inside the layers; the engine
-only reduces gradients over `state.dp_group`, clips by the global gradient norm (tensor-split parameters summed over
+only reduces gradients over `state.dp_cp_group` (the data-parallel group, times the context group under context
+parallelism), clips by the global gradient norm (tensor-split parameters summed over
 the tensor group, replicated ones counted once), and steps the optimizer and the LR schedule. Both engines
 (`TorchEngine` here, `parallel.deepspeed_engine.DeepSpeedEngine`) have the same small interface, `Engine`:
 
@@ -96,14 +97,16 @@ class TorchEngine:
         self._ddp = None
         self._experts = [p for p in model.parameters() if getattr(p, "expert_parallel", False)]
         # pipeline stages run the model's pieces outside DDP's forward: their gradients are reduced in step()
-        self._reduce_dense = state.dp_size > 1 and state.pp_size > 1
-        if state.dp_size > 1 and not self._reduce_dense:
+        # gradients are averaged over dp x cp: context ranks hold other chunks of the same sequences (the model
+        # scales their shares of the loss by cp, so that this mean sums over the chunks)
+        self._reduce_dense = state.dp_cp_size > 1 and state.pp_size > 1
+        if state.dp_cp_size > 1 and not self._reduce_dense:
             # expert shards differ across the expert-parallel group: DDP must not average them over dp; per-rank
             # statistics must not be replaced by rank 0's in DDP's buffer broadcast
             expert_names = [n for n, p in model.named_parameters() if getattr(p, "expert_parallel", False)]
             ignored = expert_names + rank_local_buffer_names(model)
             nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
-            self._ddp = nn.parallel.DistributedDataParallel(model, process_group=state.dp_group)
+            self._ddp = nn.parallel.DistributedDataParallel(model, process_group=state.dp_cp_group)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The model's forward (through DDP when data-parallel, so that its reduction hooks are armed)."""
@@ -151,8 +154,8 @@ class TorchEngine:
                 n, end = n + grads[end].numel(), end + 1
             bucket = grads[start:end]
             flat = torch.cat([g.reshape(-1) for g in bucket])  # (n,): one collective per bucket
-            dist.all_reduce(flat, group=self.state.dp_group)
-            flat /= self.state.dp_size
+            dist.all_reduce(flat, group=self.state.dp_cp_group)
+            flat /= self.state.dp_cp_size
             for g, part in zip(bucket, flat.split([g.numel() for g in bucket]), strict=True):
                 g.copy_(part.view_as(g))
             start = end
@@ -164,12 +167,14 @@ class TorchEngine:
         the edp group covers every data-parallel rank's tokens exactly once.
         """
         grads = [p.grad for p in self._experts if p.grad is not None]
-        if not grads or self.state.dp_size == 1:
+        if not grads or self.state.dp_cp_size == 1:
             return
         flat = torch.cat([g.reshape(-1) for g in grads])  # (n,): one collective for all expert gradients
         if self.state.dims.edp > 1:
             dist.all_reduce(flat, group=self.state.edp_group)
-        flat /= self.state.dp_size
+        if self.state.cp_size > 1:  # context ranks routed other chunks of the same sequences to the same experts
+            dist.all_reduce(flat, group=self.state.cp_group)
+        flat /= self.state.dp_cp_size
         offset = 0
         for g in grads:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))

@@ -1,10 +1,10 @@
-"""ParallelState: how the world is laid out into pipeline-, data-, tensor- and expert-parallel groups.
+"""ParallelState: how the world is laid out into pipeline-, data-, context-, tensor- and expert-parallel groups.
 
 Rank layout: the ranks form a mesh with one axis per kind of parallelism, `ParallelDims.AXES` outermost first and
 tensor innermost (as in Megatron-LM and DeepSpeed, so that a tensor group sits on one node's fast links and a
 pipeline stage may span nodes: only activations cross between stages):
 
-    global_rank = (pp_rank * dp + dp_rank) * tp + tp_rank
+    global_rank = ((pp_rank * dp + dp_rank) * cp + cp_rank) * tp + tp_rank
 
 Expert parallelism is carved out of the data-parallel dimension (as DeepSpeed-MoE and Megatron do): the dp ranks
 that share a tp_rank are cut into blocks of `ep` consecutive dp ranks. Experts are split over a block (the expert
@@ -20,6 +20,8 @@ Pipeline parallelism adds, per (dp_rank, tp_rank): the pipeline group (the pp ra
 replica), the embedding group (its first and last pipeline rank: a tied embedding's two copies reduce their
 gradients over it, as in Megatron-LM; unused where one rank holds both ends, the zbv schedule's V) and, per dp_rank,
 the model-parallel group tp x pp (the global gradient norm sums over it). At pp=1 none of them is created.
+Context parallelism adds the context group (the cp ranks holding the chunks of the same sequences) and the dp x cp
+group over which gradients of non-expert weights are averaged; at cp=1 neither is created (dp x cp is dp).
 
 The default `ParallelState()` is world size 1 and needs no `init_process_group`: every group is None and every
 collective in `parallel.mappings` returns early, so the model runs in a notebook.
@@ -49,12 +51,13 @@ class ParallelDims:
     in AXES. Experts are not a mesh axis: ep and edp cut each data-parallel group.
     """
 
-    AXES: ClassVar[tuple[str, ...]] = ("pp", "dp", "tp")
+    AXES: ClassVar[tuple[str, ...]] = ("pp", "dp", "cp", "tp")
 
     world_size: int = 1
     tp: int = 1
     ep: int = 1
     pp: int = 1
+    cp: int = 1
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -127,13 +130,14 @@ class ParallelDims:
         coords["ep"], coords["edp"] = coords["dp"] % self.ep, coords["dp"] // self.ep
         return coords
 
-    def _axis_groups(self, axis: str) -> list[list[int]]:
-        # the ranks that differ only along `axis`, one group per combination of the other coordinates (row-major)
-        strides, others = self._strides(), [a for a in self.AXES if a != axis]
+    def _axis_groups(self, *axes: str) -> list[list[int]]:
+        # the ranks that differ only along `axes`, one group per combination of the other coordinates (row-major)
+        strides, others = self._strides(), [a for a in self.AXES if a not in axes]
         groups = []
         for fixed in itertools.product(*(range(getattr(self, a)) for a in others)):
             base = sum(i * strides[a] for a, i in zip(others, fixed, strict=True))
-            groups.append([base + i * strides[axis] for i in range(getattr(self, axis))])
+            inner = itertools.product(*(range(getattr(self, a)) for a in axes))
+            groups.append(sorted(base + sum(i * strides[a] for a, i in zip(axes, idx, strict=True)) for idx in inner))
         return groups
 
     def group_ranks(self) -> dict[str, list[list[int]]]:
@@ -143,13 +147,11 @@ class ParallelDims:
         ep = self.ep
         groups["ep"] = [g[b * ep : (b + 1) * ep] for g in groups["dp"] for b in range(self.edp)]
         groups["edp"] = [g[e::ep] for g in groups["dp"] for e in range(ep)]
-        # a replica's first and last stage (one rank at pp=1), and the tp x pp ranks of one data-parallel rank
+        # a replica's first and last stage (one rank at pp=1); the tp x pp ranks that hold one copy of the model
         groups["embed"] = [sorted({g[0], g[-1]}) for g in groups["pp"]]
-        strides = self._strides()
-        groups["mp"] = [
-            sorted(d * strides["dp"] + p * strides["pp"] + t for p in range(self.pp) for t in range(self.tp))
-            for d in range(self.dp)
-        ]
+        groups["mp"] = self._axis_groups("pp", "tp")
+        # the ranks whose gradients of one weight shard are averaged: data-parallel replicas and sequence chunks
+        groups["dp_cp"] = self._axis_groups("dp", "cp")
         return groups
 
 
@@ -159,11 +161,15 @@ class ParallelState:
 
     `sequence_parallel` turns on Megatron-style sequence parallelism: activations outside the tensor-parallel
     matmuls (norms, residual stream) are split along the sequence dimension over the tensor group.
+    `context_parallel` (on when cp > 1) splits each sequence over the context group for the whole decoder, with
+    attention of kind `cp_attention` (parallel.context); generation turns it off (whole sequences on every rank).
     """
 
     dims: ParallelDims = field(default_factory=ParallelDims)
     rank: int = 0
     sequence_parallel: bool = False
+    context_parallel: bool = False
+    cp_attention: str = "ulysses"
     tp_group: dist.ProcessGroup | None = None
     dp_group: dist.ProcessGroup | None = None
     ep_group: dist.ProcessGroup | None = None
@@ -171,23 +177,38 @@ class ParallelState:
     pp_group: dist.ProcessGroup | None = None
     embed_group: dist.ProcessGroup | None = None
     mp_group: dist.ProcessGroup | None = None
+    cp_group: dist.ProcessGroup | None = None
+    dp_cp_group: dist.ProcessGroup | None = None  # gradients of non-expert weights are averaged over it
+
+    def __post_init__(self) -> None:
+        if self.dp_cp_group is None and self.dims.cp == 1:  # without context parallelism it is the dp group
+            object.__setattr__(self, "dp_cp_group", self.dp_group)
 
     @classmethod
-    def build(cls, *, tp: int = 1, ep: int = 1, pp: int = 1, sequence_parallel: bool = False) -> ParallelState:
+    def build(
+        cls,
+        *,
+        tp: int = 1,
+        ep: int = 1,
+        pp: int = 1,
+        cp: int = 1,
+        sequence_parallel: bool = False,
+        cp_attention: str = "ulysses",
+    ) -> ParallelState:
         """Create all groups over the initialised default process group (every rank must call this)."""
         if not dist.is_initialized():
-            if tp == 1 and ep == 1 and pp == 1:
+            if tp == 1 and ep == 1 and pp == 1 and cp == 1:
                 return cls(sequence_parallel=False)
             raise ParallelConfigError(
-                f"parallel.tp={tp}, parallel.ep={ep}, parallel.pp={pp} need torch.distributed: launch with torchrun "
-                f"(torchrun --nproc_per_node N ...) so that the process group can be initialised"
+                f"parallel.tp={tp}, parallel.ep={ep}, parallel.pp={pp}, parallel.cp={cp} need torch.distributed: "
+                f"launch with torchrun (torchrun --nproc_per_node N ...) so that the process group can be initialised"
             )
-        dims = ParallelDims(world_size=dist.get_world_size(), tp=tp, ep=ep, pp=pp)
+        dims = ParallelDims(world_size=dist.get_world_size(), tp=tp, ep=ep, pp=pp, cp=cp)
         rank = dist.get_rank()
         mine: dict[str, dist.ProcessGroup | None] = {}
         for kind, all_groups in dims.group_ranks().items():
-            if kind in ("pp", "embed", "mp") and dims.pp == 1:
-                continue  # no pipeline: none of its groups (each new_group is a barrier over the whole world)
+            if (kind in ("pp", "embed", "mp") and dims.pp == 1) or (kind in ("cp", "dp_cp") and dims.cp == 1):
+                continue  # no pipeline (context) parallelism: none of its groups (each new_group is a world barrier)
             if kind == "embed" and dims.pp == 2:
                 mine["embed"] = mine["pp"]  # the first and the last stage are the whole pipeline
                 continue
@@ -206,6 +227,10 @@ class ParallelState:
             pp_group=mine.get("pp"),
             embed_group=mine.get("embed"),  # None on the middle stages of pp > 2
             mp_group=mine.get("mp"),
+            cp_group=mine.get("cp"),
+            dp_cp_group=mine.get("dp_cp"),
+            context_parallel=dims.cp > 1,
+            cp_attention=cp_attention,
         )
 
     def require_groups(self) -> None:
@@ -246,6 +271,39 @@ class ParallelState:
         """This rank's index in its expert group."""
         return self.dims.coords(self.rank)["ep"]
 
+    def sequence_groups(self) -> list[dist.ProcessGroup]:
+        """The groups whose ranks hold other chunks of the same sequences; whole-sequence statistics sum over them.
+
+        The tensor group under sequence parallelism, the context group under context parallelism.
+        """
+        groups = []
+        if self.sequence_parallel and self.dims.tp > 1:
+            groups.append(self.tp_group)
+        if self.context_parallel and self.dims.cp > 1:
+            groups.append(self.cp_group)
+        return groups
+
+    @property
+    def dp_cp_size(self) -> int:
+        """Ranks over which a weight shard's gradients are averaged: data-parallel replicas x context chunks."""
+        return self.dims.dp * self.dims.cp
+
+    @property
+    def dp_cp_rank(self) -> int:
+        """This rank's index in its dp x cp group."""
+        c = self.dims.coords(self.rank)
+        return c["dp"] * self.dims.cp + c["cp"]
+
+    @property
+    def cp_size(self) -> int:
+        """Context-parallel degree."""
+        return self.dims.cp
+
+    @property
+    def cp_rank(self) -> int:
+        """This rank's index in its context group (which chunks of each sequence it holds)."""
+        return self.dims.coords(self.rank)["cp"]
+
     @property
     def pp_size(self) -> int:
         """Pipeline-parallel degree."""
@@ -261,5 +319,6 @@ class ParallelState:
         c = self.dims.coords(self.rank)
         return (
             f"rank {self.rank}/{self.dims.world_size}: pp {c['pp']}/{self.dims.pp} tp {c['tp']}/{self.dims.tp} "
-            f"dp {c['dp']}/{self.dims.dp} ep {c['ep']}/{self.dims.ep} sequence_parallel={self.sequence_parallel}"
+            f"cp {c['cp']}/{self.dims.cp} dp {c['dp']}/{self.dims.dp} ep {c['ep']}/{self.dims.ep} "
+            f"sequence_parallel={self.sequence_parallel}"
         )

@@ -150,7 +150,8 @@ def _publish(
 
 def layout(state: ParallelState) -> dict[str, int]:
     """The world layout a checkpoint records (and a resume must match)."""
-    return {"world_size": state.dims.world_size, "tp": state.tp_size, "ep": state.ep_size, "pp": state.pp_size}
+    d = state.dims
+    return {"world_size": d.world_size, "tp": d.tp, "ep": d.ep, "pp": d.pp, "cp": d.cp}
 
 
 def _fsync_dir(path: Path) -> None:

@@ -59,7 +59,9 @@ class Trainer:
         self.cfg = cfg
         self.device = init_distributed(cfg)
         p = cfg.parallel
-        self.state = ParallelState.build(tp=p.tp, ep=p.ep, pp=p.pp, sequence_parallel=p.sequence_parallel)
+        self.state = ParallelState.build(
+            tp=p.tp, ep=p.ep, pp=p.pp, cp=p.cp, sequence_parallel=p.sequence_parallel, cp_attention=p.cp_attention
+        )
         self.is_main = self.state.rank == 0
         self.out = Path(cfg.checkpoint.dir)
         self.dtype = self._dtype()

@@ -1,8 +1,8 @@
 """Per-layer expert load of a mixture-of-experts model over one optimizer step, for metrics.jsonl and wandb.
 
 After each micro-batch's forward, `add` reads every MoE layer's `stats` (modeling.moe.MoEMLP). `row` reduces the step
-over the data-parallel group (under sequence parallelism also over the tensor group, whose ranks routed different
-chunks of the sequences) and returns, for MoE layer i (its index among the decoder layers):
+over the data-parallel group (under sequence or context parallelism also over the tensor or context group, whose
+ranks routed different chunks of the sequences) and returns, for MoE layer i (its index among the decoder layers):
 
     moe/aux_loss                      sum over layers of the scaled aux losses in the objective (mean over micro-batches
                                       and data-parallel ranks); the logged `loss` is the cross-entropy alone
@@ -85,9 +85,10 @@ class MoEStepStats:
         flat = torch.cat([means, counts.reshape(-1)]).to(device)  # one collective for the whole row
         if group_size(self.state.dp_group) > 1:
             dist.all_reduce(flat, group=self.state.dp_group)
-        chunks = group_size(self.state.tp_group) if self.state.sequence_parallel else 1
-        if chunks > 1:
-            dist.all_reduce(flat, group=self.state.tp_group)
+        chunks = 1
+        for group in self.state.sequence_groups():  # ranks that routed other chunks of the same sequences
+            chunks *= group_size(group)
+            dist.all_reduce(flat, group=group)
         flat[: means.numel()] /= self.state.dp_size * chunks
         flat = flat.cpu()
         means, counts = flat[: means.numel()], flat[means.numel() :].view(n_layers, -1)  # (1 + 3L,), (L, E)

@@ -198,6 +198,14 @@ def test_lora_pp2_matches_pp1_and_its_checkpoint_holds_every_stage(task, tmp_pat
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
 
 
+def test_full_finetuning_at_cp2_gives_cp1s_loss_curve(task, tmp_path):
+    # chunks of prompt-only tokens carry no loss: the loss is the whole sequences' mean over response tokens
+    short = ["train.max_steps=3", "train.eval_every=0", "train.sample_tokens=4"]
+    cp1 = _sft(task, tmp_path / "cp1", short)
+    cp2 = _sft(task, tmp_path / "cp2", [*short, "parallel.cp=2", "parallel.cp_attention=ring"], nproc=2)
+    assert len(cp2) == 3 and max(abs(a - b) for a, b in zip(cp1, cp2, strict=True)) < 1e-5, (cp1, cp2)
+
+
 def test_lora_tp2_matches_tp1_resumes_exactly_and_checkpoint_holds_only_the_adapter(task, tmp_path):
     # dropout on: tp=2 must draw tp=1's masks, and the resumed run must restore the RNG state
     lora = [

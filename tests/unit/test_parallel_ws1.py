@@ -246,9 +246,11 @@ def test_group_ranks_match_the_documented_layout():
         "dp": [[0, 2, 4, 6], [1, 3, 5, 7]],
         "ep": [[0, 2], [4, 6], [1, 3], [5, 7]],
         "edp": [[0, 4], [2, 6], [1, 5], [3, 7]],
+        "cp": [[r] for r in range(8)],
         "pp": [[r] for r in range(8)],
         "embed": [[r] for r in range(8)],
         "mp": [[0, 1], [2, 3], [4, 5], [6, 7]],
+        "dp_cp": [[0, 2, 4, 6], [1, 3, 5, 7]],
     }
 
 
@@ -261,8 +263,20 @@ def test_pipeline_groups_put_stages_outermost():
     assert groups["pp"] == [[0, 4], [1, 5], [2, 6], [3, 7]]
     assert groups["embed"] == groups["pp"]  # two stages: the first and last are the whole pipeline
     assert groups["mp"] == [[0, 1, 4, 5], [2, 3, 6, 7]]
-    assert dims.coords(6) == {"tp": 0, "dp": 1, "pp": 1, "ep": 0, "edp": 1}
+    assert dims.coords(6) == {"tp": 0, "cp": 0, "dp": 1, "pp": 1, "ep": 0, "edp": 1}
     assert ParallelDims(world_size=12, pp=3).group_ranks()["embed"][0] == [0, 8]
+
+
+def test_context_groups_sit_between_data_and_tensor():
+    # 16 ranks, tp=2, cp=2, pp=2 -> dp=2: a cp pair is 2 apart, the gradient group dp x cp of one stage and tp rank
+    dims = ParallelDims(world_size=16, tp=2, cp=2, pp=2)
+    groups = dims.group_ranks()
+    assert dims.dp == 2 and groups["tp"][:2] == [[0, 1], [2, 3]]
+    assert groups["cp"][:3] == [[0, 2], [1, 3], [4, 6]]
+    assert groups["dp"][:2] == [[0, 4], [1, 5]]
+    assert groups["dp_cp"] == [[0, 2, 4, 6], [1, 3, 5, 7], [8, 10, 12, 14], [9, 11, 13, 15]]
+    assert groups["mp"][:2] == [[0, 1, 8, 9], [2, 3, 10, 11]]
+    assert dims.coords(7) == {"tp": 1, "cp": 1, "dp": 1, "pp": 0, "ep": 0, "edp": 1}
 
 
 def test_pipeline_degree_must_divide_the_world():
@@ -271,12 +285,14 @@ def test_pipeline_degree_must_divide_the_world():
 
 
 @pytest.mark.parametrize(
-    ("world_size", "tp", "ep", "pp"), [(1, 1, 1, 1), (8, 2, 2, 1), (8, 1, 4, 1), (16, 4, 2, 1), (6, 3, 1, 1),
-                                       (8, 2, 1, 2), (16, 2, 2, 2), (12, 1, 2, 3)]
+    ("world_size", "tp", "ep", "pp", "cp"), [(1, 1, 1, 1, 1), (8, 2, 2, 1, 1), (8, 1, 4, 1, 1), (16, 4, 2, 1, 1),
+                                             (6, 3, 1, 1, 1), (8, 2, 1, 2, 1), (16, 2, 2, 2, 1), (12, 1, 2, 3, 1),
+                                             (16, 2, 1, 2, 2), (16, 1, 2, 1, 4)]
 )  # fmt: skip
-def test_group_ranks_partition_the_world_consistently_with_coords(world_size, tp, ep, pp):
-    dims = ParallelDims(world_size=world_size, tp=tp, ep=ep, pp=pp)
-    sizes = {"tp": tp, "dp": dims.dp, "ep": ep, "edp": dims.edp, "pp": pp, "embed": min(pp, 2), "mp": tp * pp}
+def test_group_ranks_partition_the_world_consistently_with_coords(world_size, tp, ep, pp, cp):
+    dims = ParallelDims(world_size=world_size, tp=tp, ep=ep, pp=pp, cp=cp)
+    sizes = {"tp": tp, "dp": dims.dp, "ep": ep, "edp": dims.edp, "pp": pp, "embed": min(pp, 2), "mp": tp * pp,
+             "cp": cp, "dp_cp": dims.dp * cp}  # fmt: skip
     all_groups = dims.group_ranks()
     assert all_groups["embed"] == [sorted({g[0], g[-1]}) for g in all_groups["pp"]]  # middle stages are in none
     for kind, groups in all_groups.items():
@@ -284,7 +300,7 @@ def test_group_ranks_partition_the_world_consistently_with_coords(world_size, tp
             assert sorted(r for g in groups for r in g) == list(range(world_size)), kind
         for group in groups:
             assert len(group) == sizes[kind], kind
-            if kind in ("embed", "mp"):  # not mesh axes: no coordinate of their own
+            if kind in ("embed", "mp", "dp_cp"):  # not mesh axes: no coordinate of their own
                 continue
             # each rank's index inside its group is its coordinate of that kind
             assert [dims.coords(r)[kind] for r in group] == list(range(len(group))), (kind, group)
@@ -297,17 +313,19 @@ def test_group_ranks_equal_the_explicit_megatron_layout(world_size, tp, ep):
     rank = lambda d, t: d * tp + t  # noqa: E731
     expected = {
         "tp": [[rank(d, t) for t in range(tp)] for d in range(dp)],
+        "cp": [[r] for r in range(world_size)],
         "dp": [[rank(d, t) for d in range(dp)] for t in range(tp)],
         "pp": [[r] for r in range(world_size)],
         "ep": [[rank(b * ep + e, t) for e in range(ep)] for t in range(tp) for b in range(dp // ep)],
         "edp": [[rank(b * ep + e, t) for b in range(dp // ep)] for t in range(tp) for e in range(ep)],
         "embed": [[r] for r in range(world_size)],
         "mp": [[rank(d, t) for t in range(tp)] for d in range(dp)],
+        "dp_cp": [[rank(d, t) for d in range(dp)] for t in range(tp)],
     }
     assert dims.group_ranks() == expected and list(dims.group_ranks()) == list(expected)  # the creation order too
     for r in range(world_size):
         t, d = r % tp, r // tp
-        assert dims.coords(r) == {"tp": t, "dp": d, "pp": 0, "ep": d % ep, "edp": d // ep}
+        assert dims.coords(r) == {"tp": t, "cp": 0, "dp": d, "pp": 0, "ep": d % ep, "edp": d // ep}
 
 
 def test_enabled_predicates():
