@@ -47,6 +47,7 @@ from parallel.mappings import Group, gather_from_region, group_rank, group_size
 from parallel.state import ParallelConfigError
 
 KINDS = ("ulysses", "ring")
+BLOCK_TOKENS = 1024  # the ring's blocks are at most this many queries x keys (see _pieces)
 
 
 def _check_sequence(seq_len: int, cp: int) -> None:
@@ -225,9 +226,14 @@ def _finite(lse: torch.Tensor) -> torch.Tensor:
 
 
 def _pieces(n: int) -> list[slice]:
-    """The local sequence's chunks (two in the balanced layout): blocks are masked and skipped chunk by chunk."""
+    """Tiles of at most BLOCK_TOKENS of the local sequence's chunks (two in the balanced layout).
+
+    Blocks are masked and skipped tile by tile; a block's scores, (B, Hq, tile, tile) fp32, bound the ring's
+    working memory whatever the sequence length.
+    """
     step = n // 2 if n % 2 == 0 else n
-    return [slice(i, i + step) for i in range(0, n, step)]
+    tile = min(step, BLOCK_TOKENS)
+    return [slice(t, min(t + tile, c + step)) for c in range(0, n, step) for t in range(c, c + step, tile)]
 
 
 def _visible_blocks(q_index, k_index, q_docs, k_docs, window):

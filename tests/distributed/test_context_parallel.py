@@ -172,6 +172,13 @@ def _all_checks(rank: int, world_size: int) -> dict[str, tuple[float | str, floa
                 if case != "balance":
                     c.run(f"[{case}] {kind} cp={cp}", _check_case, case, kind, groups[cp])
     c.run("[balance] ring cp=4", _check_balance, world)
+    tiles = context.BLOCK_TOKENS
+    context.BLOCK_TOKENS = 3  # chunks of 4 (cp=2) or 2 (cp=4) tokens cut in tiles of 3 and 1, or kept
+    try:
+        c.run("[tiles] ring cp=2", _check_case, "documents+window", "ring", groups[2])
+        c.run("[tiles] ring cp=4", _check_case, "causal", "ring", groups[4])
+    finally:
+        context.BLOCK_TOKENS = tiles
     c.run("[errors] cp=2", _check_errors, groups[2])
     return c.results
 
@@ -204,6 +211,11 @@ def test_context_attention_equals_full_sdpa(rank_results, case, kind):
 
 def test_ring_load_balanced_blocks_and_gradients(rank_results):
     _assert_checks(rank_results, "[balance] ")
+
+
+def test_ring_in_tiles_smaller_than_its_chunks(rank_results):
+    # long sequences: the ring's blocks are tiles of BLOCK_TOKENS, not whole chunk pairs (bounded working memory)
+    _assert_checks(rank_results, "[tiles]")
 
 
 def test_bf16_inputs_close_to_fp32_reference(rank_results):
