@@ -53,7 +53,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path) -> None:
     if config is None:
         raise AdapterError("the model has no LoRA adapters to save; call apply_lora(model, ...) first")
     state: ParallelState = next(iter(lora_factors(model).values())).state
-    if state.dp_rank != 0:
+    if state.dp_rank != 0 or state.cp_rank != 0:  # replicas (data, context) hold the same adapter
         return
     out = Path(out_dir)
     tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}

@@ -192,6 +192,8 @@ def save_native(model: LlamaForCausalLM, out_dir: str | Path) -> None:
     """
     state = model.state
     coords = state.dims.coords(state.rank)
+    if coords["cp"] != 0:
+        return  # context ranks hold the same weights as context rank 0, which writes them
     out = Path(out_dir)
     tensors, dims, experts = {}, {}, {}
     for name, p in model_tensors(model).items():

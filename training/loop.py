@@ -192,7 +192,7 @@ class Trainer:
         if any(saved.get(k, here[k]) != v for k, v in here.items()):
             raise CheckpointError(
                 f"{path} was written at the layout {saved}, this run's is {here}: a checkpoint resumes at the world "
-                f"size and parallel.tp, ep, pp, pp_schedule, pp_stages_per_rank and pp_layers that wrote it. Rerun "
+                f"size and parallel.tp, ep, pp, cp, pp_schedule, pp_stages_per_rank and pp_layers that wrote it. Rerun "
                 f"with those, or start a new run from its weights with model.init_from={path}"
             )
         rank_state = ckpt_io.load_rank_state(path, self.state)
