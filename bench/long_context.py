@@ -7,8 +7,9 @@
 
 The model is this project's own Llama (modeling.llama.LlamaForCausalLM, fp32, untied), built in each of cp spawned
 gloo processes with ParallelState.build(cp=cp, cp_attention=kind), so that its forward splits the sequence as the
-trainer does (LlamaForCausalLM._context_forward: rank r keeps chunks r and 2cp-1-r of 2cp). One training forward and
-backward of one micro-batch per (cp, kind, seq), the same token ids on every rank; every process has one thread.
+trainer does (LlamaForCausalLM.local and attention_inputs: rank r keeps chunks r and 2cp-1-r of 2cp). One training
+forward and backward of one micro-batch per (cp, kind, seq), the same token ids on every rank; every process has
+one thread.
 At cp = 1 the kinds are the same program (plain SDPA): it runs once.
 
 Memory, two figures per rank, each the peak over the step:
