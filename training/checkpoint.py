@@ -8,6 +8,9 @@
         trainer_state.json                          step, tokens seen, layout; written last: its presence = complete
     <dir>/latest                                    the name of the newest complete step directory
 
+`python -m training.checkpoint DIR` describes a step directory, or a run's checkpoints and the one a resume reads:
+step, tokens seen, the layout that wrote it, the sizes, and whether it is complete.
+
 A crash at any point leaves the previous checkpoint and `latest` intact. Loading never unpickles arbitrary
 objects: tensors come from safetensors, the .pt files are read with `torch.load(weights_only=True)` (DeepSpeed's
 loss-scaler class is allow-listed by name when DeepSpeed is in use).
@@ -15,10 +18,12 @@ loss-scaler class is allow-listed by name when DeepSpeed is in use).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,9 +32,9 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from modeling.config import CheckpointError
+from modeling.config import CheckpointError, ModelConfig
 from modeling.convert import copy_tokenizer, load_checkpoint
-from modeling.native_format import expected_tensors, split_for_rank
+from modeling.native_format import EXPERT_SHARDS, MODEL_SHARDS, expected_tensors, split_for_rank
 from parallel.engine import Engine
 from parallel.state import ParallelState
 
@@ -241,3 +246,90 @@ def _deepspeed_safe_globals() -> list[Any]:
     except ImportError:
         return []
     return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+# ---- the inspector: python -m training.checkpoint DIR ----
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _files_size(files: list[Path]) -> int:
+    return sum(f.stat().st_size for f in files)
+
+
+def inspect(ckpt: Path) -> tuple[list[str], bool]:
+    """Lines describing one step directory (step, tokens, layout, sizes) and whether it is complete.
+
+    Complete: trainer_state.json (written last) is there, the model shards form one set, and every rank of the
+    layout wrote its rank file.
+    """
+    problems, lines = [], []
+    try:
+        meta = read_trainer_state(ckpt)
+    except CheckpointError:
+        meta = None
+        problems.append(f"no readable {STATE_FILE} (the write did not finish)")
+    model_files, expert_files = MODEL_SHARDS.files(ckpt), EXPERT_SHARDS.files(ckpt)
+    rank_files = sorted(ckpt.glob("rank-*.pt"))
+    try:
+        MODEL_SHARDS.complete_set(ckpt)
+    except CheckpointError as e:
+        problems.append(str(e))
+    if meta is not None:
+        saved_layout = meta.get("layout", {})
+        lines.append(
+            f"  step {meta['step']}, tokens seen {meta.get('tokens_seen', 0):,}, non-finite steps "
+            f"{meta.get('nonfinite_steps', 0)}"
+        )
+        described = ", ".join(f"{k} {v}" for k, v in saved_layout.items())
+        if meta.get("pipeline"):
+            described += f", pipeline stages [rank, first layer, layers] {meta['pipeline']}"
+        lines.append(f"  layout: {described}")
+        world = saved_layout.get("world_size")
+        if world is not None and len(rank_files) != world:
+            problems.append(f"{len(rank_files)} rank files for a world of {world}")
+    if (ckpt / "config.json").is_file():
+        params = ModelConfig.load(ckpt / "config.json").num_params()
+        lines.append(f"  model: {params / 1e6:.1f}M parameters")
+    lines.append(
+        f"  files: {len(model_files)} model shard(s) {_mb(_files_size(model_files))}, {len(expert_files)} expert "
+        f"shard(s) {_mb(_files_size(expert_files))}, {len(rank_files)} rank file(s) {_mb(_files_size(rank_files))}; "
+        f"total {_mb(_files_size([f for f in ckpt.iterdir() if f.is_file()]))}"
+    )
+    status = "complete" if not problems else "INCOMPLETE: " + "; ".join(problems)
+    return [f"{ckpt}: {status}", *lines], not problems
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Describe a checkpoint directory, or every checkpoint of a run directory.
+
+    Exit code 1 when the one given, or the one a resume would read, is incomplete; 2 when there is none.
+    """
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("dir", help="a step-NNNNNNNN directory, or a run's checkpoint.dir")
+    path = Path(parser.parse_args(argv).dir)
+    if not path.is_dir():
+        print(f"error: {path} is not a directory", file=sys.stderr)
+        raise SystemExit(2)
+    if (path / STATE_FILE).exists() or path.name.startswith("step-"):
+        lines, ok = inspect(path)
+        print("\n".join(lines))
+        raise SystemExit(0 if ok else 1)
+    steps = sorted(p for p in path.glob("step-*") if p.is_dir())
+    if not steps:
+        print(f"error: {path}: no step-NNNNNNNN directories (is it a checkpoint.dir?)", file=sys.stderr)
+        raise SystemExit(2)
+    latest = latest_checkpoint(path)
+    print(f"{path}: {len(steps)} step directories; a resume reads {latest.name if latest else 'none (start afresh)'}")
+    for step in steps:
+        print(f"  {step.name}: {'complete' if (step / STATE_FILE).exists() else 'incomplete'}")
+    if latest is not None:
+        lines, ok = inspect(latest)
+        print("\n".join(lines))
+        raise SystemExit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

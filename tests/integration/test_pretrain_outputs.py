@@ -91,3 +91,29 @@ def test_zero3_checkpoint_holds_the_same_weights_as_one_process(tmp_path):
     # Adam turns reduction-order differences of the gradients (~1e-7) into weight differences of ~1e-5 at lr 3e-3;
     # a wrongly consolidated partition would be off by the init scale (0.02).
     assert worst < 1e-4, worst
+
+
+def test_checkpoint_inspector_tells_complete_from_incomplete(tmp_path):
+    pretrain(tmp_path, ["train.max_steps=2", "checkpoint.every=1"])
+
+    def inspect(path):
+        proc = subprocess.run(
+            [sys.executable, "-m", "training.checkpoint", str(path)], cwd=REPO_ROOT, env=env(), capture_output=True,
+            text=True, timeout=60,
+        )  # fmt: skip
+        return proc.returncode, proc.stdout + proc.stderr
+
+    rc, out = inspect(tmp_path)
+    assert rc == 0, out
+    assert "2 step directories; a resume reads step-00000002" in out
+    assert "step 2, tokens seen 256, non-finite steps 0" in out  # 2 steps x global batch 4 x seq 32
+    assert "layout: world_size 1, tp 1, ep 1, pp 1, cp 1" in out and "1 rank file(s)" in out
+    # a rank file lost, a half-written step: both said, and the exit code says the resume target is not whole
+    (tmp_path / "step-00000001" / "rank-00000.pt").unlink()
+    (tmp_path / "step-00000002" / "trainer_state.json").unlink()
+    rc, out = inspect(tmp_path)
+    assert rc == 1, out
+    assert "step-00000002: incomplete" in out and "a resume reads step-00000001" in out
+    assert "INCOMPLETE: 0 rank files for a world of 1" in out
+    rc, out = inspect(tmp_path / "step-00000002")
+    assert rc == 1 and "no readable trainer_state.json" in out, out
