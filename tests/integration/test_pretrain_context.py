@@ -6,7 +6,15 @@ text with document attention (eval and samples too). A run stopped and rerun at 
 
 import pytest
 
-from tests.integration.train_utils import assert_same_curve, metrics, pretrain, text_corpus, text_overrides
+from tests.integration.train_utils import (
+    MOE,
+    assert_same_curve,
+    assert_same_moe_stats,
+    metrics,
+    pretrain,
+    text_corpus,
+    text_overrides,
+)
 
 TOL = 1e-5
 WINDOW = ["model.sliding_window=8"]  # shorter than data.seq_len=32: the window hides keys in every sequence
@@ -82,10 +90,6 @@ def test_document_attention_on_text_at_cp2_matches_one_process(corpus, tmp_path)
     assert any(line.startswith("sample ") for line in runs["one"])
 
 
-MOE = ["model.num_local_experts=4", "model.router_aux_loss_coef=0.01", "model.router_z_loss_coef=0.001"]
-MOE += ["model.router_expert_bias=true", "model.router_bias_update_rate=0.01"]
-
-
 @pytest.fixture(scope="module")
 def moe_reference(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("moe_ref")
@@ -103,12 +107,7 @@ def test_moe_at_cp2_matches_one_process(moe_reference, tmp_path, layout, nproc):
     pretrain(tmp_path, [*MOE, "parallel.cp=2", *layout], nproc=nproc)
     got = metrics(tmp_path)
     assert_same_curve(got, moe_reference, loss_tol=TOL)
-    for row, want in zip(got, moe_reference, strict=True):
-        for key in (k for k in want if k.startswith("moe/")):
-            if key.endswith("tokens_per_expert"):
-                assert row[key] == want[key], key
-            else:
-                assert row[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
+    assert_same_moe_stats(got, moe_reference)
 
 
 def test_pp2_cp2_four_processes(tmp_path):

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 300
 # Gradient norms of two layouts of the same step agree to float32 reduction-order noise. The loss alone cannot see a
@@ -102,6 +104,21 @@ def assert_same_curve(got: list[dict], ref: list[dict], loss_tol: float, norm_rt
     assert norm_diff < norm_rtol, (
         f"max relative grad_norm diff {norm_diff:.2e} over {len(ref)} steps\ngot {norm_got}\nref {norm_ref}"
     )
+
+
+# A mixture-of-experts variant of SYNTHETIC: 4 experts, both auxiliary losses, auxiliary-loss-free balancing
+MOE = ["model.num_local_experts=4", "model.router_aux_loss_coef=0.01", "model.router_z_loss_coef=0.001"]
+MOE += ["model.router_expert_bias=true", "model.router_bias_update_rate=0.01"]
+
+
+def assert_same_moe_stats(got: list[dict], ref: list[dict]) -> None:
+    """Every `moe/...` metric of every step: token counts exactly, the losses and loads to 1e-5."""
+    for row, want in zip(got, ref, strict=True):
+        for key in (k for k in want if k.startswith("moe/")):
+            if key.endswith("tokens_per_expert"):
+                assert row[key] == want[key], key
+            else:
+                assert row[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
 
 
 WORDS = "the a model data token train loss step layer head vocab shard rank batch learn text code run".split()
