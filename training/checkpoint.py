@@ -159,6 +159,21 @@ def layout(state: ParallelState) -> dict[str, int]:
     return {"world_size": d.world_size, "tp": d.tp, "ep": d.ep, "pp": d.pp, "cp": d.cp}
 
 
+def check_layout(ckpt: Path, meta: dict[str, Any], state: ParallelState, pipeline: list | None) -> None:
+    """Raise CheckpointError naming both layouts unless `ckpt` was written at this state's layout and stages.
+
+    `meta` is its trainer_state.json; the rank files hold the optimizer state of one layout's shards.
+    """
+    saved = {**meta.get("layout", {}), "pipeline": meta.get("pipeline")}
+    here = {**layout(state), "pipeline": pipeline}
+    if any(saved.get(k, here[k]) != v for k, v in here.items()):
+        raise CheckpointError(
+            f"{ckpt} was written at the layout {saved}, this run's is {here}: a checkpoint resumes at the world "
+            f"size and parallel.tp, ep, pp, cp, pp_schedule, pp_stages_per_rank and pp_layers that wrote it. Rerun "
+            f"with those, or start a new run from its weights with model.init_from={ckpt}"
+        )
+
+
 def _fsync_dir(path: Path) -> None:
     for f in path.iterdir() if path.is_dir() else []:
         if f.is_file():

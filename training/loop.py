@@ -24,7 +24,6 @@ from configs.architecture import resolve_model_config
 from configs.schema import TrainConfig
 from configs.sections import resolve_path
 from dataset.tokenizer import Tokenizer
-from modeling.config import CheckpointError, ModelConfig
 from modeling.generation import generate
 from modeling.llama import CausalLMOutput, LlamaForCausalLM
 from modeling.native_format import save_native
@@ -35,18 +34,13 @@ from parallel.state import ParallelState
 from training import checkpoint as ckpt_io
 from training.data import TrainData, build_eval_batches, build_train_loader, token_byte_lengths
 from training.distributed import adopt_accelerate_deepspeed_config, init_distributed
-from training.metrics import MetricsLogger, memory_bytes, peak_flops
+from training.metrics import MetricsLogger, data_skipped, flops_per_token, memory_bytes, peak_flops
 from training.moe_metrics import MoEStepStats
 from training.optim import build_optimizer
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (non-finite losses, a dead rank); the message says why and what to do."""
-
-
-def flops_per_token(mc: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x active parameters (forward + backward) + attention's 12 x layers x width x seq."""
-    return 6 * mc.num_active_params() + 12 * mc.num_hidden_layers * mc.num_attention_heads * mc.head_dim * seq_len
 
 
 class Trainer:
@@ -187,14 +181,7 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         meta = ckpt_io.read_trainer_state(path)
-        saved = {**meta.get("layout", {}), "pipeline": meta.get("pipeline")}
-        here = {**ckpt_io.layout(self.state), "pipeline": self._pipeline_stages()}
-        if any(saved.get(k, here[k]) != v for k, v in here.items()):
-            raise CheckpointError(
-                f"{path} was written at the layout {saved}, this run's is {here}: a checkpoint resumes at the world "
-                f"size and parallel.tp, ep, pp, cp, pp_schedule, pp_stages_per_rank and pp_layers that wrote it. Rerun "
-                f"with those, or start a new run from its weights with model.init_from={path}"
-            )
+        ckpt_io.check_layout(path, meta, self.state, self._pipeline_stages())
         rank_state = ckpt_io.load_rank_state(path, self.state)
         self.engine.load_optimizer_state(rank_state)
         self.loader.load_state_dict(rank_state["data"])
@@ -423,7 +410,7 @@ class Trainer:
                     "memory_gb": memory_bytes(self.device) / 2**30,
                     "step_time_s": step_time,
                     "nonfinite_steps": self.nonfinite_total,
-                    "data_skipped": _skipped(self.loader),
+                    "data_skipped": data_skipped(self.loader),
                     **{k: v for k, v in m.items() if k.startswith("moe/")},
                 }
                 logger.log(row)
@@ -463,8 +450,3 @@ class Trainer:
             bar.close()
         logger.plot(self.out / "loss_curve.png")
         logger.finish()
-
-
-def _skipped(loader: TrainData) -> int:
-    skipped = loader.stats().get("skipped", 0)
-    return sum(skipped.values()) if isinstance(skipped, dict) else int(skipped)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from configs.sections import LoggingSection
+from modeling.config import ModelConfig
 
 
 def wandb_mode(cfg: LoggingSection) -> str:
@@ -156,3 +157,14 @@ def memory_bytes(device: torch.device) -> int:
     import psutil
 
     return psutil.Process().memory_info().rss
+
+
+def flops_per_token(mc: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x active parameters (forward + backward) + attention's 12 x layers x width x seq."""
+    return 6 * mc.num_active_params() + 12 * mc.num_hidden_layers * mc.num_attention_heads * mc.head_dim * seq_len
+
+
+def data_skipped(loader: Any) -> int:
+    """Records the training loader skipped so far (its stats()' `skipped`: a count, or counts by reason)."""
+    skipped = loader.stats().get("skipped", 0)
+    return sum(skipped.values()) if isinstance(skipped, dict) else int(skipped)
