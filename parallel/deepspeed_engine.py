@@ -21,6 +21,7 @@ back after DeepSpeed's set-up.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
 
@@ -122,18 +123,29 @@ class DeepSpeedEngine:
         """Current learning rate of the first parameter group."""
         return self.optimizer.param_groups[0]["lr"]
 
-    def optimizer_state(self) -> dict[str, Any]:
-        """This rank's ZeRO optimizer partition and the scheduler."""
-        return {"optimizer": self.ds.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+    def optimizer_tensors(self, keep: Callable[[str], bool] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+        """Adam's moments, step and fp32 master per parameter name, whole over the data-parallel ranks (CPU fp32).
 
-    def load_optimizer_state(self, sd: dict[str, Any]) -> None:
-        """Restore this rank's ZeRO partition (the fp32 master weights included) and the scheduler."""
-        mine = [sd["optimizer"]] * self.state.dp_cp_size  # ZeRO indexes the list by data-parallel rank
-        if self.zero_stage == 3:
-            self.ds.optimizer.load_state_dict(mine, load_optimizer_states=True)
-        else:
-            self.ds.optimizer.load_state_dict(mine, load_optimizer_states=True, load_from_fp32_weights=True)
-        self.scheduler.load_state_dict(sd["scheduler"])
+        Collective over the data-parallel group (parallel.optimizer_state reads ZeRO's flat partitions).
+        """
+        import deepspeed
+
+        from parallel.optimizer_state import deepspeed_optimizer_tensors
+
+        check_deepspeed_version(deepspeed.__version__, "layout-free optimizer state under DeepSpeed ZeRO")
+        return deepspeed_optimizer_tensors(self.module, self.ds.optimizer, keep)
+
+    def load_optimizer_tensors(self, get: Callable[[str], dict[str, torch.Tensor] | None]) -> None:
+        """Write what optimizer_tensors() returned (at any layout, cut to this rank) into ZeRO's flat partitions.
+
+        Collective; works before the first step. Without "master" the fp32 master is the module's current value.
+        """
+        import deepspeed
+
+        from parallel.optimizer_state import load_deepspeed_optimizer_tensors
+
+        check_deepspeed_version(deepspeed.__version__, "layout-free optimizer state under DeepSpeed ZeRO")
+        load_deepspeed_optimizer_tensors(self.module, self.ds.optimizer, get)
 
     def full_parameters(self) -> Any:
         """A context in which ZeRO-3 partitioned parameters are whole on every rank (for saving)."""

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any, Protocol
 
@@ -38,6 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel.deepspeed_engine import DeepSpeedEngine
+from parallel.optimizer_state import check_local_shapes, cpu_fp32
 from parallel.pipeline import reduce_tied_grads
 from parallel.state import ParallelState
 
@@ -48,6 +50,7 @@ class Engine(Protocol):
     """What the trainer and the checkpoint writer use of an engine (torch DDP or DeepSpeed ZeRO)."""
 
     module: nn.Module  # the unwrapped model
+    scheduler: torch.optim.lr_scheduler.LRScheduler  # the LR schedule the engine steps
     zero_stage: int  # 0 for the torch engine
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -66,11 +69,27 @@ class Engine(Protocol):
     def lr(self) -> float:
         """Current learning rate of the first parameter group."""
 
-    def optimizer_state(self) -> dict[str, Any]:
-        """This rank's optimizer and scheduler state (tensors and plain Python only)."""
+    def optimizer_tensors(self, keep: Callable[[str], bool] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+        """The optimizer state per parameter, in a form that loads at any layout.
 
-    def load_optimizer_state(self, sd: dict[str, Any]) -> None:
-        """Restore what optimizer_state() returned."""
+        `keep(name)` False leaves a parameter out (a rank that will not write it holds no host copy of it).
+
+        Keyed by the names of `module.named_parameters()`, for every parameter that has state: CPU fp32 tensors
+        in the parameter's local shape (this rank's tensor / expert / pipeline shard, whole over the data-parallel
+        ranks): "exp_avg", "exp_avg_sq", "step" (0-d: the parameter's Adam step count) and "master" (the fp32
+        master weight) where the engine keeps one apart from the module's parameters. Collective under DeepSpeed:
+        every rank of the data-parallel group calls it.
+        """
+
+    def load_optimizer_tensors(self, get: Callable[[str], dict[str, torch.Tensor] | None]) -> None:
+        """Set the optimizer state from `get(name)`: tensors as optimizer_tensors() returns them, or None.
+
+        None leaves that parameter without state (it starts as never stepped). A "master" tensor sets the
+        parameter's value (the fp32 master and the module's copy); without one, DeepSpeed's fp32 master is set from
+        the module's current value (load the model's weights first). Works before the first step; collective under
+        DeepSpeed. A pipeline-tied copy of the embedding (`pipeline_tied == "copy"`) should get the embedding's
+        tensors, so that the two copies step alike.
+        """
 
     def full_parameters(self) -> Any:
         """A context in which parameters are whole (tensor-rank-local)."""
@@ -197,14 +216,47 @@ class TorchEngine:
         """Current learning rate of the first parameter group."""
         return self.optimizer.param_groups[0]["lr"]
 
-    def optimizer_state(self) -> dict[str, Any]:
-        """This rank's optimizer and scheduler state (tensors and plain Python only)."""
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+    def optimizer_tensors(self, keep: Callable[[str], bool] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+        """Adam's moments and step per parameter name (those `keep` accepts), CPU fp32 in the local shape.
 
-    def load_optimizer_state(self, sd: dict[str, Any]) -> None:
-        """Restore what optimizer_state() returned."""
-        self.optimizer.load_state_dict(sd["optimizer"])
-        self.scheduler.load_state_dict(sd["scheduler"])
+        No "master": the parameters are the master weights. A parameter that never had a gradient has no state.
+        """
+        out = {}
+        for name, p in self.module.named_parameters():
+            st = self.optimizer.state.get(p)
+            if not st or (keep is not None and not keep(name)):
+                continue  # never stepped (no gradient yet): no state to carry; or not written by this rank
+            out[name] = {k: cpu_fp32(st[k]) for k in ("exp_avg", "exp_avg_sq")}
+            out[name]["step"] = torch.tensor(float(st["step"]), dtype=torch.float32)
+        return out
+
+    def load_optimizer_tensors(self, get: Callable[[str], dict[str, torch.Tensor] | None]) -> None:
+        """Set each parameter's Adam state (and value, from "master" when given) from `get(name)`.
+
+        A parameter whose `get` is None gets no state: AdamW starts it at step 1, as a never-stepped one.
+        """
+        groups = {id(q): g for g in self.optimizer.param_groups for q in g["params"]}
+        for name, p in self.module.named_parameters():
+            group = groups.get(id(p))
+            if group is None:  # frozen (not in the optimizer): torch's state_dict() would fail on its state
+                continue
+            tensors = get(name)
+            self.optimizer.state.pop(p, None)
+            if tensors is None:
+                continue
+            check_local_shapes(name, p.shape, tensors)
+            with torch.no_grad():
+                if "master" in tensors:  # a bf16 DeepSpeed run's fp32 weights: the value without its rounding
+                    p.copy_(tensors["master"])
+            on_device = group.get("capturable") or group.get("fused")
+            self.optimizer.state[p] = {
+                # torch's AdamW keeps the step as a 0-d fp32 tensor, on the CPU unless capturable or fused
+                "step": torch.tensor(
+                    float(tensors["step"]), dtype=torch.float32, device=p.device if on_device else "cpu"
+                ),
+                "exp_avg": tensors["exp_avg"].to(p.device, p.dtype, copy=True),
+                "exp_avg_sq": tensors["exp_avg_sq"].to(p.device, p.dtype, copy=True),
+            }
 
     def full_parameters(self) -> Any:
         """A context in which parameters are whole (tensor-rank-local); a no-op outside ZeRO-3."""

@@ -61,3 +61,25 @@ def build_optimizer(
     """AdamW over param_groups(model) and its LambdaLR schedule."""
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, max_steps))
+
+
+def schedule_state(scheduler: torch.optim.lr_scheduler.LambdaLR) -> dict:
+    """The schedule's position in a form that loads at any layout: the number of steps taken.
+
+    torch's own state_dict holds one base lr (and one lambda) per parameter group, and a layout may have other groups
+    (a pipeline stage without the embedding has no no-decay embedding, a dense stage no expert group).
+    """
+    return {"step": int(scheduler.last_epoch)}
+
+
+def load_schedule_state(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict) -> None:
+    """Move the schedule to `state["step"]`: every group's lr is its base lr times lambda(step), as if run on."""
+    if "step" not in state:
+        raise ValueError(f"schedule state {state!r} has no 'step': it was not written by schedule_state()")
+    step = int(state["step"])
+    scheduler.last_epoch = step
+    scheduler._step_count = step + 1  # torch warns about a schedule stepped before its optimizer at count 1 only
+    groups = scheduler.optimizer.param_groups
+    for group, base_lr, f in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base_lr * f(step)
+    scheduler._last_lr = [group["lr"] for group in groups]
