@@ -22,7 +22,7 @@ import torch
 
 from configs.sections import ConfigError, resolve_path
 from dataset.chat import ChatError, ChatRenderer
-from dataset.sft import SFTDataError, SFTDataset, build_sft_loader
+from dataset.sft import SFTDataError, SFTDataset, build_sft_loader, build_sft_train_loader
 from dataset.tokenizer import TokenizerError
 from modeling.config import resolve_checkpoint_dir
 from modeling.generation import generate
@@ -112,7 +112,17 @@ class SFTTrainer(Trainer):
                 f"{self.cfg.data.truncation}), {n['skipped']} bad records skipped",
                 flush=True,
             )
-        return build_sft_loader(train, self.cfg.train.micro_batch_size)
+        t, dp = self.cfg.train, self.state.dp_size
+        try:  # one stream per sequence of the global batch, whatever the layout (dataset/loader.py)
+            return build_sft_train_loader(
+                train,
+                micro_batch=t.micro_batch_size,
+                grad_accum=t.global_batch_size // (t.micro_batch_size * dp),
+                dp_rank=self.state.dp_rank,
+                dp_size=dp,
+            )
+        except SFTDataError as e:
+            raise ConfigError(f"data.train: {e}") from None
 
     def eval_batches(self) -> Any:
         """The first eval_batches batches of data.valid (a fixed order: same seed every time)."""

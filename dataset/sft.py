@@ -7,22 +7,27 @@ on_error="skip").
 
 Batches: the whole data set is read and tokenized at construction, on every rank (SFT sets are small: 5 bytes a
 token, so 100k conversations of 500 tokens take 250 MB, and they load at about a million tokens a second). Conversations
-longer than `seq_len + 1` are dropped or cut at the right. Every epoch is a fresh permutation seeded by (seed, epoch),
-of which each data-parallel rank takes every dp_size-th conversation. Rows of `seq_len + 1` tokens are filled in
-that order: with `pack=True` whole conversations are added while they fit (next fit: a conversation is never split;
-the first that does not fit starts the next row), with `pack=False` one conversation per row; the rest is padding.
+longer than `seq_len + 1` are dropped or cut at the right. Every epoch is a fresh permutation seeded by (seed, epoch).
+The training loader (dataset/loader.py's GlobalBatchLoader) reads K streams, K fixed for the run whatever the
+layout: stream k takes every K-th conversation of each epoch's permutation (`[k::K]`), and its state is the
+(epoch, position) of its next conversation. Evaluation (`build_sft_loader`) reads per rank: rank r of dp takes
+`[r::dp]`. Rows of `seq_len + 1` tokens are filled in that order: with `pack=True` whole conversations are added
+while they fit (next fit: a conversation is never split; the first that does not fit starts the next row), with
+`pack=False` one conversation per row; the rest is padding.
 Each batch holds
 
     input_ids     (B, seq_len)  row[:-1]
     targets       (B, seq_len)  labels[1:]: the label of the next token, -100 where masked or padding
     document_ids  (B, seq_len)  0, 1, ... per conversation in the row; the padding gets its own id
 
-    loader = build_sft_loader(SFTDataset("sft/*.jsonl.zst", tokenizer, 2048, dp_rank=r, dp_size=n), 4)
-    batch = next(iter(loader)); state = loader.state_dict()   # (epoch, position): a resumed run goes on exactly
+    loader = GlobalBatchLoader(SFTDataset("sft/*.jsonl.zst", tokenizer, 2048), micro_batch=4, grad_accum=1,
+                               dp_rank=r, dp_size=n)      # training: resumable at any layout
+    batch = next(iter(build_sft_loader(SFTDataset(..., dp_rank=r, dp_size=n), 4)))   # evaluation: this rank's rows
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -38,6 +43,7 @@ from dataset.chat import ChatError, ChatRenderer, normalize_record
 from dataset.files import FileRules, find_files
 from dataset.jsonl_zst import ON_ERROR, DataWarning
 from dataset.lines import DataError, iter_lines
+from dataset.loader import GlobalBatchLoader, tokenizer_identity
 from dataset.packing import IGNORE_INDEX
 from dataset.tokenizer import Tokenizer
 
@@ -66,14 +72,16 @@ SFT_FILES = FileRules(
 
 
 class SFTDataset:
-    """Every conversation of the files, rendered and length-checked, and the rows of one data-parallel rank.
+    """Every conversation of the files, rendered and length-checked; rows by stream (training) or by rank (eval).
+
+    Also a `dataset.loader.StreamSource` (kind "sft"): the training loader reads it as K streams.
 
     Args:
         paths_or_glob: `.jsonl` / `.jsonl.zst` files or globs.
         tokenizer: a `Tokenizer` with the chat markers.
         seq_len: tokens per row of input_ids; a row holds `seq_len + 1` tokens before the shift.
-        dp_rank: this rank's index in the data-parallel group.
-        dp_size: the data-parallel group's size; ranks get disjoint conversations.
+        dp_rank: this rank's index in the data-parallel group (the per-rank rows of `order` / `build_sft_loader`).
+        dp_size: the data-parallel group's size; ranks get disjoint conversations (the same).
         seed: seeds each epoch's permutation together with the epoch number.
         pack: several conversations per row with document ids (True), or one per row (False).
         truncation: a conversation longer than `seq_len + 1` is dropped ("drop") or cut at the right ("truncate",
@@ -107,7 +115,7 @@ class SFTDataset:
         self.seq_len, self.window = seq_len, seq_len + 1
         self.dp_rank, self.dp_size, self.seed, self.pack = dp_rank, dp_size, seed, pack
         self.truncation, self.on_error = truncation, on_error
-        self.renderer = ChatRenderer(tokenizer)
+        self.tokenizer, self.renderer = tokenizer, ChatRenderer(tokenizer)
         pad = next((i for i in (tokenizer.pad_id, tokenizer.eos_id) if i >= 0), 0)
         self.pad_id = pad  # padding is never a target, any id would do
         self.counts = {"conversations": 0, "dropped": 0, "truncated": 0, "skipped": 0}
@@ -118,7 +126,8 @@ class SFTDataset:
                 f"{self.files[0]}{' ...' if len(self.files) > 1 else ''}: {len(self)} usable conversations for "
                 f"{dp_size} data-parallel ranks ({self.counts}); add data, raise seq_len or set truncation='truncate'"
             )
-        self._order: tuple[int, list[int]] | None = None
+        self._perms: dict[int, list[int]] = {}  # epoch -> its permutation (the two latest asked for)
+        self._orders: dict[tuple[int, int], tuple[int, list[int]]] = {}  # (stream, streams) -> (epoch, its slice)
 
     def _load(self) -> None:
         ids, mask, offsets = array("i"), bytearray(), [0]
@@ -176,31 +185,44 @@ class SFTDataset:
         a, b = self.offsets[index], self.offsets[index + 1]
         return self.tokens[a:b], torch.where(self.labelled[a:b], self.tokens[a:b].long(), IGNORE_INDEX)
 
-    def order(self, epoch: int) -> list[int]:
-        """This rank's conversations in `epoch`, in row order: every dp_size-th of a (seed, epoch) permutation."""
-        if self._order is None or self._order[0] != epoch:
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (1 << 63))
-            self._order = (epoch, torch.randperm(len(self), generator=g)[self.dp_rank :: self.dp_size].tolist())
-        return self._order[1]
+    def order(self, epoch: int, stream: int | None = None, n_streams: int | None = None) -> list[int]:
+        """Conversations of stream `stream` of `n_streams` in `epoch`, in row order (by default this rank's).
 
-    def next_row(self, epoch: int, position: int) -> tuple[dict[str, torch.Tensor], int, int]:
+        `[stream::n_streams]` of the (seed, epoch) permutation; this rank's is `[dp_rank::dp_size]`.
+        """
+        key = (self.dp_rank if stream is None else stream, n_streams or self.dp_size)
+        cached = self._orders.get(key)
+        if cached is None or cached[0] != epoch:  # each stream keeps its current epoch's slice; streams drift apart
+            if (perm := self._perms.get(epoch)) is None:
+                if len(self._perms) >= 2:
+                    del self._perms[min(self._perms)]
+                g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (1 << 63))
+                perm = self._perms[epoch] = torch.randperm(len(self), generator=g).tolist()
+            cached = self._orders[key] = (epoch, perm[key[0] :: key[1]])
+        return cached[1]
+
+    def next_row(
+        self, epoch: int, position: int, stream: int | None = None, n_streams: int | None = None
+    ) -> tuple[dict[str, torch.Tensor], int, int]:
         """The row that starts at conversation `position` of `epoch`'s order, and the (epoch, position) after it.
 
-        The row dict holds `tokens`, `labels` and `document_ids`, each of `seq_len + 1` (int64).
+        The order is stream `stream` of `n_streams`'s (by default this rank's). The row dict holds `tokens`,
+        `labels` and `document_ids`, each of `seq_len + 1` (int64).
         """
         tokens = torch.full((self.window,), self.pad_id, dtype=torch.long)
         labels = torch.full((self.window,), IGNORE_INDEX, dtype=torch.long)
         documents = torch.empty(self.window, dtype=torch.long)
         used = doc = 0
         while True:
-            index = self.order(epoch)[position]
+            order = self.order(epoch, stream, n_streams)
+            index = order[position]
             a, b = self.offsets[index], self.offsets[index + 1]
             if used + b - a > self.window:  # never on an empty row: every kept conversation fits
                 break
             tokens[used : used + b - a], labels[used : used + b - a] = self.conversation(index)
             documents[used : used + b - a] = doc
             used, doc, position = used + b - a, doc + 1, position + 1
-            if position == len(self.order(epoch)):
+            if position == len(order):
                 epoch, position = epoch + 1, 0
             if not self.pack:
                 break
@@ -211,9 +233,73 @@ class SFTDataset:
         """Conversations kept, dropped as too long, truncated, and skipped as bad records."""
         return dict(self.counts)
 
+    kind = "sft"
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a stream's (epoch, position) depends on, without the layout (checked when a state is loaded)."""
+        names = "\n".join(p.name for p in self.files).encode()
+        return {
+            "files": hashlib.sha1(names).hexdigest()[:16] + f"x{len(self.files)}",
+            "conversations": len(self),
+            "tokens": len(self.tokens),
+            "seq_len": self.seq_len,
+            "pack": self.pack,
+            "truncation": self.truncation,
+            "seed": self.seed,
+            "tokenizer": tokenizer_identity(self.tokenizer),
+        }
+
+    def check_streams(self, num_streams: int) -> None:
+        """Every stream needs a conversation in each epoch."""
+        if len(self) < num_streams:
+            raise SFTDataError(
+                f"{self.files[0]}{' ...' if len(self.files) > 1 else ''}: {len(self)} usable conversations for "
+                f"{num_streams} streams (one per sequence of train.global_batch_size; {self.counts}); add data, "
+                "lower train.global_batch_size, raise seq_len or set truncation='truncate'"
+            )
+
+    def open_stream(self, index: int, count: int, state: dict | None = None) -> _SFTStream:
+        """Stream `index` of `count`: the rows of conversations `[index::count]` of each epoch, from `state`."""
+        return _SFTStream(self, index, count, state)
+
+    @staticmethod
+    def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """input_ids, targets and document_ids (B, seq_len) from rows of `next_row`."""
+        tokens = torch.stack([r["tokens"] for r in rows])  # (B, seq_len + 1)
+        labels = torch.stack([r["labels"] for r in rows])  # (B, seq_len + 1)
+        documents = torch.stack([r["document_ids"] for r in rows])  # (B, seq_len + 1)
+        return {
+            "input_ids": tokens[:, :-1].contiguous(),
+            "targets": labels[:, 1:].contiguous(),
+            "document_ids": documents[:, :-1].contiguous(),
+        }
+
+    def stream_stats(self, states: list[dict]) -> dict[str, Any]:
+        """The data set's counts (skipped: bad records) and the smallest epoch of these streams."""
+        return {**self.counts, "epoch": min((s["epoch"] for s in states), default=0)}
+
+
+class _SFTStream:
+    """One stream of an SFTDataset: its (epoch, position) and the rows from there."""
+
+    def __init__(self, ds: SFTDataset, index: int, count: int, state: dict | None) -> None:
+        if not 0 <= index < count:
+            raise ValueError(f"stream {index} of {count}: need 0 <= index < count")
+        self.ds, self.index, self.count = ds, index, count
+        self.epoch, self.position = (int(state["epoch"]), int(state["position"])) if state else (0, 0)
+
+    def next_row(self) -> dict[str, torch.Tensor]:
+        """The next row: tokens, labels, document_ids of seq_len + 1."""
+        row, self.epoch, self.position = self.ds.next_row(self.epoch, self.position, self.index, self.count)
+        return row
+
+    def state_dict(self) -> dict[str, int]:
+        """The (epoch, position) of the next conversation."""
+        return {"epoch": self.epoch, "position": self.position}
+
 
 class SFTLoader:
-    """This rank's infinite stream of batches; its state is the (epoch, position) of the next conversation."""
+    """This rank's own infinite stream of batches (`[dp_rank::dp_size]` of each epoch): evaluation, no state."""
 
     def __init__(self, dataset: SFTDataset, batch_size: int) -> None:
         if batch_size < 1:
@@ -229,40 +315,7 @@ class SFTLoader:
         for _ in range(self.batch_size):
             row, self.epoch, self.position = self.dataset.next_row(self.epoch, self.position)
             rows.append(row)
-        tokens = torch.stack([r["tokens"] for r in rows])  # (B, seq_len + 1)
-        labels = torch.stack([r["labels"] for r in rows])  # (B, seq_len + 1)
-        documents = torch.stack([r["document_ids"] for r in rows])  # (B, seq_len + 1)
-        return {
-            "input_ids": tokens[:, :-1].contiguous(),
-            "targets": labels[:, 1:].contiguous(),
-            "document_ids": documents[:, :-1].contiguous(),
-        }
-
-    def _identity(self) -> dict[str, Any]:
-        ds = self.dataset
-        return {
-            "conversations": len(ds),
-            "tokens": len(ds.tokens),
-            "seq_len": ds.seq_len,
-            "pack": ds.pack,
-            "seed": ds.seed,
-            "dp_rank": ds.dp_rank,
-            "dp_size": ds.dp_size,
-        }
-
-    def state_dict(self) -> dict[str, Any]:
-        """Position of the next batch, with what it depends on (checked when loaded)."""
-        return {"epoch": self.epoch, "position": self.position, **self._identity()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a `state_dict()` taken with the same data and settings."""
-        mine = self._identity()
-        if changed := [f"{k}: saved {state.get(k)!r}, now {v!r}" for k, v in mine.items() if state.get(k) != v]:
-            raise SFTDataError(
-                f"the saved SFT data position does not fit this data set ({'; '.join(changed)}); resume with the same "
-                "data and settings, or start without the saved data state"
-            )
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        return self.dataset.collate(rows)
 
     def stats(self) -> dict[str, int]:
         """The dataset's counts: conversations, dropped, truncated, skipped."""
@@ -270,5 +323,12 @@ class SFTLoader:
 
 
 def build_sft_loader(dataset: SFTDataset, batch_size: int) -> SFTLoader:
-    """An infinite, resumable iterator of `batch_size` rows of `dataset` (see the module docstring)."""
+    """This rank's own infinite iterator of `batch_size` rows of `dataset` (evaluation; see the module docstring)."""
     return SFTLoader(dataset, batch_size)
+
+
+def build_sft_train_loader(
+    dataset: SFTDataset, *, micro_batch: int, grad_accum: int, dp_rank: int, dp_size: int
+) -> GlobalBatchLoader:
+    """The training loader: the run's global stream of rows over K streams, resumable at any layout."""
+    return GlobalBatchLoader(dataset, micro_batch=micro_batch, grad_accum=grad_accum, dp_rank=dp_rank, dp_size=dp_size)

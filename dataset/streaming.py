@@ -1,18 +1,19 @@
-"""Streaming packed windows from jsonl(.zst)/txt shards: rank/worker sharding, weighted mixtures, exact positions.
+"""Streaming packed windows from jsonl(.zst)/txt shards: disjoint streams, weighted mixtures, exact positions.
 
-    ds = StreamingDataset("shards/part-*.jsonl.zst", Tokenizer("tok"), 2048, dp_rank=rank, dp_size=world)
-    loader = build_dataloader(ds, batch_size=8, num_workers=2)   # dataset/loader.py: workers and resume
+    ds = StreamingDataset("shards/part-*.jsonl.zst", Tokenizer("tok"), 2048)
+    loader = GlobalBatchLoader(ds, micro_batch=8, grad_accum=1, dp_rank=rank, dp_size=world)   # dataset/loader.py
     for batch in loader:                      # {"input_ids", "targets"[, "document_ids"]}: (B, seq_len) each
         ...
 
-How the data is split. Each data-parallel rank runs `W = max(1, num_workers)` logical streams, one per DataLoader
-worker, so there are `N = dp_size * W` streams; stream `s = dp_rank * W + w`. Per source and epoch the file list
-is shuffled with (seed, source, epoch). Stream s reads whole files s, s + N, ... of that order, `F // N` of them,
-so it decodes only its own data; the last `F % N` files (all of them when F < N) are shared line by line: file
-`F // N * N + s % r` is read by the streams with that remainder r, each keeping every m-th line (decoding a file m
-times is cheap next to tokenizing it). So streams get nearly equal shares (no stream runs through its epochs much
-faster than another) and every line belongs to exactly one stream per epoch. Tensor/expert-parallel peers pass
-the same dp_rank, so they see the same batches. The reshuffle is of files: documents inside a file keep their order
+How the data is split. The data is read as N disjoint streams; stream s of N is `open_stream(s, N, state)`. The
+training loader (dataset/loader.py) reads a fixed N for the whole run (the global batch size at its start) whatever
+the layout; evaluation and inspection (`batches`, `build_dataloader`) read stream `dp_rank * W + w` of
+`dp_size * W` per rank and worker. Per source and epoch the file list is shuffled with (seed, source, epoch).
+Stream s reads whole files s, s + N, ... of that order, `F // N` of them, so it decodes only its own data; the last
+`F % N` files (all of them when F < N) are shared line by line: file `F // N * N + s % r` is read by the streams
+with that remainder r, each keeping every m-th line (decoding a file m times is cheap next to tokenizing it). So
+streams get nearly equal shares (no stream runs through its epochs much faster than another) and every line
+belongs to exactly one stream per epoch. The reshuffle is of files: documents inside a file keep their order
 (a shuffle buffer would make the resume state as large as the buffer), and data/shard.py keeps the input order, so
 shuffle a sorted corpus before sharding it, and write more shards than streams.
 
@@ -25,8 +26,8 @@ Packing (see dataset/packing.py): documents `[BOS] ids [EOS]` are concatenated a
 
 A stream's state is: per source, the position (epoch, file in the epoch's order, line, byte offset) of the next
 document to read, plus the one document that straddles the last window ("carry": which source, and how many of its
-tokens were used); on resume that document is read and tokenized again. How the loader keeps one state per worker
-and goes on with the round-robin: dataset/loader.py. What the model sees: `python -m dataset.stream_cli`.
+tokens were used); on resume that document is read and tokenized again. How the training loader keeps one state
+per stream: dataset/loader.py. What the model sees: `python -m dataset.stream_cli`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from dataset.jsonl_zst import ON_ERROR, iter_documents, resolve_paths
 from dataset.lines import DataError
+from dataset.loader import tokenizer_identity
 from dataset.packing import boundaries_in_window, cut_windows, make_batch, pad_window
 from dataset.sources import DataSource, epoch_order, plan_units
 from dataset.tokenizer import Tokenizer
@@ -152,9 +154,9 @@ class _Reader:
             if fresh and not found and ds.infinite:  # an infinite loop that never yields would hang training
                 raise DataError(
                     f"data source {ds.sources[self.source].name!r}: stream {self.stream} of {self.n_streams} "
-                    f"(dp_rank {ds.dp_rank}) got no document in epoch {epoch} from its {len(units)} file part(s) "
-                    f"(skipped: {dict(self._skips) or 'nothing'}); use fewer data-parallel ranks or workers, or "
-                    "more data"
+                    f"got no document in epoch {epoch} from its {len(units)} file part(s) (skipped: "
+                    f"{dict(self._skips) or 'nothing'}); use more data, or fewer streams (a smaller "
+                    "train.global_batch_size: one stream per sequence of it; for evaluation fewer ranks or workers)"
                 )
             epoch, unit = epoch + 1, 0
 
@@ -187,7 +189,7 @@ class _Reader:
             if doc.start.epoch > self._token_epoch + 1:  # a whole epoch without a token: an endless loop otherwise
                 name = self.ds.sources[self.source].name
                 raise DataError(
-                    f"data source {name!r}: stream {self.stream} of {self.n_streams} (dp_rank {self.ds.dp_rank}) "
+                    f"data source {name!r}: stream {self.stream} of {self.n_streams} "
                     f"read a whole epoch whose every document tokenizes to no id (skipped: {dict(skips)}); "
                     "check the text field (data.text_field) and the tokenizer, or keep BOS/EOS on"
                 )
@@ -198,10 +200,9 @@ class _Reader:
 
 
 class _Stream:
-    """One logical stream of one rank: sources mixed by weight, packed into windows, with an exact state."""
+    """Stream `stream` of `n_streams`: its part of each source, mixed by weight, packed into windows; exact state."""
 
     def __init__(self, ds: StreamingDataset, stream: int, n_streams: int, state: dict | None) -> None:
-        g = ds.dp_rank * n_streams + stream  # global stream index
         state = state or {
             "sources": [Position.start()._asdict() for _ in ds.sources],
             "taken": [0] * len(ds.sources),
@@ -211,7 +212,7 @@ class _Stream:
         }
         self.ds, self.seq_len, self.weights = ds, ds.seq_len, ds.weights
         positions = [Position(**p) for p in state["sources"]]
-        self.readers = [_Reader(ds, j, g, ds.dp_size * n_streams, p) for j, p in enumerate(positions)]
+        self.readers = [_Reader(ds, j, stream, n_streams, p) for j, p in enumerate(positions)]
         self.taken, self.finished = list(state["taken"]), state["finished"]
         st = state["stats"]
         self.documents, self.tokens, self.busy_s = st["documents"], st["tokens"], st["busy_s"]
@@ -281,6 +282,15 @@ class _Stream:
             self.last, self.pos = self.last._replace(at=self.last.at - self.pos), 0
         return Window(window, real=real, boundaries=bounds)
 
+    def next_row(self) -> Window:
+        """The next window of an infinite stream (the training loader's rows)."""
+        t0 = time.perf_counter()
+        window = self.next_window()
+        self.busy_s += time.perf_counter() - t0
+        if window is None:
+            raise DataError("a finite StreamingDataset (infinite=False) cannot feed the training loader")
+        return window
+
     def state_dict(self) -> dict[str, Any]:
         """Where this stream is (plain python): the next document of each source and the straddling one."""
         sources, carry = [r.pos for r in self.readers], None
@@ -306,25 +316,21 @@ class _Stream:
                 rows.append(row)
             if not rows:
                 return
-            padded = any(row.real < self.seq_len + 1 for row in rows)
-            batch = make_batch(
-                [row.ids for row in rows],
-                real_lengths=[row.real for row in rows] if padded else None,
-                boundaries=[row.boundaries for row in rows] if self.ds.return_document_ids else None,
-            )
+            batch = self.ds.collate(rows)
             self.busy_s += time.perf_counter() - t0
             yield StreamBatch(batch, self.state_dict())
 
 
-class StreamingDataset(IterableDataset):
+class StreamingDataset(IterableDataset):  # also a dataset.loader.StreamSource
     """Packed `seq_len + 1` windows from shards or a weighted mixture of sources; see the module docstring.
 
     Args:
         sources: a glob, directory or path, a list of them, or a list of `DataSource` for a weighted mixture.
         tokenizer: a `dataset.tokenizer.Tokenizer`.
         seq_len: tokens per row of input_ids / targets (windows hold seq_len + 1).
-        dp_rank: this data-parallel rank (tensor/expert-parallel peers pass the same one).
-        dp_size: number of data-parallel ranks.
+        dp_rank: this data-parallel rank, for the per-rank streams of `batches` / `__iter__` (evaluation); the
+            training loader (dataset/loader.py) reads streams by global index and ignores it.
+        dp_size: number of data-parallel ranks (the same).
         seed: fixes the file order of every epoch.
         add_bos: put BOS before each document.
         add_eos: put EOS after each document.
@@ -373,8 +379,10 @@ class StreamingDataset(IterableDataset):
         self.weights = [s.weight / total for s in self.sources]
         self.pad_id = next((i for i in (tokenizer.pad_id, tokenizer.eos_id) if i is not None and i >= 0), 0)
 
-    def fingerprint(self, n_streams: int) -> dict[str, Any]:
-        """What a saved state depends on; loading a state into a dataset with another fingerprint is an error."""
+    kind = "text"
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a stream state depends on, without the layout; loading a state of another fingerprint is an error."""
         sources = [
             {
                 "name": s.name,
@@ -383,14 +391,50 @@ class StreamingDataset(IterableDataset):
             }
             for s, w, f in zip(self.sources, self.weights, self.files, strict=True)
         ]
-        keys = ("dp_rank", "dp_size", "seed", "seq_len", "add_bos", "add_eos", "text_field", "infinite", "shuffle")
-        return {**{k: getattr(self, k) for k in keys}, "num_streams": n_streams, "sources": sources}
+        keys = ("seed", "seq_len", "add_bos", "add_eos", "text_field", "infinite", "shuffle")
+        fingerprint = {k: getattr(self, k) for k in keys}
+        return {**fingerprint, "sources": sources, "tokenizer": tokenizer_identity(self.tokenizer)}
+
+    def check_streams(self, num_streams: int) -> None:
+        """The training loader reads infinite streams (any number: the files are split line by line if need be)."""
+        if not self.infinite:
+            raise ValueError("the training loader reads an infinite StreamingDataset (infinite=True)")
+
+    def open_stream(self, index: int, count: int, state: dict | None = None) -> _Stream:
+        """Stream `index` of `count` (its windows: `next_row()`, `state_dict()`), from `state` or its beginning."""
+        if not 0 <= index < count:
+            raise ValueError(f"stream {index} of {count}: need 0 <= index < count")
+        return _Stream(self, index, count, state)
+
+    def collate(self, rows: list[Window]) -> dict[str, torch.Tensor]:
+        """A batch of windows: input_ids, targets (-100 past a padded window's data)[, document_ids]: (B, seq_len)."""
+        padded = any(row.real < self.seq_len + 1 for row in rows)
+        return make_batch(
+            [row.ids for row in rows],
+            real_lengths=[row.real for row in rows] if padded else None,
+            boundaries=[row.boundaries for row in rows] if self.return_document_ids else None,
+        )
+
+    def stream_stats(self, states: list[dict]) -> dict[str, Any]:
+        """documents, tokens, skipped (by reason), tokens_per_s and epoch (the smallest) over these stream states."""
+        done = [s["stats"] for s in states]
+        skipped = Counter(self.skipped_paths)
+        for st in done:
+            skipped.update(st["skipped"])
+        return {
+            "documents": sum(st["documents"] for st in done),
+            "tokens": sum(st["tokens"] for st in done),
+            "skipped": dict(skipped),
+            "tokens_per_s": sum(st["tokens"] / st["busy_s"] for st in done if st["busy_s"] > 0),
+            "epoch": min((min(p["epoch"] for p in s["sources"]) for s in states), default=0),
+        }
 
     def batches(
         self, batch_size: int, *, stream: int = 0, n_streams: int = 1, state: dict | None = None
     ) -> Iterator[StreamBatch]:
-        """Batches and stream states of logical stream `stream` of `n_streams` on this rank, from `state`."""
-        return _Stream(self, stream, n_streams, state).batches(batch_size)
+        """Batches and states of this rank's stream `stream` of `n_streams` (global stream dp_rank * n + stream)."""
+        g, n = self.dp_rank * n_streams + stream, self.dp_size * n_streams
+        return _Stream(self, g, n, state).batches(batch_size)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         """Single windows (for a plain DataLoader; each worker reads its own stream). Use dataset.loader to resume."""

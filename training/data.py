@@ -1,12 +1,14 @@
 """What the training loop eats: the streaming loaders of `dataset/`, or a synthetic global stream of sequences.
 
-Every training loader satisfies `TrainData`: dataset.loader.StreamingLoader (pretraining text),
-dataset.sft.SFTLoader (conversations) and SyntheticLoader below.
+Every training loader satisfies `TrainData`: dataset.loader.GlobalBatchLoader (pretraining text over
+dataset.streaming.StreamingDataset, SFT conversations over dataset.sft.SFTDataset) and SyntheticLoader below.
 
-The synthetic stream numbers every sequence of the run globally (step s, position j of the global batch), so
-any data-parallel layout and accumulation split of one global batch sees the same sequences: that makes runs at
-different dp/tp/ZeRO settings comparable step by step. Each sequence is an arithmetic progression modulo the
-vocabulary with a random start and stride, so a model can learn it and the loss falls.
+Every loader numbers the sequences of the run globally: with C sequences consumed before a step, data-parallel rank
+r trains on sequences C + r*S .. C + (r+1)*S - 1 (S = micro_batch x grad_accum), micro-batch m on C + r*S + m*B ..,
+so any data-parallel layout and accumulation split of one global batch sees the same sequences: runs at different
+dp/tp/ZeRO settings are comparable step by step, and a checkpoint resumes at any layout (dataset/loader.py: the
+state, and merge_states for the parts of the dp ranks). A synthetic sequence is an arithmetic progression modulo
+the vocabulary with a random start and stride, so a model can learn it and the loss falls.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from configs.schema import TrainConfig
+from dataset.loader import STATE_VERSION, GlobalBatchLoader, Layout, check_state, global_batch_warnings
 from dataset.tokenizer import Tokenizer
 
 
@@ -31,24 +34,26 @@ class TrainData(Protocol):
         """
 
     def state_dict(self) -> dict[str, Any]:
-        """The position after the last batch handed out (plain python; saved in every checkpoint)."""
+        """This rank's part of the position at a step boundary (plain python; see dataset.loader.merge_states)."""
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a state_dict() (before iterating): the next batch is the one that would have come."""
+    def load_state_dict(self, state: dict[str, Any]) -> list[str]:
+        """Continue from a merged state (before iterating) at any layout; returns warnings (another global batch)."""
 
     def stats(self) -> dict[str, Any]:
         """Counters; `skipped` (a count, or counts by reason) is logged as data_skipped."""
 
 
 class SyntheticLoader:
-    """Batches of (input_ids, targets) for one rank; state = how many micro-batches it has produced."""
+    """Batches of (input_ids, targets) for one rank: global sequence n is `sequence(n)`; state = sequences consumed."""
 
     def __init__(
         self, *, vocab_size: int, seq_len: int, micro_batch: int, grad_accum: int, dp_rank: int, dp_size: int, seed: int
     ) -> None:
-        self.vocab, self.seq_len, self.micro, self.accum = vocab_size, seq_len, micro_batch, grad_accum
-        self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
-        self.consumed = 0  # micro-batches produced on this rank
+        self.vocab, self.seq_len, self.seed = vocab_size, seq_len, seed
+        self.layout = Layout(micro_batch, grad_accum, dp_rank, dp_size)
+        self.layout.check()
+        self.consumed = 0  # C: global sequences consumed before the current step
+        self.handed = 0  # micro-batches of the current step handed out
 
     def sequence(self, index: int) -> torch.Tensor:
         """Global sequence `index`: seq_len + 1 ids."""
@@ -61,20 +66,39 @@ class SyntheticLoader:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        step, micro = divmod(self.consumed, self.accum)
-        global_batch = self.micro * self.accum * self.dp_size
-        first = step * global_batch + (self.dp_rank * self.accum + micro) * self.micro
-        windows = torch.stack([self.sequence(first + i) for i in range(self.micro)])  # (B, T+1)
-        self.consumed += 1
+        B = self.layout.micro_batch
+        first = self.layout.rows(self.consumed)[self.handed * B]
+        windows = torch.stack([self.sequence(first + i) for i in range(B)])  # (B, T+1)
+        self.handed = (self.handed + 1) % self.layout.grad_accum
+        if self.handed == 0:
+            self.consumed += self.layout.global_batch
         return {"input_ids": windows[:, :-1], "targets": windows[:, 1:]}
 
-    def state_dict(self) -> dict[str, Any]:
-        """Position in the stream."""
-        return {"consumed": self.consumed}
+    def _fingerprint(self) -> dict[str, Any]:
+        return {"seed": self.seed, "seq_len": self.seq_len, "vocab_size": self.vocab}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a state_dict()."""
-        self.consumed = int(state["consumed"])
+    def state_dict(self) -> dict[str, Any]:
+        """Sequences consumed (the same on every rank), at a step boundary; the schema of dataset.loader."""
+        if self.handed:
+            raise RuntimeError(
+                f"data loader state_dict() inside a step ({self.handed} of {self.layout.grad_accum} micro-batches "
+                "handed out): call it at a step boundary"
+            )
+        return {
+            "version": STATE_VERSION,
+            "kind": "synthetic",
+            "fingerprint": self._fingerprint(),
+            "num_streams": 0,
+            "consumed": self.consumed,
+            "global_batch": self.layout.global_batch,
+            "streams": {},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> list[str]:
+        """Continue at sequence `consumed` of the state (another global batch size: with a warning)."""
+        check_state(state, "synthetic", self._fingerprint())
+        self.consumed, self.handed = int(state["consumed"]), 0
+        return global_batch_warnings(state["global_batch"], self.layout.global_batch, self.consumed, 0)
 
     def stats(self) -> dict[str, Any]:
         """Nothing is ever skipped here."""
@@ -84,34 +108,39 @@ class SyntheticLoader:
 def build_train_loader(
     cfg: TrainConfig, tokenizer: Tokenizer | None, *, vocab_size: int, dp_rank: int, dp_size: int
 ) -> TrainData:
-    """This rank's training batches (infinite, resumable)."""
+    """This rank's training batches (infinite, resumable at any layout)."""
     d, t = cfg.data, cfg.train
+    grad_accum = t.global_batch_size // (t.micro_batch_size * dp_size)
     if d.synthetic:
         return SyntheticLoader(
             vocab_size=vocab_size,
             seq_len=d.seq_len,
             micro_batch=t.micro_batch_size,
-            grad_accum=t.global_batch_size // (t.micro_batch_size * dp_size),
+            grad_accum=grad_accum,
             dp_rank=dp_rank,
             dp_size=dp_size,
             seed=t.seed,
         )
-    from dataset.loader import build_dataloader
     from dataset.streaming import StreamingDataset
 
     ds = StreamingDataset(
         cfg.data_sources(),
         tokenizer,
         d.seq_len,
-        dp_rank=dp_rank,
-        dp_size=dp_size,
         seed=t.seed,
         add_bos=d.add_bos,
         text_field=d.text_field,
         return_document_ids=d.document_attention,
         on_error=d.on_error,
     )
-    return build_dataloader(ds, t.micro_batch_size, num_workers=d.num_workers)
+    return GlobalBatchLoader(
+        ds,
+        micro_batch=t.micro_batch_size,
+        grad_accum=grad_accum,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        num_workers=d.num_workers,
+    )
 
 
 def build_eval_batches(

@@ -28,7 +28,7 @@ def assert_user_error(proc, *patterns: str) -> str:
 @pytest.fixture(scope="module")
 def bad_data(tmp_path_factory):
     """A tokenizer; a shard whose line 261 was cut short, met after the first 256 documents (the loader tokenizes
-    256 at a time), about 30 steps; one whose second zstd frame is garbage (a copy error), met when it is opened."""
+    256 at a time), about 60 steps of one sequence; one whose second zstd frame is garbage (a copy error), met when it is opened."""
     from dataset.train_tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("bad_data")
@@ -57,7 +57,8 @@ def _text_args(root, shard, workers):
         f"data.num_workers={workers}",
         "model.vocab_size=null",
         "data.seq_len=128",
-        "train.micro_batch_size=4",
+        "train.micro_batch_size=1",
+        "train.global_batch_size=1",  # one stream: it meets line 261 after its first 256 documents, ~60 steps
         "train.max_steps=1000",
         "checkpoint.every=0",
     ]

@@ -16,7 +16,7 @@ from dataset.chat import CHAT_TEMPLATE, ChatError, install_chat_template, normal
 from dataset.files import find_files
 from dataset.hf_tokenizer import write_hf_files
 from dataset.jsonl_zst import DataWarning
-from dataset.sft import SFT_FILES, SFTDataError, SFTDataset, build_sft_loader
+from dataset.sft import SFT_FILES, SFTDataError, SFTDataset, build_sft_loader, build_sft_train_loader
 from dataset.tokenizer import CHAT_TOKENS, Tokenizer, TokenizerError
 
 WORDS = (
@@ -425,23 +425,30 @@ def test_truncation(tok, tmp_path):
 
 def test_resume_continues_exactly(tok, tmp_path):
     path = write_records(tmp_path / "sft.jsonl.zst", random_records(25, seed=9))
-    make = lambda **kw: SFTDataset(path, tok, 80, dp_rank=1, dp_size=2, seed=3, **kw)  # noqa: E731
-    straight = build_sft_loader(make(), 2)
-    batches = [next(straight) for _ in range(10)]  # several epochs of 12 conversations
-    first = build_sft_loader(make(), 2)
-    for _ in range(4):
-        next(first)
+
+    def loader(**kw):  # one process, 2 rows x 2 micro-batches a step: 4 streams of about 6 conversations
+        ds = SFTDataset(path, tok, 80, seed=kw.pop("seed", 3), **kw)
+        return build_sft_train_loader(ds, micro_batch=2, grad_accum=2, dp_rank=0, dp_size=1)
+
+    straight = iter(loader())
+    batches = [next(straight) for _ in range(20)]  # several epochs of each stream
+    first = loader()
+    it = iter(first)
+    for _ in range(8):
+        next(it)
     state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint stores
-    resumed = build_sft_loader(make(), 2)
-    resumed.load_state_dict(state)
-    for want in batches[4:]:
-        got = next(iter(resumed))
+    resumed = loader()
+    assert resumed.load_state_dict(state) == []
+    it = iter(resumed)
+    for want in batches[8:]:
+        got = next(it)
         assert all(torch.equal(got[k], want[k]) for k in want)
-    assert state["epoch"] >= 0 and 0 <= state["position"] < 12
-    with pytest.raises(SFTDataError, match=r"\(seed: saved 3, now 4\); resume with the same data and settings"):
-        build_sft_loader(SFTDataset(path, tok, 80, dp_rank=1, dp_size=2, seed=4), 2).load_state_dict(state)
-    with pytest.raises(SFTDataError, match="pack: saved True, now False"):
-        build_sft_loader(make(pack=False), 2).load_state_dict(state)
+    assert state["consumed"] == 16 and {s["windows"] for s in state["streams"].values()} == {4}
+    assert all(s["state"]["epoch"] >= 0 and 0 <= s["state"]["position"] < 7 for s in state["streams"].values())
+    with pytest.raises(ValueError, match=r"train.seed changed \(saved 3, now 4\); resume with the same data"):
+        loader(seed=4).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"data.pack changed \(saved True, now False\)"):
+        loader(pack=False).load_state_dict(state)
 
 
 def test_packed_rows_give_each_conversation_its_own_logits_and_loss(tok, tmp_path):

@@ -1,4 +1,7 @@
-"""dataset/streaming.py, loader.py, packing.py, stream_cli.py: sharding, order, exact resume, mixtures, bad input."""
+"""dataset/streaming.py, loader.py, packing.py, stream_cli.py: sharding, order, exact resume, mixtures, bad input.
+
+Layouts (the same global batch at any dp, resume at another dp or global batch size): tests/unit/test_global_batch.py.
+"""
 
 import json
 import random
@@ -13,9 +16,8 @@ import zstandard
 
 from dataset.jsonl_zst import DataWarning
 from dataset.lines import DataError
-from dataset.loader import StreamingLoader, build_dataloader
+from dataset.loader import GlobalBatchLoader, build_dataloader
 from dataset.packing import IGNORE_INDEX, boundaries_in_window, cut_windows, document_ids, make_batch, pad_window
-from dataset.sft import SFTLoader
 from dataset.sources import DataSource, epoch_order, plan_units
 from dataset.stream_cli import main
 from dataset.streaming import StreamingDataset
@@ -193,52 +195,57 @@ def test_epochs_are_exact_and_reshuffled_and_seeds_differ(tmp_path, tok):
 # ---- resume ----
 
 
+def train_loader(ds, micro_batch, num_workers=0):
+    """The training loader of one process (dp=1, no accumulation): K = micro_batch streams."""
+    return GlobalBatchLoader(ds, micro_batch=micro_batch, grad_accum=1, dp_rank=0, dp_size=1, num_workers=num_workers)
+
+
+def take(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_mid_shard_and_mid_document_gives_the_same_batches(tmp_path, tok, num_workers):
     write_shards(tmp_path / "d", "a", 3, 40, scale=3)  # long documents: windows cut through them
     write_shards(tmp_path / "e", "b", 2, 30)
 
-    def loader():
+    def loader(workers=num_workers):
         sources = [DataSource(str(tmp_path / "d"), 0.7, "long"), DataSource(str(tmp_path / "e"), 0.3, "short")]
-        ds = StreamingDataset(sources, tok, 20, dp_rank=1, dp_size=2, seed=11, return_document_ids=True)
-        return build_dataloader(ds, 3, num_workers=num_workers)
+        ds = StreamingDataset(sources, tok, 20, seed=11, return_document_ids=True)
+        return train_loader(ds, 3, workers)
 
-    whole = [b for _, b in run(loader(), 40)]
+    whole = take(loader(), 40)
     first = loader()
-    head = run(first, 17)  # odd: with 2 workers the next batch comes from worker 1
+    head = take(first, 17)
     state = json.loads(json.dumps(first.state_dict()))
-    s = state["streams"][(state["next_stream"] - 1) % first.n_streams]
-    carry_src = s["carry"]["source"]
-    assert s["carry"]["skip"] > 0 and s["sources"][carry_src]["line"] > 1  # mid-document, mid-shard
-    assert state["next_stream"] == (1 if num_workers else 0)
-    resumed = loader()
-    resumed.load_state_dict(state)
-    assert batches_equal([b for _, b in head], whole[:17])
-    assert batches_equal([b for _, b in run(resumed, 23)], whole[17:])
-    assert resumed.stats()["documents"] == loader_stats_after(loader, 40)["documents"]
-
-
-def loader_stats_after(make, n):
-    ld = make()
-    run(ld, n)
-    return ld.stats()
+    assert state["consumed"] == 51 and state["num_streams"] == 3
+    streams = [s["state"] for s in state["streams"].values()]
+    assert any(s["carry"]["skip"] > 0 and s["sources"][s["carry"]["source"]]["line"] > 1 for s in streams)
+    resumed = loader(2 - num_workers)  # another number of workers reads the same streams
+    assert resumed.load_state_dict(state) == []
+    assert batches_equal(head, whole[:17])
+    assert batches_equal(take(resumed, 23), whole[17:])
+    straight = loader()
+    take(straight, 40)
+    assert resumed.stats()["documents"] == straight.stats()["documents"]
 
 
 def test_resume_across_the_epoch_end_and_state_mismatch(tmp_path, tok):
-    write_shards(tmp_path / "d", "a", 2, 3)  # about 700 tokens an epoch: 30 batches of 2 x 16 reach epoch 2
+    write_shards(tmp_path / "d", "a", 2, 3)  # a file of about 350-550 tokens per stream an epoch
     ds = StreamingDataset(str(tmp_path / "d"), tok, 16, seed=1)
-    whole = [b for _, b in run(build_dataloader(ds, 2), 30)]
+    whole = take(train_loader(ds, 2), 30)
     for k in range(1, 30, 4):
-        a = build_dataloader(ds, 2)
-        run(a, k)
-        b = build_dataloader(StreamingDataset(str(tmp_path / "d"), tok, 16, seed=1), 2)
+        a = train_loader(ds, 2)
+        take(a, k)
+        b = train_loader(StreamingDataset(str(tmp_path / "d"), tok, 16, seed=1), 2)
         b.load_state_dict(a.state_dict())
-        assert batches_equal([x for _, x in run(b, 30 - k)], whole[k:]), k
-    assert a.epoch >= 1
-    with pytest.raises(ValueError, match=r"does not fit this dataset.*seed: saved 1, now 2"):
-        build_dataloader(StreamingDataset(str(tmp_path / "d"), tok, 16, seed=2), 2).load_state_dict(a.state_dict())
-    with pytest.raises(ValueError, match=r"num_streams: saved 1, now 2"):
-        build_dataloader(ds, 2, num_workers=2).load_state_dict(a.state_dict())
+        assert batches_equal(take(b, 30 - k), whole[k:]), k
+    assert {s["state"]["sources"][0]["epoch"] for s in a.state_dict()["streams"].values()} == {0, 1}  # mid-epoch 2
+    with pytest.raises(ValueError, match=r"does not fit this data: train.seed changed \(saved 1, now 2\)"):
+        train_loader(StreamingDataset(str(tmp_path / "d"), tok, 16, seed=2), 2).load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match=r"version 1 of None data; this code reads version 2 of 'text' data"):
+        train_loader(ds, 2).load_state_dict({"version": 1, "streams": [None], "next_stream": 0})
 
 
 # ---- mixtures ----
@@ -296,9 +303,8 @@ def test_a_stream_without_documents_is_an_error_not_a_hang(tmp_path, tok):
     d = tmp_path / "d"
     d.mkdir()
     (d / "one.jsonl").write_text('{"text": "only one document"}\n')
-    ds = StreamingDataset(str(d), tok, 16, dp_rank=1, dp_size=2)
-    with pytest.raises(DataError, match=r"stream 1 of 2 \(dp_rank 1\) got no document in epoch 0.*fewer data-parallel"):
-        run(build_dataloader(ds, 1), 1)
+    with pytest.raises(DataError, match=r"stream 1 of 2 got no document in epoch 0.*train.global_batch_size"):
+        take(train_loader(StreamingDataset(str(d), tok, 16), 2), 1)
     (d / "one.jsonl").write_text('{"body": 1}\n' * 3)
     ds = StreamingDataset(str(d), tok, 16, on_error="skip")
     with pytest.raises(DataError, match=r"skipped: \{'missing_field': 3\}"), pytest.warns(DataWarning):
@@ -306,7 +312,7 @@ def test_a_stream_without_documents_is_an_error_not_a_hang(tmp_path, tok):
     (d / "one.jsonl").write_text('{"text": "   "}\n' * 2)  # documents, but no token without BOS/EOS
     assert tok.encode("   ") == []
     ds = StreamingDataset(str(d), tok, 16, add_bos=False, add_eos=False)
-    with pytest.raises(DataError, match=r"stream 0 of 1 \(dp_rank 0\) read a whole epoch whose every document"):
+    with pytest.raises(DataError, match=r"stream 0 of 1 read a whole epoch whose every document"):
         run(build_dataloader(ds, 1), 1)
 
 
@@ -370,7 +376,7 @@ def test_cli_dump_ids_and_decode(tmp_path, tok, capsys):
 
 
 def test_every_training_loader_is_train_data():
-    for loader in (StreamingLoader, SFTLoader, SyntheticLoader):  # what training/loop.py's Trainer.build_data returns
+    for loader in (GlobalBatchLoader, SyntheticLoader):  # what training/loop.py's Trainer.build_data returns
         assert issubclass(loader, TrainData), loader
 
 
