@@ -60,9 +60,12 @@ def _model_keys(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def resolve_model_config(
-    cfg: TrainConfig, tokenizer: Tokenizer | None, *, grad_accum: int | None = None
+    cfg: TrainConfig, tokenizer: Tokenizer | None, *, grad_accum: int | None = None, resumed_vocab: int | None = None
 ) -> ModelConfig:
     """The architecture: preset or checkpoint, then overrides; vocab_size from the tokenizer (padded) when not given.
+
+    `resumed_vocab` is the vocabulary of the checkpoint a run resumes: padded for the tp that started the run, it
+    stays at any other tp (parallel.layers pads it in memory), so that the run's architecture does not change.
 
     Checked against parallel.* (the pipeline's stages against the layers and, given `grad_accum`, the micro-batches
     per step) and data.seq_len. Without a tokenizer (validation before it is loaded) an unset
@@ -72,8 +75,8 @@ def resolve_model_config(
     tp = cfg.parallel.tp
     if tokenizer is not None:
         if keys.get("vocab_size") is None:
-            keys["vocab_size"] = padded_vocab_size(tokenizer.vocab_size, tp)
-        elif keys["vocab_size"] < tokenizer.vocab_size:
+            keys["vocab_size"] = resumed_vocab or padded_vocab_size(tokenizer.vocab_size, tp)
+        if keys["vocab_size"] < tokenizer.vocab_size:
             raise ConfigError(
                 f"model vocab_size={keys['vocab_size']} is smaller than the tokenizer's {tokenizer.vocab_size} "
                 f"({cfg.data.tokenizer}); remove model.overrides.vocab_size to take it from the tokenizer"

@@ -7,105 +7,34 @@ A native checkpoint is a directory holding
     experts-ep00-of-02.safetensors, ...  (mixture of experts only) the stacked expert tensors (E/ep, ...) of one
                                          expert rank, the same on every tensor rank; the metadata records the rank,
                                          the expert degree and, per tensor, the dimension the experts are split along
-Because every shard says how it was cut, weights saved at one tp (and ep) degree load at any other: the shards are
-concatenated along that dimension and re-split for the new degree. A vocabulary that tp does not divide is padded
-in memory only (parallel.layers.tp_chunk): a file holds the real rows, so the last ranks' vocabulary shards are
-shorter and the concatenation is the real (vocab_size, hidden) tensor, which re-splits at any tp. LoRA adapter
-shards (modeling.lora_files, adapter-tpNN-of-NN.safetensors) are the same kind of file: one ShardSet describes
-each of the three.
+Because every shard says how it was cut, weights saved at one tp (and ep) degree load at any other: each rank reads
+the rows it holds from the files that hold them (modeling.shard_files.ShardReader, read_rank_state_dict). A
+vocabulary that tp does not divide is padded in memory only (parallel.layers.tp_chunk): a file holds the real rows,
+so the last ranks' vocabulary shards are shorter and the concatenation is the real (vocab_size, hidden) tensor,
+which re-splits at any tp. An optimizer's per-parameter state (optimizer-tpNN-of-NN, optimizer-experts-epNN-of-NN:
+"<name>.exp_avg", ..., split like the parameter) and LoRA adapter shards (modeling.lora_files,
+adapter-tpNN-of-NN.safetensors) are the same kind of file: one ShardSet describes each kind, write_shards writes
+any of them.
 """
 
 from __future__ import annotations
 
-import json
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from modeling.config import CheckpointError, ModelConfig
 from modeling.llama import LlamaForCausalLM
+from modeling.shard_files import EXPERT_SHARDS, MODEL_SHARDS, ShardReader, ShardSet
+from modeling.shard_files import OPTIMIZER_EXPERT_SHARDS as OPTIMIZER_EXPERT_SHARDS  # re-exported: the file kinds
+from modeling.shard_files import OPTIMIZER_SHARDS as OPTIMIZER_SHARDS
 from parallel.layers import strip_padding, tp_chunk
 from parallel.pipeline import recv_tensor, send_tensor
 from parallel.state import ParallelState
 
+TIED_HEAD, TIED_SOURCE = "lm_head.weight", "model.embed_tokens.weight"  # a pipeline's tied copy and what it copies
 EXPERT_SPLIT_DIM = 0  # expert tensors are stacked (E, ...): expert ranks hold consecutive blocks of E/ep
-
-
-@dataclass(frozen=True)
-class ShardSet:
-    """One kind of shard file, `<prefix>-<axis>NN-of-NN.safetensors`, one file per rank of the `axis` group.
-
-    Each file's metadata holds `format`, `<axis>_rank`, `<axis>_size` and `split_dims` (tensor name -> the dimension
-    it is split along, None = replicated: read from the first file only). `error` is the exception an incomplete
-    set raises, `label` how its message names the files.
-    """
-
-    prefix: str  # "model", "experts", "adapter"
-    axis: str  # "tp" or "ep"
-    format: str  # the metadata's "format" value
-    error: type[ValueError] = CheckpointError
-    label: str = "shards"
-
-    @property
-    def pattern(self) -> str:
-        """The file name as the user reads it in messages: model-tpNN-of-NN.safetensors."""
-        return f"{self.prefix}-{self.axis}NN-of-NN.safetensors"
-
-    @property
-    def regex(self) -> re.Pattern:
-        """Matches a shard file name; group 1 is the rank, group 2 the degree."""
-        return re.compile(rf"{self.prefix}-{self.axis}(\d+)-of-(\d+)\.safetensors$")
-
-    def file_name(self, rank: int, size: int) -> str:
-        """File name of one rank's shard."""
-        return f"{self.prefix}-{self.axis}{rank:02d}-of-{size:02d}.safetensors"
-
-    def write(
-        self, tensors: dict[str, torch.Tensor], dims: dict[str, int | None], out_dir: Path, rank: int, size: int
-    ) -> None:
-        """Write one rank's safetensors file, its metadata recording rank, degree and each tensor's split dim."""
-        meta = {
-            "format": self.format,
-            f"{self.axis}_rank": str(rank),
-            f"{self.axis}_size": str(size),
-            "split_dims": json.dumps(dims),
-        }
-        save_file(tensors, str(out_dir / self.file_name(rank, size)), metadata=meta)
-
-    def files(self, directory: Path) -> list[Path]:
-        """This kind's shard files in `directory`, sorted by name (by rank: ranks are zero-padded)."""
-        pattern = f"{self.prefix}-{self.axis}*-of-*.safetensors"
-        return sorted(p for p in directory.glob(pattern) if self.regex.search(p.name))
-
-    def complete_set(self, directory: Path) -> list[Path]:
-        """The shard files, raising `error` unless they are exactly one set of one degree."""
-        files = self.files(directory)
-        sizes = {int(self.regex.search(p.name).group(2)) for p in files}
-        if len(sizes) != 1 or len(files) != next(iter(sizes)):
-            raise self.error(
-                f"{directory}: {self.label} {[p.name for p in files]} do not form one complete set; remove stale "
-                f"shards of another {self.axis} degree"
-            )
-        return files
-
-    def read(self, directory: Path) -> dict[str, torch.Tensor]:
-        """The full tensors of the complete set in `directory`: split ones concatenated along their split dim."""
-        handles = [safe_open(str(p), framework="pt") for p in self.complete_set(directory)]
-        dims = json.loads(handles[0].metadata()["split_dims"])
-        merged = {}
-        for name, dim in dims.items():
-            parts = [h.get_tensor(name) for h in handles] if dim is not None else [handles[0].get_tensor(name)]
-            merged[name] = torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]
-        return merged
-
-
-MODEL_SHARDS = ShardSet("model", "tp", "llama-tp")
-EXPERT_SHARDS = ShardSet("experts", "ep", "llama-ep")
 
 
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -132,19 +61,23 @@ def expert_tensor_names(config: ModelConfig) -> set[str]:
 
 def check_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig, source: str) -> None:
     """Raise CheckpointError naming every missing or unexpected tensor and every shape that disagrees with config."""
+    check_shapes({name: tuple(t.shape) for name, t in state_dict.items()}, config, source)
+
+
+def check_shapes(shapes: dict[str, tuple[int, ...]], config: ModelConfig, source: str) -> None:
+    """check_state_dict from the full shapes alone (a ShardReader's, read from the files' headers)."""
     expected = expected_tensors(config)
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
             f"{source}: tensors do not match config.json: missing {missing[:8]}{' ...' if len(missing) > 8 else ''}"
             f", unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
         )
     for name, (shape, _) in expected.items():
-        if tuple(state_dict[name].shape) != shape:
-            raise CheckpointError(
-                f"{source}: tensor {name} has shape {tuple(state_dict[name].shape)}, config.json implies {shape}"
-            )
+        if tuple(shapes[name]) != shape:
+            got = tuple(shapes[name])
+            raise CheckpointError(f"{source}: tensor {name} has shape {got}, config.json implies {shape}")
 
 
 def split_for_rank(
@@ -184,54 +117,88 @@ def is_native(path: str | Path) -> bool:
 
 
 def save_native(model: LlamaForCausalLM, out_dir: str | Path) -> None:
-    """Write this rank's share: the tensor shard (dp_rank 0), the expert shard (tp_rank 0 of the first expert group).
+    """Write this rank's share of the model's weights (write_shards over its tensors) and config.json."""
+    tensors = model_tensors(model)
+    write_shards(tensors, tensors, out_dir, model.state, config=model.config)
 
-    Tensor rank 0 of dp_rank 0 also writes config.json. Under pipeline parallelism the stages of a pipeline send
-    their tensors to its first stage (collective over the pipeline group), which writes the files a run without
-    a pipeline writes: layers under their global indices, the tied embedding once.
+
+def write_shards(
+    tensors: dict[str, torch.Tensor],
+    like: dict[str, torch.Tensor],
+    out_dir: str | Path,
+    state: ParallelState,
+    *,
+    model_set: ShardSet = MODEL_SHARDS,
+    expert_set: ShardSet = EXPERT_SHARDS,
+    config: ModelConfig | None = None,
+) -> None:
+    """Write this rank's share of `tensors` as `model_set` (tensor shards) and `expert_set` (expert shards) files.
+
+    `tensors[k]` is cut like the parameter `like[k]`, whose attributes say how it is split (tp_split_dim,
+    tp_full_size, expert_parallel: along EXPERT_SPLIT_DIM) and whether it is a pipeline's tied copy (left out: the
+    first stage holds the embedding itself): its length along the split dimension is the parameter's local one (the
+    rest of its shape may differ: an expert tensor's per-expert step is (E_local,)); a 0-d tensor (an optimizer's
+    step) and one whose parameter is not split are replicated. dp_rank 0 writes the tensor
+    shard of its tensor rank (tensor rank 0 also writes `config`'s config.json), tensor rank 0 of the first expert
+    group the expert shard of its expert rank; context ranks > 0 write nothing (they hold context rank 0's weights).
+    Under pipeline parallelism the stages of a pipeline send their tensors to its first stage (collective over the
+    pipeline group), which writes the files a run without a pipeline writes: layers under their global indices.
     """
-    state = model.state
     coords = state.dims.coords(state.rank)
     if coords["cp"] != 0:
-        return  # context ranks hold the same weights as context rank 0, which writes them
+        return
     out = Path(out_dir)
-    tensors, dims, experts = {}, {}, {}
-    for name, p in model_tensors(model).items():
-        if getattr(p, "pipeline_tied", None) == "copy":  # the first stage holds the embedding itself
+    dense, experts, dims = {}, {}, {}
+    for name, tensor in tensors.items():
+        p = like[name]
+        if getattr(p, "pipeline_tied", None) == "copy":
             continue
-        if getattr(p, "expert_parallel", False):
-            experts[name] = p.detach().contiguous().cpu()
-        else:
-            dim = getattr(p, "tp_split_dim", None)
-            full_size = getattr(p, "tp_full_size", None)
-            if full_size is not None:  # a padded vocabulary's shard: the file holds its real rows only
-                p = strip_padding(p, dim, state.tp_rank, full_size)
-            tensors[name] = p.detach().contiguous().cpu()
-            dims[name] = dim
+        is_expert = getattr(p, "expert_parallel", False)
+        dim = None if tensor.dim() == 0 else EXPERT_SPLIT_DIM if is_expert else getattr(p, "tp_split_dim", None)
+        if dim is not None and (tensor.dim() <= dim or tensor.shape[dim] != _local_shape(p)[dim]):
+            raise ValueError(
+                f"write_shards: tensor {name} has shape {tuple(tensor.shape)}, its parameter's local shape is "
+                f"{_local_shape(p)}, split along dim {dim}: pass it with the parameter's length along that dim "
+                f"(not flattened or partitioned)"
+            )
+        if is_expert:
+            experts[name], dims[name] = tensor.detach().contiguous().cpu(), dim
+            continue
+        full_size = getattr(p, "tp_full_size", None)
+        if dim is not None and full_size is not None:  # a padded vocabulary's shard: the file holds its real rows
+            tensor = strip_padding(tensor, dim, state.tp_rank, full_size)
+        dense[name], dims[name] = tensor.detach().contiguous().cpu(), dim
+    writes_dense = state.dp_rank == 0
+    writes_experts = coords["edp"] == 0 and state.tp_rank == 0  # one copy of each expert shard
     if state.pp_size > 1:
-        if not (state.dp_rank == 0 or (coords["edp"] == 0 and state.tp_rank == 0)):
-            return  # a pipeline whose first stage writes nothing (the same test as below)
-        if state.dp_rank != 0:
-            tensors, dims = {}, {}  # only its experts are written
-        if not (coords["edp"] == 0 and state.tp_rank == 0):
+        if not (writes_dense or writes_experts):
+            return  # a pipeline whose first stage writes nothing
+        if not writes_dense:
+            dense = {}  # only its experts are written
+        if not writes_experts:
             experts = {}  # another tensor rank writes them
-        device = next(model.parameters()).device
-        if not _gather_to_first_stage(tensors, dims, experts, state, device):
+        device = next(iter(like.values())).device if like else torch.device("cpu")
+        if not _gather_to_first_stage(dense, experts, dims, state, device):
             return
-    if state.dp_rank == 0:
+    if writes_dense:
         out.mkdir(parents=True, exist_ok=True)
-        MODEL_SHARDS.write(tensors, dims, out, state.tp_rank, state.tp_size)
-        if state.tp_rank == 0:
-            model.config.save(out / "config.json")
-    if experts and coords["edp"] == 0 and state.tp_rank == 0:  # one copy of each expert shard
+        model_set.write(dense, {k: dims[k] for k in dense}, out, state.tp_rank, state.tp_size)
+        if config is not None and state.tp_rank == 0:
+            config.save(out / "config.json")
+    if experts and writes_experts:
         out.mkdir(parents=True, exist_ok=True)
-        EXPERT_SHARDS.write(experts, dict.fromkeys(experts, EXPERT_SPLIT_DIM), out, state.ep_rank, state.ep_size)
+        expert_set.write(experts, {k: dims[k] for k in experts}, out, state.ep_rank, state.ep_size)
+
+
+def _local_shape(p: torch.Tensor) -> tuple[int, ...]:
+    # DeepSpeed ZeRO-3 leaves a partitioned parameter empty and records its shape as ds_shape
+    return tuple(getattr(p, "ds_shape", p.shape))
 
 
 def _gather_to_first_stage(
-    tensors: dict[str, torch.Tensor],
-    dims: dict[str, int | None],
+    dense: dict[str, torch.Tensor],
     experts: dict[str, torch.Tensor],
+    dims: dict[str, int | None],
     state: ParallelState,
     device: torch.device,
 ) -> bool:
@@ -241,21 +208,18 @@ def _gather_to_first_stage(
     (NCCL moves CUDA tensors: one tensor at a time on the GPU, not a pickled stage). True on the first stage.
     """
     first = dist.get_global_rank(state.pp_group, 0)
-    index = [(name, dims.get(name), name in experts) for name in [*tensors, *experts]]
+    index = [(name, dims[name], name in experts) for name in [*dense, *experts]]
     indexes: list | None = [None] * state.pp_size if state.pp_rank == 0 else None
     dist.gather_object(index, indexes, dst=first, group=state.pp_group)
     if state.pp_rank != 0:
         for name, _, is_expert in index:
-            send_tensor((experts if is_expert else tensors)[name].to(device), first, state.pp_group)
+            send_tensor((experts if is_expert else dense)[name].to(device), first, state.pp_group)
         return False
     for stage in range(1, state.pp_size):
         src = dist.get_global_rank(state.pp_group, stage)
         for name, dim, is_expert in indexes[stage]:
-            tensor = recv_tensor(src, state.pp_group, device).cpu()
-            if is_expert:
-                experts[name] = tensor
-            else:
-                tensors[name], dims[name] = tensor, dim
+            (experts if is_expert else dense)[name] = recv_tensor(src, state.pp_group, device).cpu()
+            dims[name] = dim
     return True
 
 
@@ -268,3 +232,22 @@ def load_native_state_dict(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
     if EXPERT_SHARDS.files(ckpt):
         merged.update(EXPERT_SHARDS.read(ckpt))
     return merged
+
+
+def read_rank_state_dict(
+    directory: str | Path, model: torch.nn.Module, *, reader: ShardReader | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors `model` holds (its pipeline part's only), each this rank's slice of a native checkpoint.
+
+    The rank is the model's `state` (tensor and expert rank). A pipeline's tied head copy, which the checkpoint holds
+    only as the embedding, is read from the embedding, as LlamaForCausalLM's load_state_dict pre-hook fills it.
+    `reader`: the directory's ShardReader when the caller has one (its headers are then not read again).
+    """
+    reader = reader or ShardReader(directory)
+    state = model.state
+    ranks = {"tp_rank": state.tp_rank, "tp_size": state.tp_size, "ep_rank": state.ep_rank, "ep_size": state.ep_size}
+    out = {}
+    for name, p in model_tensors(model).items():
+        source = TIED_SOURCE if name == TIED_HEAD and getattr(p, "pipeline_tied", None) == "copy" else name
+        out[name] = reader.read(source, **ranks)
+    return out

@@ -1,19 +1,27 @@
-"""Atomic training checkpoints: write into a temporary directory, rename it, then move the `latest` pointer.
+"""Atomic training checkpoints that resume at any layout: write into a temporary directory, rename it, move `latest`.
 
     <dir>/step-00000010/
         config.json, model-tpNN-of-NN.safetensors   the model in the native format (modeling.native_format:
         experts-epNN-of-NN.safetensors              mixture-of-experts models also write their expert shards)
-        rank-00000.pt ...                           per rank: optimizer partition, scheduler, data-loader state, RNG
+        optimizer-tpNN-of-NN.safetensors            per parameter: Adam's moments, its step and (DeepSpeed) the fp32
+        optimizer-experts-epNN-of-NN.safetensors    master weight, split like the parameter itself
+        data-dpNNNNN.json                           the data stream's position (dataset.loader: per stream, merged
+                                                    over the data-parallel ranks on load)
+        rank-NNNNN.pt                               per rank: its RNG state
         train_config.yaml                           the resolved training config
-        trainer_state.json                          step, tokens seen, layout; written last: its presence = complete
+        trainer_state.json                          step, tokens seen, LR schedule, layout; written last: its
+                                                    presence = complete
     <dir>/latest                                    the name of the newest complete step directory
+
+Nothing in a checkpoint depends on the layout that wrote it: the model and optimizer files record the dimension each
+tensor is split along and are re-cut for any tp, pp, ep, cp, dp and ZeRO stage (each rank reads only its slices),
+the data state is per stream of the global batch, not per rank. `load_training_state` says what changed.
 
 `python -m training.checkpoint DIR` describes a step directory, or a run's checkpoints and the one a resume reads:
 step, tokens seen, the layout that wrote it, the sizes, and whether it is complete.
 
 A crash at any point leaves the previous checkpoint and `latest` intact. Loading never unpickles arbitrary
-objects: tensors come from safetensors, the .pt files are read with `torch.load(weights_only=True)` (DeepSpeed's
-loss-scaler class is allow-listed by name when DeepSpeed is in use).
+objects: tensors come from safetensors, the .pt files are read with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -32,11 +40,26 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from modeling.config import CheckpointError, ModelConfig
+from dataset.loader import merge_states
+from modeling.config import CheckpointError, ModelConfig, resolve_checkpoint_dir
 from modeling.convert import copy_tokenizer, load_checkpoint
-from modeling.native_format import EXPERT_SHARDS, MODEL_SHARDS, expected_tensors, split_for_rank
+from modeling.native_format import (
+    EXPERT_SHARDS,
+    MODEL_SHARDS,
+    OPTIMIZER_EXPERT_SHARDS,
+    OPTIMIZER_SHARDS,
+    TIED_SOURCE,
+    ShardReader,
+    check_shapes,
+    expected_tensors,
+    is_native,
+    read_rank_state_dict,
+    split_for_rank,
+    write_shards,
+)
 from parallel.engine import Engine
 from parallel.state import ParallelState
+from training.optim import load_schedule_state
 
 STATE_FILE = "trainer_state.json"
 
@@ -77,12 +100,16 @@ def save_checkpoint(
     engine: Engine,
     state: ParallelState,
     trainer_state: dict[str, Any],
-    rank_state: dict[str, Any],
+    data_state: dict[str, Any],
     config_dict: dict[str, Any],
     keep_last: int,
     tokenizer_dir: str | None = None,
 ) -> Path:
-    """Collectively write the checkpoint of `step` (every rank calls this) and prune to the last `keep_last`."""
+    """Collectively write the checkpoint of `step` (every rank calls this) and prune to the last `keep_last`.
+
+    `data_state` is this rank's loader.state_dict(): its streams' positions (the first rank of each data-parallel
+    replica writes it; the replicas of one model hold the same).
+    """
     root = Path(root)
     final = root / step_dir_name(step)
     tmp = root / (step_dir_name(step) + ".tmp")
@@ -93,7 +120,10 @@ def save_checkpoint(
     _barrier()
     try:
         write_weights(tmp)  # e.g. the native model shards: dp_rank 0 of each tensor rank writes its own
-        torch.save({**engine.optimizer_state(), **rank_state, "rng": rng_state()}, tmp / f"rank-{state.rank:05d}.pt")
+        save_optimizer(engine, tmp, state)
+        if state.tp_rank == 0 and state.cp_rank == 0 and state.pp_rank == 0:
+            (tmp / f"data-dp{state.dp_rank:05d}.json").write_text(json.dumps(data_state))
+        torch.save({"rng": rng_state()}, tmp / f"rank-{state.rank:05d}.pt")
     except OSError as e:  # a full or failing disk: say so in one line (exit 2), not a traceback
         raise _write_error(root, final, state.rank, e) from e
     _barrier()
@@ -138,7 +168,8 @@ def _publish(
     (tmp / "train_config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
     if tokenizer_dir:  # so that generate.py and the HF export find it beside the weights
         copy_tokenizer(Path(tokenizer_dir), tmp)
-    (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step, "layout": layout(state)}, indent=2))
+    meta = {"layout": layout(state), **trainer_state, "step": step}  # the trainer's layout adds the batch split
+    (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2))
     _fsync_dir(tmp)
     if final.exists():  # a rerun that reaches the same step again replaces it
         shutil.rmtree(final)
@@ -154,24 +185,42 @@ def _publish(
 
 
 def layout(state: ParallelState) -> dict[str, int]:
-    """The world layout a checkpoint records (and a resume must match)."""
+    """The world layout that wrote a checkpoint (informative: a checkpoint resumes at any layout)."""
     d = state.dims
-    return {"world_size": d.world_size, "tp": d.tp, "ep": d.ep, "pp": d.pp, "cp": d.cp}
+    return {"world_size": d.world_size, "tp": d.tp, "ep": d.ep, "pp": d.pp, "cp": d.cp, "dp": d.dp}
 
 
-def check_layout(ckpt: Path, meta: dict[str, Any], state: ParallelState, pipeline: list | None) -> None:
-    """Raise CheckpointError naming both layouts unless `ckpt` was written at this state's layout and stages.
+def describe_change(saved: dict[str, Any], here: dict[str, Any]) -> str | None:
+    """'tp 1 -> 2, dp 2 -> 1, zero_stage 2 -> 0' for the keys that differ between two layouts (None if none)."""
+    changed = [f"{k} {saved[k]} -> {v}" for k, v in here.items() if k in saved and saved[k] != v]
+    return ", ".join(changed) or None
 
-    `meta` is its trainer_state.json; the rank files hold the optimizer state of one layout's shards.
+
+def check_resumable(ckpt: Path, saved_config: dict[str, Any], config: dict[str, Any]) -> None:
+    """Refuse a resume whose token stream cannot continue: another sequence length (names the key and both values).
+
+    The tokenizer, data sources and seed are in the data state's fingerprint (dataset.loader refuses them); another
+    architecture is refused by the weights' shapes.
     """
-    saved = {**meta.get("layout", {}), "pipeline": meta.get("pipeline")}
-    here = {**layout(state), "pipeline": pipeline}
-    if any(saved.get(k, here[k]) != v for k, v in here.items()):
+    saved, here = saved_config.get("data", {}).get("seq_len"), config["data"]["seq_len"]
+    if saved is not None and saved != here:
         raise CheckpointError(
-            f"{ckpt} was written at the layout {saved}, this run's is {here}: a checkpoint resumes at the world "
-            f"size and parallel.tp, ep, pp, cp, pp_schedule, pp_stages_per_rank and pp_layers that wrote it. Rerun "
-            f"with those, or start a new run from its weights with model.init_from={ckpt}"
+            f"{ckpt} was trained with data.seq_len={saved}, this run sets {here}: its data stream cannot continue at "
+            f"another length. Resume with data.seq_len={saved}, or start a new run from its weights with "
+            f"model.init_from={ckpt}"
         )
+
+
+def saved_vocab_size(ckpt: Path) -> int | None:
+    """The vocabulary size of a checkpoint's model (None where it holds no config.json: a LoRA adapter's)."""
+    path = ckpt / "config.json"
+    return ModelConfig.load(path).vocab_size if path.is_file() else None
+
+
+def saved_config(ckpt: Path) -> dict[str, Any]:
+    """The resolved training config a checkpoint was written with (empty if it has none)."""
+    path = ckpt / "train_config.yaml"
+    return yaml.safe_load(path.read_text()) if path.is_file() else {}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -218,10 +267,30 @@ def read_trainer_state(ckpt: Path) -> dict[str, Any]:
 
 
 def load_model_weights(model: torch.nn.Module, ckpt: Path, state: ParallelState) -> None:
-    """Load this rank's tensor and expert shard of a native or HF checkpoint, whatever tp/ep it was written at."""
-    config, full = load_checkpoint(ckpt)  # validated against its own config.json
-    expected = {k: tuple(v) for k, v in expected_full_shapes(model.config).items()}
-    got = {k: tuple(v.shape) for k, v in full.items()}
+    """Load this rank's tensor and expert shard of a native or HF checkpoint, whatever tp/ep it was written at.
+
+    A native checkpoint is checked from its files' headers and this rank reads only its slices of them
+    (modeling.native_format.read_rank_state_dict); a Hugging Face directory is read whole, then split.
+    """
+    path = resolve_checkpoint_dir(ckpt)
+    if is_native(path):
+        reader = ShardReader(path)
+        shapes = reader.shapes()
+        check_shapes(shapes, ModelConfig.load(path / "config.json"), str(path))  # against its own config.json
+        _check_architecture(ckpt, model.config, shapes)
+        shard = read_rank_state_dict(path, model, reader=reader)
+    else:
+        _, full = load_checkpoint(path)  # validated against its own config.json
+        _check_architecture(ckpt, model.config, {k: tuple(v.shape) for k, v in full.items()})
+        ranks = {"ep_rank": state.ep_rank, "ep_size": state.ep_size}
+        shard = split_for_rank(full, model.config, state.tp_rank, state.tp_size, **ranks)
+    model.load_state_dict(shard, strict=False)  # a tied head is the embedding: absent from `shard`
+
+
+def _check_architecture(ckpt: Path, config: ModelConfig, got: dict[str, tuple[int, ...]]) -> None:
+    """Raise CheckpointError naming the tensors whose full shapes in `ckpt` differ from the configured model's."""
+    expected = {k: tuple(v) for k, v in expected_full_shapes(config).items()}
+    got = {k: tuple(v) for k, v in got.items()}
     if expected != got:
         diff = sorted(k for k in set(expected) | set(got) if expected.get(k) != got.get(k))
         raise CheckpointError(
@@ -229,9 +298,6 @@ def load_model_weights(model: torch.nn.Module, ckpt: Path, state: ParallelState)
             f"(checkpoint {[got.get(k) for k in diff[:6]]}, model {[expected.get(k) for k in diff[:6]]}); "
             f"make model.* match the checkpoint's config.json"
         )
-    ranks = {"ep_rank": state.ep_rank, "ep_size": state.ep_size}
-    shard = split_for_rank(full, model.config, state.tp_rank, state.tp_size, **ranks)
-    model.load_state_dict(shard, strict=False)
 
 
 def expected_full_shapes(config: Any) -> dict[str, torch.Size]:
@@ -239,28 +305,89 @@ def expected_full_shapes(config: Any) -> dict[str, torch.Size]:
     return {name: torch.Size(shape) for name, (shape, _) in expected_tensors(config).items()}
 
 
-def load_rank_state(ckpt: Path, state: ParallelState) -> dict[str, Any]:
-    """This rank's optimizer/scheduler/data/RNG state; the same world layout is required to resume."""
-    path = ckpt / f"rank-{state.rank:05d}.pt"
-    if not path.exists():
+OPTIMIZER_KEYS = ("exp_avg", "exp_avg_sq", "master", "step")
+
+
+def save_optimizer(engine: Engine, directory: Path, state: ParallelState) -> None:
+    """Write the engine's optimizer state per parameter, split like the parameter (collective).
+
+    Keys are `<parameter>.<exp_avg | exp_avg_sq | master | step>`; a dense parameter's step is one replicated number,
+    an expert tensor's one per expert (so that any expert degree reads its own).
+    """
+    params = dict(engine.module.named_parameters())
+    coords = state.dims.coords(state.rank)
+
+    def writes(name: str) -> bool:  # the ranks write_shards writes from (the others hold no host copy)
+        if getattr(params[name], "expert_parallel", False):
+            return coords["edp"] == 0 and state.tp_rank == 0 and state.cp_rank == 0
+        return state.dp_rank == 0 and state.cp_rank == 0
+
+    tensors, like = {}, {}
+    for name, entries in engine.optimizer_tensors(keep=writes).items():  # collective under DeepSpeed
+        param = params[name]
+        for key, tensor in entries.items():
+            ref = param
+            if key == "step":
+                if getattr(param, "expert_parallel", False):  # (E_local,): stacked like the experts
+                    experts = getattr(param, "ds_shape", param.shape)[0]  # ZeRO-3 keeps the shape aside
+                    tensor = tensor.reshape(1).expand(experts).contiguous()
+                else:
+                    ref = tensor  # no split attributes: replicated
+            tensors[f"{name}.{key}"], like[f"{name}.{key}"] = tensor, ref
+    write_shards(tensors, like, directory, state, model_set=OPTIMIZER_SHARDS, expert_set=OPTIMIZER_EXPERT_SHARDS)
+
+
+def load_optimizer(engine: Engine, ckpt: Path, state: ParallelState) -> None:
+    """Give the engine this rank's slice of every parameter's optimizer state, whatever layout wrote it."""
+    reader = ShardReader(ckpt, model_set=OPTIMIZER_SHARDS, expert_set=OPTIMIZER_EXPERT_SHARDS)
+    keys = reader.keys()
+    # the torch engine's weights are its fp32 masters: DeepSpeed takes them from the model files, unrounded
+    weights = ShardReader(ckpt) if engine.zero_stage > 0 and MODEL_SHARDS.files(ckpt) else None
+    weight_keys = weights.keys() if weights is not None else set()
+    params = dict(engine.module.named_parameters())
+    ranks = {"tp_rank": state.tp_rank, "tp_size": state.tp_size, "ep_rank": state.ep_rank, "ep_size": state.ep_size}
+
+    def get(name: str) -> dict[str, torch.Tensor] | None:
+        # a tied head's copy on the last pipeline stage steps exactly like the embedding, whose state is saved
+        source = TIED_SOURCE if getattr(params[name], "pipeline_tied", None) == "copy" else name
+        out = {k: reader.read(f"{source}.{k}", **ranks) for k in OPTIMIZER_KEYS if f"{source}.{k}" in keys}
+        if "step" in out:
+            out["step"] = out["step"].max()  # one count (an expert tensor's per-expert counts are equal)
+        if out and "master" not in out and source in weight_keys:
+            out["master"] = weights.read(source, **ranks).float()
+        return out or None
+
+    engine.load_optimizer_tensors(get)
+
+
+def load_training_state(
+    ckpt: Path, meta: dict[str, Any], *, engine: Engine, loader: Any, state: ParallelState, same_layout: bool
+) -> list[str]:
+    """Restore the optimizer, LR schedule, data position and RNG of a checkpoint; return the loader's warnings.
+
+    The model's weights were loaded when it was built (`load_model_weights`). At the layout that wrote it every
+    rank takes its own RNG state back; at another, rank 0's (the ranks draw alike: one seed, the same draws).
+    """
+    if "schedule" not in meta or not OPTIMIZER_SHARDS.files(ckpt):
         raise CheckpointError(
-            f"{path}: missing. The checkpoint was written by another world layout "
-            f"({read_trainer_state(ckpt)['layout']}); resume with that layout, or start a new run from its "
+            f"{ckpt}: written by an older version of this project (per-rank optimizer files, no "
+            f"{OPTIMIZER_SHARDS.pattern}), whose state resumes only with that version. Start a new run from its "
             f"weights with model.init_from={ckpt}"
         )
-    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _deepspeed_safe_globals() -> list[Any]:
-    """DeepSpeed's ZeRO optimizer state holds a few of its own plain classes; allow exactly those."""
+    parts = [json.loads(p.read_text()) for p in sorted(ckpt.glob("data-dp*.json"))]
+    if not parts:
+        raise CheckpointError(f"{ckpt}: no data-dpNNNNN.json (the data stream's position); the checkpoint is damaged")
     try:
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address
-    except ImportError:
-        return []
-    return [LossScaler, ZeroStageEnum, fragment_address]
+        warnings = loader.load_state_dict(merge_states(parts)) or []  # first: it refuses another tokenizer or data
+        load_optimizer(engine, ckpt, state)
+        load_schedule_state(engine.scheduler, meta["schedule"])
+    except ValueError as e:  # a changed tokenizer, data or seed; a damaged file: one line naming it (exit 2)
+        raise CheckpointError(f"cannot resume from {ckpt}: {e}") from None
+    rng = ckpt / f"rank-{state.rank:05d}.pt"
+    if not (same_layout and rng.exists()):
+        rng = ckpt / "rank-00000.pt"
+    set_rng_state(torch.load(rng, map_location="cpu", weights_only=True)["rng"])
+    return list(warnings)
 
 
 # ---- the inspector: python -m training.checkpoint DIR ----
@@ -287,11 +414,13 @@ def inspect(ckpt: Path) -> tuple[list[str], bool]:
         meta = None
         problems.append(f"no readable {STATE_FILE} (the write did not finish)")
     model_files, expert_files = MODEL_SHARDS.files(ckpt), EXPERT_SHARDS.files(ckpt)
-    rank_files = sorted(ckpt.glob("rank-*.pt"))
-    try:
-        MODEL_SHARDS.complete_set(ckpt)
-    except CheckpointError as e:
-        problems.append(str(e))
+    optimizer_files = OPTIMIZER_SHARDS.files(ckpt) + OPTIMIZER_EXPERT_SHARDS.files(ckpt)
+    rank_files, data_files = sorted(ckpt.glob("rank-*.pt")), sorted(ckpt.glob("data-dp*.json"))
+    for shards in (MODEL_SHARDS, OPTIMIZER_SHARDS):
+        try:
+            shards.complete_set(ckpt)
+        except CheckpointError as e:
+            problems.append(str(e))
     if meta is not None:
         saved_layout = meta.get("layout", {})
         lines.append(
@@ -302,15 +431,18 @@ def inspect(ckpt: Path) -> tuple[list[str], bool]:
         if meta.get("pipeline"):
             described += f", pipeline stages [rank, first layer, layers] {meta['pipeline']}"
         lines.append(f"  layout: {described}")
-        world = saved_layout.get("world_size")
+        world, dp = saved_layout.get("world_size"), saved_layout.get("dp")
         if world is not None and len(rank_files) != world:
             problems.append(f"{len(rank_files)} rank files for a world of {world}")
+        if dp is not None and len(data_files) != dp:
+            problems.append(f"{len(data_files)} data-dp*.json files for {dp} data-parallel ranks")
     if (ckpt / "config.json").is_file():
         params = ModelConfig.load(ckpt / "config.json").num_params()
         lines.append(f"  model: {params / 1e6:.1f}M parameters")
     lines.append(
         f"  files: {len(model_files)} model shard(s) {_mb(_files_size(model_files))}, {len(expert_files)} expert "
-        f"shard(s) {_mb(_files_size(expert_files))}, {len(rank_files)} rank file(s) {_mb(_files_size(rank_files))}; "
+        f"shard(s) {_mb(_files_size(expert_files))}, {len(optimizer_files)} optimizer shard(s) "
+        f"{_mb(_files_size(optimizer_files))}, {len(rank_files)} rank file(s) {_mb(_files_size(rank_files))}; "
         f"total {_mb(_files_size([f for f in ckpt.iterdir() if f.is_file()]))}"
     )
     status = "complete" if not problems else "INCOMPLETE: " + "; ".join(problems)

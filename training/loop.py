@@ -36,7 +36,7 @@ from training.data import TrainData, build_eval_batches, build_train_loader, tok
 from training.distributed import adopt_accelerate_deepspeed_config, init_distributed
 from training.metrics import MetricsLogger, data_skipped, flops_per_token, memory_bytes, peak_flops
 from training.moe_metrics import MoEStepStats
-from training.optim import build_optimizer
+from training.optim import build_optimizer, schedule_state
 
 
 class TrainingError(RuntimeError):
@@ -61,7 +61,11 @@ class Trainer:
         self.dtype = self._dtype()
         self.grad_accum = cfg.grad_accum_steps(world)
         self.tokenizer = None if cfg.data.synthetic else Tokenizer(cfg.data.tokenizer)
-        self.model_cfg = resolve_model_config(cfg, self.tokenizer, grad_accum=self.grad_accum)
+        self.resume_from = ckpt_io.latest_checkpoint(self.out) if resume and cfg.checkpoint.resume else None
+        resumed_vocab = None if self.resume_from is None else ckpt_io.saved_vocab_size(self.resume_from)
+        self.model_cfg = resolve_model_config(
+            cfg, self.tokenizer, grad_accum=self.grad_accum, resumed_vocab=resumed_vocab
+        )
         self.plan = None
         if p.pp > 1:
             self.plan = PipelinePlan.build(
@@ -79,7 +83,6 @@ class Trainer:
                     f"train.global_batch_size or lower train.micro_batch_size",
                     flush=True,
                 )
-        self.resume_from = ckpt_io.latest_checkpoint(self.out) if resume and cfg.checkpoint.resume else None
         if not resume and self.is_main and ckpt_io.complete_checkpoints(self.out):
             print(f"--no-resume: starting fresh; existing checkpoints in {self.out} will be replaced", flush=True)
 
@@ -174,22 +177,50 @@ class Trainer:
         return torch.bfloat16 if d == "bf16" else torch.float32
 
     def _pipeline_stages(self) -> list[list[int]] | None:
-        """[pipeline rank, first layer, layers] per stage: what a resume must find again (None without a pipeline)."""
+        """[pipeline rank, first layer, layers] per stage, recorded in checkpoints (None without a pipeline)."""
         if self.plan is None:
             return None
         return [[self.plan.owner(s), layers[0], len(layers)] for s, layers in enumerate(self.plan.layers)]
 
+    def _layout(self) -> dict[str, Any]:
+        """The layout and batch split this run trains at (recorded in checkpoints; any of it may change on resume)."""
+        t = self.cfg.train
+        return {
+            **ckpt_io.layout(self.state),
+            "zero_stage": self.engine.zero_stage,
+            "micro_batch_size": t.micro_batch_size,
+            "grad_accum": self.grad_accum,
+            "global_batch_size": t.global_batch_size,
+        }
+
     def _restore(self, path: Path) -> None:
+        """Continue from a checkpoint written at any layout: say what changed, refuse what cannot continue."""
         meta = ckpt_io.read_trainer_state(path)
-        ckpt_io.check_layout(path, meta, self.state, self._pipeline_stages())
-        rank_state = ckpt_io.load_rank_state(path, self.state)
-        self.engine.load_optimizer_state(rank_state)
-        self.loader.load_state_dict(rank_state["data"])
-        ckpt_io.set_rng_state(rank_state["rng"])
+        ckpt_io.check_resumable(path, ckpt_io.saved_config(path), self.cfg.to_dict())
+        change = ckpt_io.describe_change(meta.get("layout", {}), self._layout())
+        warnings = ckpt_io.load_training_state(
+            path, meta, engine=self.engine, loader=self.loader, state=self.state, same_layout=change is None
+        )
         self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
         self.nonfinite_total = meta.get("nonfinite_steps", 0)
-        if self.is_main:
-            print(f"resumed from {path} at step {self.step}", flush=True)
+        if not self.is_main:
+            return
+        print(f"resumed from {path} at step {self.step}", flush=True)
+        if change is not None:
+            print(
+                f"resuming at another layout ({change}): the model and optimizer state were re-split for it; the "
+                f"global batches continue where they stopped",
+                flush=True,
+            )
+        saved_batch = meta.get("layout", {}).get("global_batch_size", self.cfg.train.global_batch_size)
+        if saved_batch != self.cfg.train.global_batch_size:
+            warnings.append(
+                f"the learning-rate schedule continues by step (step {self.step + 1} of train.max_steps="
+                f"{self.cfg.train.max_steps}), each step now taking {self.cfg.train.global_batch_size} sequences "
+                f"instead of {saved_batch}"
+            )
+        for warning in warnings:
+            print(f"warning: {warning}", flush=True)
 
     # ---- the loop ----
 
@@ -205,8 +236,10 @@ class Trainer:
                 "tokens_seen": self.tokens_seen,
                 "nonfinite_steps": self.nonfinite_total,
                 "pipeline": self._pipeline_stages(),
+                "schedule": schedule_state(self.engine.scheduler),
+                "layout": self._layout(),
             },
-            rank_state={"data": self.loader.state_dict()},
+            data_state=self.loader.state_dict(),
             config_dict=self.cfg.to_dict(),
             keep_last=self.cfg.checkpoint.keep_last,
             tokenizer_dir=None if self.tokenizer is None else self.cfg.data.tokenizer,

@@ -6,7 +6,7 @@ the cross-entropy `loss`, the pre-clip gradient norm (relative 1e-5: it sees a g
 grad_accum, which the loss would not), the aux loss, and the expert load (tokens per expert, dropped fraction),
 which the one-process run counts on its own. Runs: the torch engine, ZeRO 1, and ZeRO 2 stopped at step 5 and
 resumed to 10 (with a capacity factor and the auxiliary-loss-free expert bias, whose state must survive the resume;
-its checkpoint shows the expert optimizer states partitioned over the expert-data-parallel group).
+its checkpoint holds the experts' optimizer states per expert shard, gathered from their ZeRO partitions).
 The torch run's checkpoint exports to Hugging Face Mixtral and transformers gives our logits.
 """
 
@@ -89,13 +89,15 @@ def test_zero2_ep2_resumed_at_5_matches_one_process(reference_bias_capacity, tmp
     pretrain(tmp_path, run, nproc=4)  # resumes from step 5
     _assert_same_curve(metrics(tmp_path), reference_bias_capacity)
 
-    # ZeRO partitions the dense groups over dp=4 and the expert group over its edp=2 replicas of one expert shard
+    # the experts' Adam moments are saved per expert shard, whole over their edp=2 ZeRO partitions, like the weights
     from safetensors import safe_open
 
     step = tmp_path / "step-00000010"
-    with safe_open(str(step / "experts-ep00-of-02.safetensors"), framework="pt") as f:
-        shard_numel = sum(f.get_tensor(k).numel() for k in f.keys())  # noqa: SIM118
-    for rank in range(4):
-        zero = torch.load(step / f"rank-{rank:05d}.pt", weights_only=False)["optimizer"]
-        assert zero["partition_count"] == [4, 4, 2], rank
-        assert zero["single_partition_of_fp32_groups"][-1].numel() == shard_numel // 2, rank
+    for ep_rank in range(2):
+        with safe_open(str(step / f"experts-ep{ep_rank:02d}-of-02.safetensors"), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+        optimizer = step / f"optimizer-experts-ep{ep_rank:02d}-of-02.safetensors"
+        with safe_open(str(optimizer), framework="pt") as f:
+            moments = {k.removesuffix(".exp_avg"): f.get_tensor(k) for k in f.keys() if k.endswith(".exp_avg")}  # noqa: SIM118
+        assert {k: tuple(v.shape) for k, v in moments.items() if k in shapes} == shapes
+        assert all(v.abs().sum() > 0 for v in moments.values())  # stepped: not a fresh zero state

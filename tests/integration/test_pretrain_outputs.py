@@ -107,7 +107,7 @@ def test_checkpoint_inspector_tells_complete_from_incomplete(tmp_path):
     assert rc == 0, out
     assert "2 step directories; a resume reads step-00000002" in out
     assert "step 2, tokens seen 256, non-finite steps 0" in out  # 2 steps x global batch 4 x seq 32
-    assert "layout: world_size 1, tp 1, ep 1, pp 1, cp 1" in out and "1 rank file(s)" in out
+    assert "layout: world_size 1, tp 1, ep 1, pp 1, cp 1, dp 1, zero_stage 0" in out and "1 rank file(s)" in out
     # a rank file lost, a half-written step: both said, and the exit code says the resume target is not whole
     (tmp_path / "step-00000001" / "rank-00000.pt").unlink()
     (tmp_path / "step-00000002" / "trainer_state.json").unlink()

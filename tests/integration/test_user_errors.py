@@ -28,7 +28,8 @@ def assert_user_error(proc, *patterns: str) -> str:
 @pytest.fixture(scope="module")
 def bad_data(tmp_path_factory):
     """A tokenizer; a shard whose line 261 was cut short, met after the first 256 documents (the loader tokenizes
-    256 at a time), about 60 steps of one sequence; one whose second zstd frame is garbage (a copy error), met when it is opened."""
+    256 at a time), about 60 steps of one sequence; one whose second zstd frame is garbage (a copy error), met when
+    it is opened."""
     from dataset.train_tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("bad_data")

@@ -127,6 +127,9 @@ def test_model_config_takes_the_padded_vocabulary_and_ids_from_the_tokenizer():
     assert (model.bos_token_id, model.eos_token_id, model.pad_token_id) == (5, 6, 7)
     assert resolve_model_config(_cfg(), _tokenizer(1000, pad=-1)).pad_token_id is None
     assert resolve_model_config(_cfg("model.vocab_size=2000"), _tokenizer(1000)).vocab_size == 2000
+    # a run started at tp=1 (300 -> 320) and resumed at tp=2 (its own padding: 384) keeps its model
+    assert resolve_model_config(_cfg("parallel.tp=2"), _tokenizer(300)).vocab_size == 384
+    assert resolve_model_config(_cfg("parallel.tp=2"), _tokenizer(300), resumed_vocab=320).vocab_size == 320
     with pytest.raises(ConfigError, match="model vocab_size=500 is smaller than the tokenizer's 1000"):
         resolve_model_config(_cfg("model.vocab_size=500"), _tokenizer(1000))
     # an unset max_position_embeddings is the model's default (2048), not stretched to data.seq_len
