@@ -6,10 +6,12 @@
 
 It runs `python pretrain_llama.py` in a subprocess (one process, train.device=cuda, train.dtype=bf16, synthetic
 tokens, logging every step, a checkpoint only at the end, in a temporary directory) and reads metrics.jsonl:
-tokens/s and `mfu` per step, where the trainer's MFU is tokens/s x training FLOPs per token (6 x parameters +
-12 x layers x width x seq for attention) over the GPU's dense bf16 peak looked up by name (training/metrics.py,
-e.g. H100 989 TFLOP/s). The first --skip steps (warm-up, allocator growth) are left out of the means. Extra
-arguments are dotted overrides passed to pretrain_llama.py.
+tokens/s and `mfu` per step. That MFU is training.metrics.mfu, the one definition the benchmarks share: tokens/s x
+training FLOPs per token (flops_per_token: 6 x matmul parameters, the embedding's gather left out, + 12 x layers x
+heads x head_dim x seq for attention) over the GPU's dense bf16 peak for its exact part (training.metrics.gpu_peak:
+H100 SXM 989.4, H100 PCIe 756.5, H100 NVL 835.5 TFLOP/s, ...; a timed 8192^3 matmul for an unlisted part). The
+first --skip steps (warm-up, allocator growth) are left out of the means. Extra arguments are dotted overrides
+passed to pretrain_llama.py (the trainer enables TF32 for fp32 matmuls on CUDA; train.tf32=false keeps them exact).
 
 Without a CUDA device it says so and exits 0 (nothing is measured); --smoke runs a tiny config on the CPU instead.
 """
@@ -26,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # training.metrics, when run as `python bench/gpu_mfu.py`
 
 SMOKE = [
     "model.preset=tiny",
@@ -76,6 +79,16 @@ def summarize(rows: list[dict], skip: int) -> dict:
     }
 
 
+def describe_peak(device_name: str) -> str:
+    """The bf16 peak this GPU's MFU is measured against, and where it comes from."""
+    from training.metrics import gpu_peak  # here: --smoke and the no-GPU message need no torch import up front
+
+    peak = gpu_peak(device_name)
+    if peak is None:
+        return f"{device_name}: not in training.metrics.GPU_PEAKS; the trainer times an 8192^3 bf16 matmul as its peak"
+    return f"{device_name}: MFU against the {peak.part}'s dense bf16 peak, {peak.bf16 / 1e12:.1f} TFLOP/s (datasheet)"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         return
     device = "CPU (smoke)" if args.smoke else torch.cuda.get_device_name(0)
+    if not args.smoke:
+        print(describe_peak(device), flush=True)
     with tempfile.TemporaryDirectory(prefix="gpu_mfu_") as tmp:
         out = Path(tmp) / "run"
         cmd = [sys.executable, "pretrain_llama.py", "--no-resume", *overrides(args, out)]

@@ -3,7 +3,8 @@
 Both models get the same weights, the same batch, dtype, threads and AdamW; their steps alternate in rounds so
 that machine noise hits both alike. Prints tokens/s of each, their ratio (of the median step times, and the median
 over same-round step pairs, which stays fair when other processes load the machine for part of the run), and model
-FLOPs utilisation against a large matmul timed in the same run (CPU: 2048^3; CUDA: 8192^3, in the run's dtype).
+FLOPs utilisation as the trainer logs it (training.metrics.mfu: the GPU's dense datasheet peak for its exact part,
+TF32 for fp32 unless --no-tf32; on the CPU a 2048^3 matmul timed before and after the rounds, the larger).
 
     python bench/throughput.py --dtype fp32
     python bench/throughput.py --dtype bf16
@@ -27,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modeling.config import ModelConfig  # noqa: E402
 from modeling.llama import LlamaForCausalLM  # noqa: E402
+from training.distributed import set_fp32_matmul_precision  # noqa: E402
+from training.metrics import flops_per_token, gpu_peak, mfu, peak_flops  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -37,26 +40,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """FLOP/s of a large square matmul: the attainable peak this run's MFU is measured against."""
-    n = 8192 if device.type == "cuda" else 2048
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    reps, t0 = (20 if device.type == "cuda" else 5), time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
-
-
-def flops_per_token(cfg: ModelConfig, seq: int) -> float:
-    """Training FLOPs per token: 6 x (non-embedding params + output head) + attention scores (PaLM, appendix B)."""
-    h, hd, L = cfg.hidden_size, cfg.head_dim, cfg.num_hidden_layers
-    attn = h * hd * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
-    params = L * (attn + 3 * h * cfg.intermediate_size) + cfg.vocab_size * h
-    return 6 * params + 12 * L * cfg.num_attention_heads * hd * seq
+def peak_is_listed(device: torch.device) -> bool:
+    """Whether this GPU's peak comes from training.metrics' table of parts (else it was timed)."""
+    return gpu_peak(torch.cuda.get_device_name(device)) is not None
 
 
 def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
@@ -97,12 +83,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds; each runs --steps steps of each model")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-tf32", action="store_true", help="CUDA: keep fp32 matmuls exact (as train.tf32=false)")
     args = ap.parse_args()
     if args.intermediate is None:
         args.intermediate = -(-(8 * args.dim // 3) // 256) * 256
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    set_fp32_matmul_precision(device, tf32=not args.no_tf32)  # as the trainer does at start-up
 
     cfg, models, opts = build(args, device, dtype)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=device)
@@ -124,7 +112,7 @@ def main() -> None:
 
     for name in models:  # warm-up: allocator, kernels, optimizer state
         step(name)
-    peak = matmul_flops(device, torch.float32)  # timed before and after the rounds: the larger is the peak
+    peak = peak_flops(device, dtype)  # on the CPU timed before and after the rounds: the larger is the peak
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     times: dict[str, list[float]] = {name: [] for name in models}
     for r in range(args.rounds):
@@ -132,8 +120,7 @@ def main() -> None:
         for name in order:
             times[name] += [step(name) for _ in range(args.steps)]
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    # the attainable peak: on a CPU without bf16 hardware, bf16 matmuls are emulated and fp32 is the real ceiling
-    peak = max(peak, matmul_flops(device, dtype), matmul_flops(device, torch.float32))
+    peak = max(peak, peak_flops(device, dtype))
 
     tokens = args.batch * args.seq
     fpt = flops_per_token(cfg, args.seq)
@@ -142,13 +129,14 @@ def main() -> None:
         f"intermediate {args.intermediate}, vocab {args.vocab}, seq {args.seq}, batch {args.batch}, {args.dtype}, "
         f"{device}, threads {torch.get_num_threads()}, torch {torch.__version__}"
     )
-    print(f"matmul peak measured: {peak / 1e9:.1f} GFLOP/s; model FLOPs/token {fpt / 1e6:.1f} M")
+    source = "datasheet" if device.type == "cuda" and peak_is_listed(device) else "measured"
+    print(f"peak ({source}): {peak / 1e9:.1f} GFLOP/s; model FLOPs/token {fpt / 1e6:.1f} M")
     rate = {}
     for name in models:
         t = statistics.median(times[name])
         rate[name] = tokens / t
-        mfu = rate[name] * fpt / peak
-        print(f"{name:>5}: {rate[name]:9.1f} tokens/s  step {t * 1e3:8.1f} ms  MFU {100 * mfu:5.1f}%")
+        util = mfu(rate[name], fpt, peak)
+        print(f"{name:>5}: {rate[name]:9.1f} tokens/s  step {t * 1e3:8.1f} ms  MFU {100 * util:5.1f}%")
     print(f"ratio ours/hf: {rate['ours'] / rate['hf']:.3f}")
     # the two models' steps of one round ran back to back: their ratio cancels load that drifts between rounds
     paired = [hf / ours for ours, hf in zip(times["ours"], times["hf"], strict=True)]

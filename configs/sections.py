@@ -194,6 +194,7 @@ class TrainSection:
     seed: int = 1234
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    tf32: bool = True  # CUDA: fp32 matmuls on TF32 tensor cores; false keeps them exact fp32 (IEEE)
     activation_checkpointing: bool = False
     eval_every: int = 0  # 0 = only at the end (when data.valid is set)
     eval_batches: int = 8

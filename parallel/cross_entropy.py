@@ -134,9 +134,23 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad.to(ctx.logits_dtype), None, None, None, None, None
 
 
-# fp32 copies of bf16 logits are made in row chunks of at most this many bytes: CPU allocators serve blocks of
-# this size from memory they already hold, where one logits-sized block is mapped (and page-faulted) anew each step
+# fp32 copies of bf16 logits are made on the CPU in row chunks of at most this many bytes: CPU allocators serve
+# blocks of this size from memory they already hold, where one logits-sized block is mapped (and page-faulted)
+# anew each step
 _CHUNK_BYTES = 16 << 20
+
+
+def fp32_chunk_rows(z: torch.Tensor) -> int:
+    """Rows per fp32 chunk of the (N, V/tp) low-precision logits z: 16 MiB chunks on the CPU, all N elsewhere.
+
+    The chunks are all kept for backward, so they hold as much memory as one copy: chunking only lets the CPU's
+    allocator reuse blocks it holds. CUDA's caching allocator reuses a freed logits-sized block as well, so there
+    one copy is made, and the loss's max, gather, exp, sum and gradient run as one kernel each instead of once
+    per chunk (an (8192, 32000) bf16 head would otherwise be 63 chunks, each its own handful of launches).
+    """
+    if z.device.type != "cpu":
+        return z.shape[0]
+    return max(1, _CHUNK_BYTES // (4 * z.shape[-1]))
 
 
 class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
@@ -144,7 +158,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
 
     dX_r is this rank's partial sum: the caller's copy_to_region (or sequence all-gather) reduces it. The matmuls
     run in `matmul_dtype`, the dtype of the forward's product (bf16 under autocast), as autograd would. A bf16 z is
-    kept as the buffer of the bf16 dz; its fp32 copy is made in row chunks (see _CHUNK_BYTES).
+    kept as the buffer of the bf16 dz; its fp32 copy is made in row chunks on the CPU (fp32_chunk_rows).
     """
 
     @staticmethod
@@ -156,8 +170,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         if z.dtype == torch.float32:
             chunks, kept = [z], None
         else:
-            rows = max(1, _CHUNK_BYTES // (4 * z.shape[-1]))
-            chunks, kept = [c.float() for c in z.split(rows)], z
+            chunks, kept = [c.float() for c in z.split(fp32_chunk_rows(z))], z
         loss, saved = _exp_and_loss(chunks, target, group, ignore_index, vocab_size)
         ctx.save_for_backward(x, weight, kept, *saved)
         ctx.reuse = reuse

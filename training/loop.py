@@ -34,7 +34,7 @@ from parallel.state import ParallelState
 from training import checkpoint as ckpt_io
 from training.data import TrainData, build_eval_batches, build_train_loader, token_byte_lengths
 from training.distributed import adopt_accelerate_deepspeed_config, init_distributed
-from training.metrics import MetricsLogger, data_skipped, flops_per_token, memory_bytes, peak_flops
+from training.metrics import MetricsLogger, data_skipped, flops_per_token, memory_bytes, mfu, peak_flops
 from training.moe_metrics import MoEStepStats
 from training.optim import build_optimizer, schedule_state
 
@@ -397,7 +397,7 @@ class Trainer:
         self._install_signal_handlers()
         logger = MetricsLogger(self.out, cfg.logging, cfg.to_dict(), enabled=self.is_main, resume_step=self.step)
         flops_token = flops_per_token(self.model_cfg, cfg.data.seq_len)
-        peak = peak_flops(self.device, self.dtype) * self.state.dims.world_size
+        peak = peak_flops(self.device, self.dtype)
         bar = None
         if self.is_main and cfg.logging.progress_bar:
             from tqdm import tqdm
@@ -439,7 +439,7 @@ class Trainer:
                     "grad_norm": m["grad_norm"],
                     "tokens_per_s": tok_s,
                     "tokens_seen": self.tokens_seen,
-                    "mfu": tok_s * flops_token / peak,
+                    "mfu": mfu(tok_s, flops_token, peak, self.state.dims.world_size),
                     "memory_gb": memory_bytes(self.device) / 2**30,
                     "step_time_s": step_time,
                     "nonfinite_steps": self.nonfinite_total,

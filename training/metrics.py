@@ -7,6 +7,7 @@ import math
 import os
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -118,36 +119,103 @@ class MetricsLogger:
             self.run.finish()
 
 
+def _synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (a no-op on the CPU, whose matmuls return when done)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048) -> float:
-    """FLOP/s of an n^3 matmul measured now (the CPU's practical peak, for MFU)."""
+    """FLOP/s of an n^3 matmul measured now: the CPU's practical peak, and the fallback for an unlisted GPU."""
     g = torch.Generator(device=device).manual_seed(0)  # not the global RNG: a resumed run must draw what it saved
     a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    a @ b  # warm-up
-    reps, t0 = 3, time.perf_counter()
+    a @ b  # warm-up (kernel selection, workspace)
+    # a GPU queues the matmuls: the clock starts once the warm-up has run and stops once the timed ones have
+    _synchronize(device)
+    reps = 10 if device.type == "cuda" else 3
+    t0 = time.perf_counter()
     for _ in range(reps):
         a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    _synchronize(device)
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
-GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+@dataclass(frozen=True)
+class GpuPeak:
+    """A GPU part's dense (no sparsity) peak FLOP/s from its datasheet: bf16 and TF32 tensor cores, plain fp32."""
+
+    part: str
+    bf16: float
+    tf32: float
+    fp32: float
+
+
+# Most specific first: a name matches a row when it contains all of the row's words (torch.cuda.get_device_name,
+# split at spaces and dashes, upper case). "NVIDIA H100 80GB HBM3" is the SXM part; the PCIe and NVL cards say so
+# in their names ("NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200 NVL"); "NVIDIA GH200 480GB" is GH200, not
+# H200; "NVIDIA A10G" is not an A10 (whole words only). Datasheet figures with sparsity are halved.
+GPU_PEAKS: tuple[tuple[frozenset[str], GpuPeak], ...] = tuple(
+    (frozenset(words.split()), GpuPeak(part, bf16 * 1e12, tf32 * 1e12, fp32 * 1e12))
+    for words, part, bf16, tf32, fp32 in (
+        ("H100 NVL", "H100 NVL", 835.5, 417.5, 60.0),
+        ("H100 PCIE", "H100 PCIe", 756.5, 378.0, 51.2),
+        ("H100", "H100 SXM", 989.4, 494.7, 66.9),
+        ("H200 NVL", "H200 NVL", 835.5, 417.5, 60.0),
+        ("H200", "H200 SXM", 989.4, 494.7, 66.9),
+        ("GH200", "GH200", 989.4, 494.7, 66.9),
+        ("B200", "B200", 2250.0, 1125.0, 75.0),
+        ("A100", "A100", 312.0, 156.0, 19.5),
+        ("L40S", "L40S", 362.05, 183.0, 91.6),
+        ("L40", "L40", 181.05, 90.5, 90.5),
+        ("L4", "L4", 121.0, 60.0, 30.3),
+        ("A10", "A10", 125.0, 62.5, 31.2),
+        ("RTX 4090", "RTX 4090", 165.2, 82.6, 82.6),
+    )
+)
+
+
+def gpu_peak(name: str) -> GpuPeak | None:
+    """The datasheet peaks of the GPU `name` (as torch.cuda.get_device_name returns it); None for an unlisted part."""
+    words = set(name.upper().replace("-", " ").replace("_", " ").split())
+    return next((peak for required, peak in GPU_PEAKS if required <= words), None)
+
+
+def tf32_enabled() -> bool:
+    """Whether fp32 matmuls on CUDA run on TF32 tensor cores (training.distributed.set_fp32_matmul_precision)."""
+    precision = torch.backends.cuda.matmul.fp32_precision
+    if precision == "none":  # inherits the global setting (set_float32_matmul_precision("high") makes it tf32)
+        precision = torch.backends.fp32_precision
+    return precision == "tf32"
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """The GPU's dense bf16 peak from its name (timed when unknown); on CPU a timed matmul in the training dtype."""
+    """The per-device FLOP/s an MFU is measured against, for matmuls in the training `dtype`.
+
+    CUDA: the part's dense datasheet peak (gpu_peak) for bf16, or for fp32 its TF32 peak when TF32 is enabled
+    (tf32_enabled) and its fp32 peak when not; an unlisted GPU gets an 8192^3 matmul timed now. CPU: a 2048^3
+    matmul timed now in `dtype` (in fp32 where bf16 linears run as fp32 matmuls, on CPUs without bf16 hardware).
+    """
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, flops in GPU_PEAK_BF16.items():
-            if key in name:
-                return flops if dtype == torch.bfloat16 else flops / 2
-        return matmul_peak_flops(device, dtype, 8192)
+        peak = gpu_peak(torch.cuda.get_device_name(device))
+        if peak is None:
+            return matmul_peak_flops(device, dtype, 8192)
+        if dtype == torch.bfloat16:
+            return peak.bf16
+        return peak.tf32 if tf32_enabled() else peak.fp32
     from parallel.layers import cpu_has_native_bf16
 
-    # bf16 linears run as fp32 matmuls on CPUs without bf16 hardware: fp32 is then the relevant peak
     measure = dtype if dtype != torch.bfloat16 or cpu_has_native_bf16() else torch.float32
     return matmul_peak_flops(device, measure)
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak: float, devices: int = 1) -> float:
+    """Model FLOPs utilisation: tokens/s x training FLOPs per token over `devices` x the per-device `peak` FLOP/s.
+
+    The one definition of the trainer's `mfu` and the benchmarks': `flops_per_token` from flops_per_token(),
+    `peak` from peak_flops(), `tokens_per_s` and `devices` over the same set of devices (all ranks of a run).
+    """
+    return tokens_per_s * flops_per_token / (peak * devices)
 
 
 def memory_bytes(device: torch.device) -> int:
@@ -160,8 +228,19 @@ def memory_bytes(device: torch.device) -> int:
 
 
 def flops_per_token(mc: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x active parameters (forward + backward) + attention's 12 x layers x width x seq."""
-    return 6 * mc.num_active_params() + 12 * mc.num_hidden_layers * mc.num_attention_heads * mc.head_dim * seq_len
+    """Training FLOPs per token (PaLM, appendix B): 6 x matmul parameters + 12 x layers x heads x head_dim x seq.
+
+    Matmul parameters are those a token multiplies by: attention and MLP projections (a MoE layer's router, its
+    top-k routed and its shared experts) and the output head. Not the embedding table, which is a gather (its
+    rows are read, not multiplied; a tied table still counts once, as the head), nor the norms' weights. 6 = 2
+    for the forward's multiply-add and 4 for the backward's two products; attention's scores and weighted sum
+    add 12 x layers x heads x head_dim x seq, over the full sequence (the causal half is not discounted).
+    """
+    h, layers = mc.hidden_size, mc.num_hidden_layers
+    gather = 0 if mc.tie_word_embeddings else mc.vocab_size * h
+    norms = 2 * h * layers + h
+    matmul_params = mc.num_active_params() - gather - norms
+    return 6 * matmul_params + 12 * layers * mc.num_attention_heads * mc.head_dim * seq_len
 
 
 def data_skipped(loader: Any) -> int:

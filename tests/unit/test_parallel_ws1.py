@@ -186,6 +186,31 @@ def test_head_loss_under_bf16_autocast_matches_autograd(chunk_rows, monkeypatch)
     torch.testing.assert_close(ours.weight.grad, ref.weight.grad, atol=2e-3, rtol=1e-2)
 
 
+def test_fp32_chunks_of_bf16_logits_only_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(cross_entropy, "_CHUNK_BYTES", 4 * 13 * 5)
+    assert cross_entropy.fp32_chunk_rows(torch.empty(24, 13, dtype=torch.bfloat16)) == 5
+    # any other device (CUDA; "meta" stands in for it here) takes all rows in one fp32 copy
+    assert cross_entropy.fp32_chunk_rows(torch.empty(24, 13, dtype=torch.bfloat16, device="meta")) == 24
+
+
+def test_head_loss_one_fp32_copy_equals_row_chunks(monkeypatch):
+    """The CUDA path (one fp32 copy of the bf16 logits) and the CPU's (row chunks) give the same loss and grads."""
+    _, target = _logits_and_target(shape=(4, 6), vocab=13)
+    x = torch.randn(4, 6, 6, generator=torch.Generator().manual_seed(SEED))
+    results, asked = {}, []
+    for path, rows in (("chunks", lambda z: 5), ("one copy", lambda z: z.shape[0])):
+        monkeypatch.setattr(cross_entropy, "fp32_chunk_rows", lambda z, rows=rows: asked.append(z.shape) or rows(z))
+        ours, _ = _head_and_reference()
+        x_in = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = ours(x_in, target)
+        loss.backward()
+        results[path] = (loss, x_in.grad, ours.weight.grad)
+    assert asked == [(24, 13), (24, 13)]  # the bf16 logits went through the dispatch in both runs
+    for a, b in zip(results["chunks"], results["one copy"], strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 def test_mappings_are_identity_at_group_none():
     x = torch.randn(2, 4, 6, requires_grad=True)
     for fn in (mappings.copy_to_region, mappings.reduce_from_region):
