@@ -196,6 +196,7 @@ class TrainSection:
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     tf32: bool = True  # CUDA: fp32 matmuls on TF32 tensor cores; false keeps them exact fp32 (IEEE)
     activation_checkpointing: bool = False
+    attention: str = "auto"  # auto (FlexAttention on CUDA for masked attention, else SDPA) | sdpa | flex
     eval_every: int = 0  # 0 = only at the end (when data.valid is set)
     eval_batches: int = 8
     sample_every: int = 0  # 0 = only at the end
@@ -211,6 +212,7 @@ class TrainSection:
         _non_negative("train", self, "eval_every", "sample_every", "exit_interval")
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
         _choice("train.dtype", self.dtype, ("auto", "fp32", "bf16"))
+        _choice("train.attention", self.attention, ("auto", "sdpa", "flex"))  # modeling.flex.BACKENDS
 
 
 @dataclass

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from modeling.config import ModelConfig
 from modeling.context import ContextMask
+from modeling.flex import FlexMask
 from modeling.rope import apply_rotary
 from parallel.layers import (
     ColumnParallelLinear,
@@ -16,6 +16,7 @@ from parallel.layers import (
     cpu_has_native_bf16,
     fused_column_parallel,
 )
+from parallel.sdpa import sdpa
 from parallel.state import ParallelState
 
 LayerCache = tuple[torch.Tensor, torch.Tensor, int]  # (keys, values) buffers (B, kv_heads/tp, max_len, hd), start
@@ -50,13 +51,14 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         *,
-        mask: torch.Tensor | ContextMask | None = None,
+        mask: torch.Tensor | ContextMask | FlexMask | None = None,
         cache: LayerCache | None = None,
     ) -> torch.Tensor:
         """(B, T, H) -> (B, T, H); `mask` (B, 1, T, S) bool, True = attend; None = causal over T.
 
-        With `cache`, the new keys and values are written at [start, start + T) and attention runs over
-        [0, start + T); `mask` must then be given.
+        A FlexMask (modeling.flex: FlexAttention's block mask, CUDA) or a ContextMask (context parallelism) attends
+        through its own kernel. With `cache`, the new keys and values are written at [start, start + T) and
+        attention runs over [0, start + T); `mask` must then be given.
         """
         q, k, v = fused_column_parallel(x, (self.q_proj, self.k_proj, self.v_proj))  # (B, T, heads/tp * hd) etc.
         B, T = q.shape[:2]  # the full sequence, also when x holds a sequence-parallel chunk
@@ -76,9 +78,9 @@ class Attention(nn.Module):
             q, k, v = q.float(), k.float(), v.float()
         if isinstance(mask, ContextMask):  # the sequence is split over the context group (modeling.context)
             y = mask.attend(q, k, v).to(dtype)  # (B, nh, T/cp, hd)
-        else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_heads != self.n_kv_heads
-            ).to(dtype)  # (B, nh, T, hd)
+        elif isinstance(mask, FlexMask):  # one block mask per batch, no (T, T) tensor (modeling.flex)
+            y = mask.attend(q, k, v).to(dtype)  # (B, nh, T, hd)
+        else:  # on CUDA, k and v are repeated to the query heads under a mask (parallel.sdpa: kernel eligibility)
+            y = sdpa(q, k, v, mask).to(dtype)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh * hd)
         return self.o_proj(y)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from modeling import context
+from modeling import context, flex
 from modeling.attention import Attention, LayerCache
 from modeling.config import ModelConfig
 from modeling.mlp import SwiGLUMLP
@@ -172,6 +172,8 @@ class LlamaForCausalLM(nn.Module):
     Weights are drawn from N(0, initializer_range) (norms 1, biases 0), as transformers initialises Llama;
     `skip_init` leaves them uninitialised, for a model whose weights are about to be loaded.
     `activation_checkpointing` recomputes each decoder layer in backward instead of storing its activations.
+    `attention_backend` (train.attention: auto | sdpa | flex) picks SDPA or FlexAttention for masked attention
+    (modeling.flex.choose_backend).
     The expert-parallel degree is the state's (parallel.ep): the experts of every MoE layer are split over it.
 
     Under pipeline parallelism a rank builds only its `part` (modeling.pipeline cuts the stages; forward() needs the
@@ -219,6 +221,7 @@ class LlamaForCausalLM(nn.Module):
                 if name.endswith(".bias"):
                     p.zero_()
         self.activation_checkpointing = False
+        self.attention_backend = "auto"
         self._register_load_state_dict_pre_hook(self._fill_tied_copy)
 
     def _fill_tied_copy(self, state_dict: dict, prefix: str, *args: object) -> None:
@@ -265,12 +268,14 @@ class LlamaForCausalLM(nn.Module):
         position_ids: torch.Tensor | None,
         document_ids: torch.Tensor | None,
         cache: Cache | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | context.ContextMask | flex.FlexMask | None]:
         """(B, T) position ids (given, per document, or 0..T-1) and the attention mask (None = causal).
 
         The mask is causal_mask's rule: within each document when `document_ids` are given, over the last
         config.sliding_window tokens when it is set; the cache builds its own over the cached keys. Plain causal
-        attention (no documents, no window) passes no mask, so that SDPA runs its is_causal kernel.
+        attention (no documents, no window) passes no mask, so that SDPA runs its is_causal kernel. Where
+        `attention_backend` picks FlexAttention (modeling.flex: CUDA and a mask, by default) the mask is one
+        FlexMask for the batch, and no (T, T) tensor is built.
         """
         B, T = shape
         if position_ids is None:
@@ -284,8 +289,13 @@ class LlamaForCausalLM(nn.Module):
         if context.active(self.state):  # this rank's tokens; attention reads the others' from the context group
             docs = context.shard(self.state, document_ids)  # (B, T/cp)
             return context.shard(self.state, position_ids), context.context_mask(self.state, T, device, docs, window)
-        if document_ids is None and (window is None or window >= T):
-            return position_ids, None  # a window as long as the sequence hides nothing
+        window = window if window is not None and window < T else None  # a window as long as T hides nothing
+        masked = document_ids is not None or window is not None
+        backend = flex.choose_backend(self.attention_backend, device, masked=masked, head_dim=self.config.head_dim)
+        if backend == "flex":
+            return position_ids, flex.flex_mask(T, device, document_ids, window)  # one BlockMask, every layer
+        if document_ids is None and window is None:
+            return position_ids, None
         if document_ids is None:
             idx = torch.arange(T, device=device)
             return position_ids, causal_mask(idx, idx, window)[None, None]  # (1, 1, T, T), broadcast over the batch

@@ -40,10 +40,9 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from parallel.layers import cpu_has_native_bf16
 from parallel.mappings import Group, gather_from_region, group_rank, group_size
+from parallel.sdpa import sdpa
 from parallel.state import ParallelConfigError
 
 KINDS = ("ulysses", "ring")
@@ -115,15 +114,11 @@ def attention_mask(
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """SDPA (causal when `mask` is None) with GQA; q (B, Hq, T, hd), k, v (B, Hkv, T, hd) -> (B, Hq, T, hd)."""
-    dtype = q.dtype
-    if q.device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16():
-        # without bf16 hardware torch's CPU attention kernels run bf16 several times slower than fp32
-        q, k, v = q.float(), k.float(), v.float()
-    y = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=q.shape[1] != k.shape[1]
-    )
-    return y.to(dtype)
+    """SDPA (causal when `mask` is None) with GQA; q (B, Hq, T, hd), k, v (B, Hkv, T, hd) -> (B, Hq, T, hd).
+
+    parallel.sdpa: on CUDA a mask with grouped heads gets k, v repeated, so no (B, Hq, T, T) math-kernel scores.
+    """
+    return sdpa(q, k, v, mask)
 
 
 # ---------------------------------------------------------------------------------------------------- ulysses

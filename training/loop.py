@@ -144,6 +144,7 @@ class Trainer:
         part = self.plan.part(self.state.pp_rank) if self.plan is not None else None
         model = LlamaForCausalLM(self.model_cfg, self.state, device=self.device, dtype=torch.float32, part=part)
         model.activation_checkpointing = self.cfg.train.activation_checkpointing
+        model.attention_backend = self.cfg.train.attention
         source = self.weights_source()
         if source is not None:
             ckpt_io.load_model_weights(model, Path(source), self.state)
