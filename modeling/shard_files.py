@@ -3,10 +3,11 @@
 A rank at tensor degree tp holds rows [r * L, (r + 1) * L) of each split tensor along its split dimension, L =
 padded_size(n, tp) / tp (parallel.layers.tp_chunk: the vocabulary padded with zero rows), and expert rank e the
 experts [e * E / ep, (e + 1) * E / ep). The files of a set hold consecutive runs of the real rows; ShardReader
-reads, from each file whose run meets the wanted rows, only those rows (safetensors' `get_slice`, which copies the
-selected bytes out of the memory-mapped file), and opens each file only for the read, so that neither whole files
-nor whole tensors pass through the host memory of a rank that needs a slice of them, whatever degree wrote the
-files. The kinds of file are named here (model, experts, optimizer state); modeling.native_format writes them.
+reads, from each file whose run meets the wanted rows, only those rows (safetensors' `get_slice`: a view of the
+memory-mapped file, whose pages are read when the rows are copied into the rank's tensor), and opens each file only
+for the read, so that neither whole files nor whole tensors pass through the host memory of a rank that needs a
+slice of them, whatever degree wrote the files. The kinds of file are named here (model, experts, optimizer
+state); modeling.native_format writes them.
 """
 
 from __future__ import annotations
