@@ -177,7 +177,8 @@ def write_shards(
             dense = {}  # only its experts are written
         if not writes_experts:
             experts = {}  # another tensor rank writes them
-        device = next(iter(like.values())).device if like else torch.device("cpu")
+        # the parameters' device (NCCL moves CUDA tensors), not a CPU-held value's such as an optimizer step count
+        device = next((t.device for t in like.values() if t.device.type != "cpu"), torch.device("cpu"))
         if not _gather_to_first_stage(dense, experts, dims, state, device):
             return
     if writes_dense:
