@@ -51,8 +51,17 @@ data-parallel wrapper must not overwrite them with rank 0's, as DDP's buffer bro
 
 Precision: routing and combining run in fp32 with autocast off (under autocast `F.linear` and `bmm` would return
 bf16 whatever the inputs' dtype), so the scores, the top-k choice, the weights and the weighted sum of the expert
-outputs are fp32; only the expert FFNs (and the shared experts) follow autocast. `expert_bias` and `expert_load`
-are fp32 buffers whatever the model's dtype (parallel/deepspeed_engine.py restores them where DeepSpeed casts).
+outputs are fp32; only the expert FFNs (and the shared experts) follow autocast. The token rows travel to the
+experts in the compute dtype (bf16 under autocast: the all-to-all moves half the bytes of fp32, and the experts'
+matmuls would round them anyway). `expert_bias` and `expert_load` are fp32 buffers whatever the model's dtype
+(parallel/deepspeed_engine.py restores them where DeepSpeed casts).
+
+Host-device synchronisations (a GPU's queue drains at each): none in routing, dropping, the losses or the
+statistics (`stats` holds device tensors; training.moe_metrics reads a whole step's once). The experts run as one
+grouped GEMM (torch._grouped_mm, offsets on the device) where `grouped_gemm_supported` says so, else as a loop
+over the experts, whose row counts must be host integers. A layer's forward (and its recomputation under
+activation checkpointing) therefore synchronises: at ep=1, never with the grouped GEMM, once with the loop; at
+ep>1, once, for the all-to-all's split sizes (as Megatron's dispatcher does). The backward never does.
 """
 
 from __future__ import annotations
@@ -68,9 +77,9 @@ from torch import nn
 
 from modeling.config import ModelConfig
 from modeling.mlp import SwiGLUMLP
-from parallel.experts import combine, dispatch
-from parallel.layers import InitMethod, linear
-from parallel.mappings import copy_to_region, group_size
+from parallel.experts import bincount, combine, dispatch
+from parallel.layers import InitMethod, cpu_has_native_bf16, linear
+from parallel.mappings import compute_dtype, copy_to_region, group_size
 from parallel.state import ParallelConfigError, ParallelState
 
 
@@ -78,9 +87,10 @@ class MoEMLP(nn.Module):
     """Top-k routed SwiGLU experts (+ optional shared experts), a drop-in for SwiGLUMLP on (B, T, H).
 
     After each forward: `aux_loss` (differentiable scalar, already scaled by the config's coefficients; under
-    sequence parallelism this chunk's 1/tp share), `router_logits` (N, E) fp32 (in the graph), and `stats`:
-    tokens_per_expert (E,) long (assignments chosen for each expert among this rank's tokens, before dropping),
-    dropped_fraction, lb_loss, z_loss (floats, unscaled, of this rank's tokens).
+    sequence parallelism this chunk's 1/tp share), `router_logits` (N, E) fp32 (in the graph), and `stats`, device
+    tensors (reading them is a host sync: training.moe_metrics does it once per step): tokens_per_expert (E,) long
+    (assignments chosen for each expert among this rank's tokens, before dropping), and the 0-dim fp32
+    dropped_fraction, lb_loss, z_loss (unscaled, of this rank's tokens).
     """
 
     # statistics of this rank's tokens, summed over the replicas only by update_expert_bias(): a data-parallel
@@ -131,7 +141,7 @@ class MoEMLP(nn.Module):
         self.register_buffer("expert_load", load, persistent=False)
         self.aux_loss: torch.Tensor | None = None
         self.router_logits: torch.Tensor | None = None
-        self.stats: dict[str, torch.Tensor | float] = {}
+        self.stats: dict[str, torch.Tensor] = {}
 
     def _expert_param(self, full_shape: tuple[int, ...], init: InitMethod, factory: dict) -> nn.Parameter:
         full = torch.empty(full_shape, **factory)
@@ -169,45 +179,70 @@ class MoEMLP(nn.Module):
         flat = indices.reshape(-1)  # (N k,)
         by_weight = torch.argsort(weights.detach().reshape(-1), descending=True, stable=True)  # (N k,)
         by_expert = by_weight[torch.argsort(flat[by_weight], stable=True)]  # (N k,) per expert, heaviest first
-        counts = torch.bincount(flat, minlength=self.num_experts)  # (E,)
+        counts = bincount(flat, self.num_experts)  # (E,)
         first = torch.cumsum(counts, 0) - counts  # (E,) position of each expert's first assignment in by_expert
         rank_in_expert = torch.arange(n * k, device=flat.device) - first[flat[by_expert]]  # (N k,)
         keep = torch.empty_like(flat, dtype=torch.bool).index_copy_(0, by_expert, rank_in_expert < capacity)
         return torch.where(keep, flat, -1).view(n, k)  # (N, k)
 
-    def experts(self, rows: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
-        """(M, H) rows grouped by local expert -> (M, H): FFN_e of each expert's rows."""
+    def experts(
+        self, rows: torch.Tensor, counts: torch.Tensor, host: list[int] | None, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """(M, H) rows grouped by local expert -> (M, H): FFN_e of each expert's rows, in `dtype`.
+
+        counts (E/ep,) on the device; host: the same as host integers, or None for the grouped GEMM, which runs the
+        rows past sum(counts) (spare rows, whose outputs combine discards) through the last expert.
+        """
         w1, w3, w2 = (self._tp_replicated(w) for w in (self.w1, self.w3, self.w2))
-        out = []
-        for j, x in enumerate(rows.split(tokens_per_expert)):  # an expert with no rows still gets a 0 gradient
-            h = F.silu(linear(x, w1[j])) * linear(x, w3[j])  # (n_j, I)
-            out.append(linear(h, w2[j]))  # (n_j, H)
+        if host is None:
+            # offs[j]: end of local expert j's rows; the last group runs to the end of the rows (the spare rows)
+            ends = torch.cumsum(counts[:-1], 0)
+            offs = torch.cat([ends, ends.new_full((1,), rows.shape[0])]).to(torch.int32)  # (E/ep,)
+            w1, w3, w2 = (w.to(dtype).transpose(-2, -1) for w in (w1, w3, w2))  # (E/ep, in, out) views
+            h = F.silu(torch._grouped_mm(rows, w1, offs=offs)) * torch._grouped_mm(rows, w3, offs=offs)  # (M, I)
+            return torch._grouped_mm(h, w2, offs=offs)  # (M, H)
+        out = []  # with host counts, dispatch leaves no spare rows: the counts cover every row
+        # unbind, not w[j]: its backward stacks the E/ep gradients once, where indexing adds E/ep full-size ones
+        experts = zip(rows.split(host), w1.unbind(0), w3.unbind(0), w2.unbind(0), strict=True)
+        for x, w1_j, w3_j, w2_j in experts:  # an expert with no rows still gets a 0 gradient
+            h = F.silu(linear(x, w1_j)) * linear(x, w3_j)  # (n_j, I)
+            out.append(linear(h, w2_j))  # (n_j, H)
         return torch.cat(out)  # (M, H)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, H) -> (B, T, H) (T/tp under sequence parallelism); sets aux_loss, router_logits and stats."""
+        """(B, T, H) -> (B, T, H) (T/tp under sequence parallelism); sets aux_loss, router_logits and stats.
+
+        The output is in x's dtype promoted with the router's (fp32 under autocast with fp32 weights).
+        """
         tokens = x.reshape(-1, x.shape[-1])  # (N, H)
         n, k = tokens.shape[0], self.top_k
         logits, scores, indices, weights = self.route(tokens)
-        load = torch.bincount(indices.reshape(-1), minlength=self.num_experts)  # (E,)
-        routed = indices if self.config.capacity_factor is None else self.drop_over_capacity(indices, weights)
+        load = bincount(indices.reshape(-1), self.num_experts)  # (E,)
+        capacity = self.config.capacity_factor is not None
+        routed = self.drop_over_capacity(indices, weights) if capacity else indices
 
-        rows, tokens_per_expert, plan = dispatch(tokens, routed, self.num_experts, self.state.ep_group)
-        out = combine(self.experts(rows, tokens_per_expert), plan)  # (N k, H), 0 for dropped assignments
+        dtype = compute_dtype(tokens)
+        grouped = grouped_gemm_supported(tokens.device, dtype, x.shape[-1], self.w1.shape[1])
+        group = self.state.ep_group
+        rows, counts, host, plan = dispatch(
+            tokens, routed, self.num_experts, group, host_counts=not grouped, may_drop=capacity, dtype=dtype
+        )
+        out = combine(self.experts(rows, counts, None if grouped else host, dtype), plan)  # (N k, H), 0 if dropped
         with _no_autocast(out):  # fp32 weights times the experts' outputs, not a bf16 bmm
             out = torch.bmm(weights.unsqueeze(1), out.view(n, k, -1).float())  # (N, 1, H) = sum_j w_nj FFN_j(x_n)
-        out = out.view(x.shape).to(x.dtype)  # (B, T, H)
+        out = out.view(x.shape).to(torch.promote_types(x.dtype, self.gate.weight.dtype))  # (B, T, H)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
 
+        dropped = (routed < 0).sum() if capacity else torch.zeros((), dtype=torch.long, device=x.device)
         with _no_autocast(logits):
-            self._losses(logits, scores, load, dropped=n * k - plan.order.numel())
+            self._losses(logits, scores, load, dropped)
         if self.expert_bias is not None and self.training and torch._C._current_graph_task_id() == -1:
             # not when an activation-checkpointed layer is recomputed inside backward: that would count twice
             self.expert_load += load
         return out
 
-    def _losses(self, logits: torch.Tensor, scores: torch.Tensor, load: torch.Tensor, dropped: int) -> None:
+    def _losses(self, logits: torch.Tensor, scores: torch.Tensor, load: torch.Tensor, dropped: torch.Tensor) -> None:
         n = logits.shape[0]
         probs = scores if self.config.router_score == "softmax" else scores / scores.sum(-1, keepdim=True)
         counts, chunks = load.float(), 1  # (E,)
@@ -219,12 +254,11 @@ class MoEMLP(nn.Module):
         # this chunk's share: the shares of the tensor (and context) group sum to the unsplit sequence's loss
         self.aux_loss = (self.config.router_aux_loss_coef * lb + self.config.router_z_loss_coef * z) / chunks
         self.router_logits = logits
-        lb_value, z_value = torch.stack([lb.detach(), z.detach()]).tolist()
-        self.stats = {
+        self.stats = {  # on the device: no host sync here
             "tokens_per_expert": load.detach(),
-            "dropped_fraction": dropped / (n * self.top_k),
-            "lb_loss": lb_value,
-            "z_loss": z_value,
+            "dropped_fraction": dropped.float() / (n * self.top_k),
+            "lb_loss": lb.detach(),
+            "z_loss": z.detach(),
         }
 
     @torch.no_grad()
@@ -253,6 +287,33 @@ class MoEMLP(nn.Module):
         )
 
 
+def grouped_gemm_supported(device: torch.device, dtype: torch.dtype, hidden: int, intermediate: int) -> bool:
+    """Whether the experts run as torch._grouped_mm (no host sync) rather than a loop over the experts (one).
+
+    CUDA: torch 2.13's grouped GEMM has a kernel for bf16 on compute capability 9.x and 10.x (Hopper, Blackwell),
+    which reads the group offsets on the device; anywhere else it falls back to a loop that copies them to the host
+    on every call, 9 syncs per layer and step against the loop's 1, so the loop is kept there. The kernel needs
+    16-byte aligned rows: hidden and intermediate sizes multiples of 8 (bf16). Blackwell is left out: its kernel
+    gives an expert without tokens a nonzero weight gradient (pytorch/pytorch#172439, open at torch 2.13).
+    CPU: _grouped_mm is a C++ loop over the same matmuls (its host offsets cost nothing), measured against the
+    Python loop by bench/moe_experts.py: see CPU_GROUPED_GEMM.
+    """
+    if not hasattr(torch, "_grouped_mm") or (hidden * dtype.itemsize) % 16 or (intermediate * dtype.itemsize) % 16:
+        return False
+    if device.type == "cuda":
+        major = torch.cuda.get_device_capability(device)[0]
+        return dtype == torch.bfloat16 and torch.version.hip is None and major == 9
+    if device.type == "cpu":  # bf16 without bf16 hardware: the loop's `linear` multiplies in fp32 instead
+        return dtype in CPU_GROUPED_GEMM and (dtype != torch.bfloat16 or cpu_has_native_bf16())
+    return False
+
+
+# dtypes for which the CPU runs the experts as one _grouped_mm: where bench/moe_experts.py found it not slower than
+# the loop (2-core Xeon with AMX, 4096 assignments, H=256, I=512, E=8: loop/grouped 0.35x-0.90x in fp32 over four
+# runs, 0.95x-1.62x in bf16)
+CPU_GROUPED_GEMM: tuple[torch.dtype, ...] = (torch.bfloat16,)
+
+
 def _no_autocast(like: torch.Tensor) -> torch.autocast:
     """A region with autocast off on `like`'s device: the fp32 operations in it stay fp32."""
     return torch.autocast(like.device.type, enabled=False)
@@ -279,7 +340,7 @@ def mixtral_aux_loss(router_logits_per_layer: Sequence[torch.Tensor], top_k: int
     for logits in router_logits_per_layer:
         probs = logits.float().softmax(-1)  # (N, E)
         chosen = torch.topk(probs, top_k, dim=-1).indices  # (N, k)
-        tokens_per_expert = tokens_per_expert + torch.bincount(chosen.reshape(-1), minlength=num_experts)
+        tokens_per_expert = tokens_per_expert + bincount(chosen.reshape(-1), num_experts)
         prob_sum = prob_sum + probs.sum(0)
         rows += probs.shape[0]
     return num_experts * torch.dot(tokens_per_expert.float() / rows, prob_sum / rows)

@@ -5,6 +5,11 @@ activation and allocate about eight activation-sized temporaries per norm, which
 bandwidth and page faults. With n = x * rstd, g = dy * w (per feature) and H features, the gradients are
 
     dw = sum_rows(dy * n),    dx = rstd * (g - n * mean(g * n))
+
+Under autocast the output is in the autocast dtype (bf16): every consumer of a norm's output multiplies it in that
+dtype anyway (the q/k/v and gate/up projections, the head, the experts), so the values they see are unchanged,
+while the sequence-parallel all-gather, the all-reduce of its gradient and the experts' all-to-all move half the
+bytes (Megatron's bf16 path does the same). The statistics stay fp32 and dx keeps x's dtype.
 """
 
 from __future__ import annotations
@@ -12,23 +17,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from parallel.mappings import copy_to_region
+from parallel.mappings import autocast_dtype, copy_to_region
 from parallel.state import ParallelState
 
 
 class _RMSNormFunction(torch.autograd.Function):
-    """fwd: y = w * dtype(x32 * rstd), rstd = (mean(x32^2) + eps)^-1/2 / bwd: dx, dw by formula from x and rstd."""
+    """fwd: y = w * dtype(x32 * rstd), rstd = (mean(x32^2) + eps)^-1/2 / bwd: dx, dw by formula from x and rstd.
+
+    With an out_dtype other than x's (autocast), y is rounded to it last: what a consumer casting y would get.
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None) -> torch.Tensor:
         x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 statistics (fp64 stays fp64)
         # the 2-norm reads x once without an x^2 temporary; mean(x^2) = |x|^2 / H
         rstd = torch.linalg.vector_norm(x32, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
         ctx.save_for_backward(x, weight, rstd)
         if x.dtype == x32.dtype:
-            return torch.mul(x, rstd).mul_(weight)
+            y = torch.mul(x, rstd).mul_(weight)
+            return y if out_dtype in (None, y.dtype) else y.to(out_dtype)
         # round the normalised x to x's dtype before the weight, as transformers does (bf16 numerics match)
-        return weight * torch.mul(x32, rstd).to(x.dtype)
+        y = weight * torch.mul(x32, rstd).to(x.dtype)
+        return y if out_dtype in (None, y.dtype) else y.to(out_dtype)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -39,16 +49,20 @@ class _RMSNormFunction(torch.autograd.Function):
             n_x = n.to(x.dtype)  # what multiplied the weight in forward (no copy when the dtypes agree)
             dw = (dy * n_x).reshape(-1, dy.shape[-1]).sum(0).to(weight.dtype)  # (H,)
         if not ctx.needs_input_grad[0]:
-            return None, dw, None
+            return None, dw, None, None
         g = (dy * weight).to(rstd.dtype)  # (..., H)
         mean_gn = torch.linalg.vecdot(g, n, dim=-1).unsqueeze(-1).div_(x.shape[-1])  # (..., 1)
         dx = g.sub_(n.mul_(mean_gn)).mul_(rstd)
-        return dx.to(x.dtype), dw, None
+        return dx.to(x.dtype), dw, None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm of x: w * x / sqrt(mean(x^2) + eps) over the last dimension, statistics in fp32, result in x's dtype."""
-    return _RMSNormFunction.apply(x, weight, eps)
+    """RMSNorm of x: w * x / sqrt(mean(x^2) + eps) over the last dimension, statistics in fp32.
+
+    The result is in x's dtype (promoted with the weight's), or in the autocast dtype where autocast is on
+    (parallel.mappings.autocast_dtype).
+    """
+    return _RMSNormFunction.apply(x, weight, eps, autocast_dtype(x))
 
 
 class RMSNorm(nn.Module):

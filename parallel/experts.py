@@ -5,10 +5,19 @@ Each of N tokens is assigned to k experts, (N, k) indices; assignment a = n k + 
 
     dispatch   sort the N k assignments by expert (stable, so a token's order is kept within an expert)
                exchange the per-expert counts: all_to_all_single of the (E,) count vector, E/ep entries per rank
+               read the sent and received counts on the host, together: the one host-device synchronisation of
+               a layer's forward (all_to_all_single takes its split sizes as host integers)
                all_to_all (uneven splits) of the token rows: rank r receives, from every source rank in rank
                order, the rows for its experts, each source's block sorted by expert
                regroup the received rows by local expert (source order kept within an expert)
     combine    the exact inverse: ungroup, all_to_all back (the splits swapped), unsort into assignment order
+
+At group size 1 nothing needs the counts on the host unless the caller asks (`host_counts`, for a per-expert
+loop): the counts and the sorted rows stay on the device, no synchronisation. Dropped assignments then stay in the
+sorted rows, after every expert's rows ("spare" rows): the caller computes them with any expert (a grouped GEMM
+whose last group reaches the end of the rows) and combine discards their outputs. The rows travel in `dtype` (the
+compute dtype: bf16 under autocast), cast after the gather, so the backward's sum over a token's k assignments
+stays in the tokens' dtype.
 
     all_to_all      fwd: all-to-all / bwd: all-to-all (output and input splits swapped)
 
@@ -64,25 +73,40 @@ def all_to_all(
 class DispatchPlan:
     """What combine needs to undo a dispatch.
 
-    order: (n_sent,) the assignment ids (n k + j) of the routed assignments, sorted by expert: row i of the send
-        buffer is assignment order[i]. Dropped assignments (index -1) are not in it.
+    order: (n_sent,) the assignment ids (n k + j) of the rows of the send buffer, sorted by expert: row i of the
+        send buffer is assignment order[i]. Dropped assignments (index -1) are not in it, except at group size 1
+        without host counts, where order holds all N k assignments, the dropped ones last.
     num_assignments: N k, the rows combine returns.
-    send_splits / recv_splits: rows sent to / received from each ep rank.
+    kept: (N k,) bool, False for a dropped assignment, where order includes dropped ones that can occur; else None.
+    send_splits / recv_splits: rows sent to / received from each ep rank (None at group size 1).
     local_perm: (n_recv,) grouped row i is received row local_perm[i]; None at group size 1 (already grouped).
     group: the expert group.
     """
 
     order: torch.Tensor
     num_assignments: int
-    send_splits: list[int]
-    recv_splits: list[int]
+    kept: torch.Tensor | None
+    send_splits: list[int] | None
+    recv_splits: list[int] | None
     local_perm: torch.Tensor | None
     group: Group
 
 
+def bincount(x: torch.Tensor, n: int) -> torch.Tensor:
+    """torch.bincount(x, minlength=n) for x in [0, n), without its host sync (CUDA's bincount reads x's range)."""
+    return torch.zeros(n, dtype=torch.long, device=x.device).scatter_add_(0, x, torch.ones_like(x))
+
+
 def dispatch(
-    tokens: torch.Tensor, expert_indices: torch.Tensor, num_experts: int, group: Group
-) -> tuple[torch.Tensor, list[int], DispatchPlan]:
+    tokens: torch.Tensor,
+    expert_indices: torch.Tensor,
+    num_experts: int,
+    group: Group,
+    *,
+    host_counts: bool = False,
+    may_drop: bool = True,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[int] | None, DispatchPlan]:
     """Send each token's rows to the ranks of its experts; return them grouped by this rank's local experts.
 
     Args:
@@ -90,11 +114,15 @@ def dispatch(
         expert_indices: (N, k) global expert of each assignment in [0, num_experts), or -1 for a dropped one.
         num_experts: E, divisible by the size of `group`.
         group: the expert-parallel group (None: one member).
+        host_counts: also return the counts on the host (one synchronisation at group size 1; free otherwise).
+        may_drop: whether expert_indices can hold -1 (False: dropless routing, nothing to mask in combine).
+        dtype: the dtype the rows travel and are returned in (None: the tokens').
 
     Returns:
-        (rows, tokens_per_expert, plan): rows (M, H) grouped by local expert (local expert 0's rows first, each
-        expert's rows in source-rank order, then assignment order); tokens_per_expert, M split over the E/ep local
-        experts (zeros allowed); the plan for `combine`.
+        (rows, counts, host, plan): rows (M, H) grouped by local expert (local expert 0's rows first, each expert's
+        rows in source-rank order, then assignment order), then M - sum(counts) spare rows whose outputs combine
+        discards (only at group size 1 without host counts); counts (E/ep,) long on the device, the rows of each
+        local expert (zeros allowed); host, the same as a list of ints or None; the plan for `combine`.
     """
     ep = group_size(group)
     if num_experts % ep:
@@ -104,29 +132,38 @@ def dispatch(
     n, k = expert_indices.shape
     local = num_experts // ep
     flat = expert_indices.reshape(-1)  # (N k,)
-    key = torch.where(flat < 0, num_experts, flat)  # dropped assignments sort last, into bin E
+    key = torch.where(flat < 0, num_experts, flat) if may_drop else flat  # dropped assignments sort last, bin E
     order = torch.argsort(key, stable=True)  # (N k,) assignment ids, grouped by expert
-    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]  # (E,) rows for each global expert
-    counts_list = counts.tolist()  # the one host sync of the sending side: split sizes are host integers
-    n_sent = sum(counts_list)
-    order = order[:n_sent]
-    rows = tokens.index_select(0, order // k)  # (n_sent, H): a token appears once per routed assignment
+    counts = bincount(key, num_experts + 1)[:num_experts]  # (E,) rows for each global expert
     if ep == 1:
-        return rows, counts_list, DispatchPlan(order, n * k, [n_sent], [n_sent], None, group)
+        host = counts.tolist() if host_counts else None  # the host sync, only when asked for
+        kept = None
+        if host is not None:
+            order = order[: sum(host)]
+        elif may_drop:
+            kept = flat >= 0  # (N k,) the spare rows at the end of order are the dropped assignments
+        rows = tokens.index_select(0, order // k).to(dtype or tokens.dtype)  # (M, H), once per assignment
+        return rows, counts, host, DispatchPlan(order, n * k, kept, None, None, None, group)
 
     # recv_counts[s, j]: rows source rank s sends to this rank's local expert j
     recv_counts = torch.empty_like(counts)
     dist.all_to_all_single(recv_counts, counts, group=group)
-    recv_list = recv_counts.view(ep, local).tolist()  # (ep, E/ep) on the host
+    both = torch.cat([counts, recv_counts]).tolist()  # the one host sync: split sizes are host integers
+    counts_list, recv_flat = both[:num_experts], both[num_experts:]
+    recv_list = [recv_flat[s * local : (s + 1) * local] for s in range(ep)]  # (ep, E/ep) on the host
+    n_sent = sum(counts_list)
+    order = order[:n_sent]
+    rows = tokens.index_select(0, order // k).to(dtype or tokens.dtype)  # (n_sent, H)
     send_splits = [sum(counts_list[s * local : (s + 1) * local]) for s in range(ep)]
     recv_splits = [sum(row) for row in recv_list]
     received = all_to_all(rows, group, recv_splits, send_splits)  # (n_recv, H), by source rank, then expert
     expert_of_row = torch.arange(local, device=counts.device).repeat(ep)  # (ep E/ep,) local expert of each block
     expert_of_row = expert_of_row.repeat_interleave(recv_counts, output_size=sum(recv_splits))  # (n_recv,)
     local_perm = torch.argsort(expert_of_row, stable=True)  # (n_recv,) source order kept within an expert
-    tokens_per_expert = [sum(row[j] for row in recv_list) for j in range(local)]
-    plan = DispatchPlan(order, n * k, send_splits, recv_splits, local_perm, group)
-    return received.index_select(0, local_perm), tokens_per_expert, plan
+    host = [sum(row[j] for row in recv_list) for j in range(local)]
+    local_counts = recv_counts.view(ep, local).sum(0)  # (E/ep,)
+    plan = DispatchPlan(order, n * k, None, send_splits, recv_splits, local_perm, group)
+    return received.index_select(0, local_perm), local_counts, host, plan
 
 
 def combine(expert_rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
@@ -139,4 +176,7 @@ def combine(expert_rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         rows = rows.new_empty(rows.shape).index_copy(0, plan.local_perm, rows)  # (n_recv, H) by source rank
         rows = all_to_all(rows, plan.group, plan.send_splits, plan.recv_splits)  # (n_sent, H) sorted by expert
     out = rows.new_zeros((plan.num_assignments, *rows.shape[1:]))  # (N k, H)
-    return out.index_copy(0, plan.order, rows)
+    out = out.index_copy(0, plan.order, rows)
+    if plan.kept is not None:  # the spare rows' outputs (dropped assignments) are discarded
+        out = torch.where(plan.kept.unsqueeze(-1), out, 0)
+    return out

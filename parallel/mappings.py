@@ -25,6 +25,24 @@ def group_size(group: Group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast multiplies x in (autocast on for its device, x floating but not fp64), else None."""
+    device = x.device.type
+    eligible = x.is_floating_point() and x.dtype != torch.float64  # autocast leaves fp64 alone
+    if eligible and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on x multiplies in: the autocast dtype where autocast applies to x, else x's dtype.
+
+    A tensor bound for a collective and then a matmul travels in this dtype: under bf16 autocast an fp32 activation
+    would otherwise cross the wire at twice the bytes and be rounded to bf16 on arrival anyway.
+    """
+    return autocast_dtype(x) or x.dtype
+
+
 def group_rank(group: Group) -> int:
     """This process's index in a group; 0 in the one-member group."""
     return 0 if group is None else dist.get_rank(group)

@@ -11,6 +11,9 @@ ranks routed different chunks of the sequences) and returns, for MoE layer i (it
     moe/layer{i}/max_load             max / mean of tokens_per_expert (1.0 = perfectly balanced)
     moe/layer{i}/dropped_frac         fraction of assignments over capacity (0 when dropless)
     moe/layer{i}/lb_loss, z_loss      unscaled load-balancing and router z-loss, mean over micro-batches and ranks
+
+The values stay on the device until `row`, which reads the whole step's at once: one host-device synchronisation
+per step (plus the row's collectives) instead of one per layer and micro-batch.
 """
 
 from __future__ import annotations
@@ -41,9 +44,11 @@ class MoEStepStats:
 
     def _reset(self) -> None:
         self.calls = [0 for _ in self.layers]  # forwards seen per layer (micro-batches)
-        self.aux = 0.0
-        self.tokens = [0 for _ in self.layers]
-        self.scalars = [[0.0, 0.0, 0.0] for _ in self.layers]  # dropped_fraction, lb_loss, z_loss
+        # sums on the device, None until the first forward: the aux loss (), per layer the counts (E,) and the
+        # (3,) dropped_fraction, lb_loss, z_loss
+        self.aux: torch.Tensor | None = None
+        self.tokens: list[torch.Tensor | None] = [None for _ in self.layers]
+        self.scalars: list[torch.Tensor | None] = [None for _ in self.layers]
 
     def add(self, aux_loss: torch.Tensor | None) -> None:
         """Record the micro-batch just forwarded (its total aux loss and every MoE layer's stats)."""
@@ -53,15 +58,15 @@ class MoEStepStats:
         """Record one forward of the given layers (None: all of this rank's) and their summed aux loss."""
         if aux_loss is None:
             return
-        self.aux += float(aux_loss.detach())
+        self.aux = _add(self.aux, aux_loss.detach().double())
         for j, (i, moe) in enumerate(self.layers):
             if layer_ids is not None and i not in layer_ids:
                 continue
             st = moe.stats
             self.calls[j] += 1
-            self.tokens[j] = self.tokens[j] + st["tokens_per_expert"].cpu()
-            for k, key in enumerate(("dropped_fraction", "lb_loss", "z_loss")):
-                self.scalars[j][k] += st[key]
+            self.tokens[j] = _add(self.tokens[j], st["tokens_per_expert"])
+            scalars = torch.stack([st[key].double() for key in ("dropped_fraction", "lb_loss", "z_loss")])  # (3,)
+            self.scalars[j] = _add(self.scalars[j], scalars)
 
     def row(self) -> dict[str, Any]:
         """The step's metrics (empty for a dense model), identical on every rank; resets the accumulators."""
@@ -77,12 +82,16 @@ class MoEStepStats:
 
     def _local_row(self) -> dict[str, Any]:
         """This rank's layers, reduced over the data-parallel (and sequence-parallel) ranks."""
-        n_layers, micro_batches = len(self.layers), max(self.calls)
-        scalars = torch.tensor(self.scalars, dtype=torch.float64) / torch.tensor(self.calls).clamp(min=1)[:, None]
-        means = torch.cat([torch.tensor([self.aux / micro_batches], dtype=torch.float64), scalars.reshape(-1)])
-        counts = torch.stack(self.tokens).to(torch.float64)  # (L, E)
-        device = next(self.layers[0][1].parameters()).device
-        flat = torch.cat([means, counts.reshape(-1)]).to(device)  # one collective for the whole row
+        micro_batches = max(self.calls)
+        first = self.layers[0][1]
+        device, n_experts = first.gate.weight.device, first.num_experts
+        zeros = torch.zeros(n_experts, dtype=torch.float64, device=device)
+        sums = zip(self.scalars, self.calls, strict=True)
+        scalars = torch.stack([zeros[:3] if s is None else s / max(c, 1) for s, c in sums])  # (L, 3)
+        aux = zeros[:1] if self.aux is None else (self.aux / micro_batches).reshape(1)
+        means = torch.cat([aux, scalars.reshape(-1)])  # (1 + 3L,)
+        counts = torch.stack([zeros if t is None else t.double() for t in self.tokens])  # (L, E)
+        flat = torch.cat([means, counts.reshape(-1)])  # one collective for the whole row
         if group_size(self.state.dp_group) > 1:
             dist.all_reduce(flat, group=self.state.dp_group)
         chunks = 1
@@ -90,16 +99,21 @@ class MoEStepStats:
             chunks *= group_size(group)
             dist.all_reduce(flat, group=group)
         flat[: means.numel()] /= self.state.dp_size * chunks
-        flat = flat.cpu()
-        means, counts = flat[: means.numel()], flat[means.numel() :].view(n_layers, -1)  # (1 + 3L,), (L, E)
+        values = flat.tolist()  # the step's one host sync
+        n_means = means.numel()
         # a chunk's aux_loss is its 1/tp share of the objective: the shares add up, the other values average
-        out: dict[str, Any] = {"moe/aux_loss": means[0].item() * chunks}
+        out: dict[str, Any] = {"moe/aux_loss": values[0] * chunks}
         for j, (i, _) in enumerate(self.layers):
-            c = counts[j]
-            dropped, lb, z = means[1 + 3 * j : 4 + 3 * j].tolist()
-            out[f"moe/layer{i}/tokens_per_expert"] = [int(v) for v in c.tolist()]
-            out[f"moe/layer{i}/max_load"] = (c.max() / c.mean().clamp(min=1e-9)).item()
+            dropped, lb, z = values[1 + 3 * j : 4 + 3 * j]
+            c = values[n_means + j * n_experts : n_means + (j + 1) * n_experts]  # (E,) summed counts
+            out[f"moe/layer{i}/tokens_per_expert"] = [int(v) for v in c]
+            out[f"moe/layer{i}/max_load"] = max(c) / max(sum(c) / len(c), 1e-9)
             out[f"moe/layer{i}/dropped_frac"] = dropped
             out[f"moe/layer{i}/lb_loss"] = lb
             out[f"moe/layer{i}/z_loss"] = z
         return out
+
+
+def _add(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    """The running sum on the device: `value` for the first, else total + value."""
+    return value.clone() if total is None else total + value

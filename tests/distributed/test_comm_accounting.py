@@ -20,6 +20,10 @@ The expected lists are derived analytically, as in Megatron-LM (Shoeybi et al. 2
         plus backward all-reduces of H for the norm weights' gradients: 2 per layer + the final norm
     Under the ring model (all-reduce = reduce-scatter + all-gather) an all-reduce of S sends 2(n-1)/n S per rank
     and an all-gather or reduce-scatter (n-1)/n S, so sequence parallelism moves the same bytes.
+
+    under bf16 autocast over fp32 weights (the trainer's path) the same collectives, the activations' in bf16 (the
+    norms' and row-parallel outputs and their gradients) except the embedding's (it starts the fp32 residual
+    stream); the cross-entropy statistics and the norm-weight gradients stay fp32
 """
 
 from collections import Counter
@@ -40,6 +44,7 @@ B, T, H, V = 2, 32, 64, 256
 S, N = B * T * H, B * T
 DTYPE = torch.float32
 ELEM = 4  # bytes of fp32
+BYTES = {"float32": 4, "bfloat16": 2, "int64": 8}
 CONFIG = {
     "vocab_size": V,
     "hidden_size": H,
@@ -85,14 +90,16 @@ class _Recorder:
         return recorded
 
 
-def _step(model: LlamaForCausalLM, rec: _Recorder) -> list:
+def _step(model: LlamaForCausalLM, rec: _Recorder, autocast: bool = False) -> list:
+    """One forward (under bf16 autocast if asked, as the trainer's fp32-master path) and backward; its collectives."""
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(0, V, (B, T), generator=g)
     targets = torch.randint(0, V, (B, T), generator=g)
     targets[0, :4] = -100
     rec.log.clear()
     rec.phase = "fwd"
-    loss = model(ids, targets=targets).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(ids, targets=targets).loss
     rec.phase = "bwd"
     loss.backward()
     rec.phase = "idle"
@@ -112,6 +119,7 @@ def _count(rank: int, world_size: int) -> dict[str, list]:
             torch.manual_seed(0)
             model = LlamaForCausalLM(config, state)
             out["sp" if sp else "no_sp"] = _step(model, rec)
+            out["sp_bf16" if sp else "no_sp_bf16"] = _step(model, rec, autocast=True)
     finally:
         for name, fn in originals.items():
             setattr(dist, name, fn)
@@ -121,48 +129,49 @@ def _count(rank: int, world_size: int) -> dict[str, list]:
 # ---- analytic expectations, in the parent ----
 
 F32 = "float32"
+BF16 = "bfloat16"
 
 
-def _ar(numel: int, phase: str, op: str = "sum") -> tuple:
-    return (phase, f"all_reduce_{op}", numel, F32, TP)
+def _ar(numel: int, phase: str, op: str = "sum", dtype: str = F32) -> tuple:
+    return (phase, f"all_reduce_{op}", numel, dtype, TP)
 
 
-def _ag(phase: str) -> tuple:
-    return (phase, "all_gather", S, F32, TP)
+def _ag(phase: str, dtype: str = F32) -> tuple:
+    return (phase, "all_gather", S, dtype, TP)
 
 
-def _rs(phase: str) -> tuple:
-    return (phase, "reduce_scatter", S, F32, TP)
+def _rs(phase: str, dtype: str = F32) -> tuple:
+    return (phase, "reduce_scatter", S, dtype, TP)
 
 
-def expected_no_sp() -> list[tuple]:
-    """Megatron-LM's step without sequence parallelism, in call order."""
-    fwd = [_ar(S, "fwd")] + [_ar(S, "fwd")] * (2 * L) + [_ar(N, "fwd", "max"), _ar(2 * N, "fwd")]
-    bwd = [_ar(S, "bwd")] + [_ar(S, "bwd")] * (2 * L)
+def expected_no_sp(act: str = F32) -> list[tuple]:
+    """Megatron-LM's step without sequence parallelism, in call order; `act`: the layers' activation dtype."""
+    fwd = [_ar(S, "fwd")] + [_ar(S, "fwd", dtype=act)] * (2 * L) + [_ar(N, "fwd", "max"), _ar(2 * N, "fwd")]
+    bwd = [_ar(S, "bwd", dtype=act)] + [_ar(S, "bwd", dtype=act)] * (2 * L)  # lm_head input, then the layers
     return fwd + bwd
 
 
-def expected_sp() -> Counter:
+def expected_sp(act: str = F32) -> Counter:
     """Megatron-LM's step with sequence parallelism, as a multiset (the backward order is the engine's)."""
     return Counter(
-        [_rs("fwd")] * (2 * L + 1)  # embedding, o_proj, down_proj
-        + [_ag("fwd")] * (2 * L + 1)  # qkv input, gate/up input, lm_head input
+        [_rs("fwd")] + [_rs("fwd", act)] * (2 * L)  # embedding, then o_proj, down_proj
+        + [_ag("fwd", act)] * (2 * L + 1)  # qkv input, gate/up input, lm_head input (the norms' outputs)
         + [_ar(N, "fwd", "max"), _ar(2 * N, "fwd")]
-        + [_rs("bwd")] * (2 * L + 1)  # conjugates of the forward all-gathers
-        + [_ag("bwd")] * (2 * L + 1)  # conjugates of the forward reduce-scatters
+        + [_rs("bwd", act)] * (2 * L + 1)  # conjugates of the forward all-gathers
+        + [_ag("bwd")] + [_ag("bwd", act)] * (2 * L)  # conjugates of the forward reduce-scatters
         + [_ar(H, "bwd")] * (2 * L + 1)  # norm weights' gradients
-    )
+    )  # fmt: skip
 
 
 def ring_bytes(entry: tuple) -> float:
     """Bytes one rank sends for a collective under the ring model."""
-    _, op, numel, _, n = entry
+    _, op, numel, dtype, n = entry
     factor = 2 * (n - 1) / n if op.startswith("all_reduce") else (n - 1) / n
-    return factor * numel * ELEM
+    return factor * numel * BYTES[dtype]
 
 
 def full_bytes(entries) -> int:
-    return sum(e[2] * ELEM for e in entries)
+    return sum(e[2] * BYTES[e[3]] for e in entries)
 
 
 def _table(title: str, entries, expected) -> str:
@@ -187,6 +196,9 @@ def logs():
     print()
     print(_table(f"tp={TP}, L={L}, B*T*H={S}: without sequence parallelism", log["no_sp"], expected_no_sp()))
     print(_table(f"tp={TP}, L={L}, B*T*H={S}: with sequence parallelism", log["sp"], list(expected_sp().elements())))
+    sp_bf16 = list(expected_sp(BF16).elements())
+    print(_table(f"tp={TP}, L={L}, B*T*H={S}: bf16 autocast, no sp", log["no_sp_bf16"], expected_no_sp(BF16)))
+    print(_table(f"tp={TP}, L={L}, B*T*H={S}: bf16 autocast, sequence parallel", log["sp_bf16"], sp_bf16))
     return log
 
 
@@ -269,6 +281,22 @@ def test_nothing_else_is_communicated(logs):
         assert {e[0] for e in logs[key]} == {"fwd", "bwd"}
 
 
+def test_bf16_autocast_step_is_megatron_in_bf16_at_half_the_layers_bytes(logs):
+    """Every activation collective but the embedding's moves bf16: half the bytes of the fp32 step's."""
+    assert logs["no_sp_bf16"] == expected_no_sp(BF16)
+    assert Counter(logs["sp_bf16"]) == expected_sp(BF16)
+    ring = 2 * (TP - 1) / TP  # an all-reduce of S sends ring S elements per rank; a gather or scatter ring / 2
+    embedding = ring * S  # no sp: its forward all-reduce; sp: its forward reduce-scatter and backward all-gather
+    for key in ("no_sp", "sp"):
+        fp32 = sum(map(ring_bytes, _activation(logs[key])))
+        bf16 = sum(map(ring_bytes, _activation(logs[f"{key}_bf16"])))
+        assert fp32 == (4 * L + 2) * ring * S * 4
+        assert bf16 == embedding * 4 + ((4 * L + 2) * ring * S - embedding) * 2, key
+    for key in ("no_sp_bf16", "sp_bf16"):  # the rest of the step is the fp32 step's
+        rest = [e for e in logs[key] if e[2] != S]
+        assert rest == [e for e in logs[key.removesuffix("_bf16")] if e[2] != S]
+
+
 # ---- one MoE layer at ep=2 ----
 #
 # Each rank routes its own N tokens to k of E experts; ep rank j of an expert group (blocks of ep consecutive ranks
@@ -327,14 +355,19 @@ def _moe_count(rank: int, world_size: int, ep: int) -> dict:
     g = torch.Generator().manual_seed(100 + rank)  # every rank its own tokens, so the routing differs
     x = torch.randn(B, T, H, generator=g).requires_grad_()
     dy = torch.randn(B, T, H, generator=g)
+    logs = {}
     try:
         for name in PATCHED:
             setattr(dist, name, rec.wrap(name, originals[name]))
-        rec.phase = "fwd"
-        y = moe(x)
-        rec.phase = "bwd"
-        y.backward(dy)
-        rec.phase = "idle"
+        for autocast in (False, True):  # fp32, then the trainer's bf16 autocast over fp32 weights and tokens
+            rec.log = []
+            rec.phase = "fwd"
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                y = moe(x)
+            rec.phase = "bwd"
+            y.backward(dy)
+            rec.phase = "idle"
+            logs[BF16 if autocast else F32] = rec.log
     finally:
         for name, fn in originals.items():
             setattr(dist, name, fn)
@@ -342,11 +375,14 @@ def _moe_count(rank: int, world_size: int, ep: int) -> dict:
     with torch.no_grad():
         scores = (x.reshape(-1, H) @ moe.gate.weight.T).softmax(-1)  # (N, E)
         chosen = torch.topk(scores, MOE_K, dim=-1).indices  # (N, k)
-    return {"log": rec.log, "chosen": chosen.tolist()}
+    return {"log": logs[F32], "log_bf16": logs[BF16], "chosen": chosen.tolist()}
 
 
-def expected_moe(chosen: list[list[list[int]]], ep: int) -> list[list[tuple]]:
-    """Per rank, the collectives of one MoE forward + backward, from every rank's chosen experts (N, k)."""
+def expected_moe(chosen: list[list[list[int]]], ep: int, dtype: str = F32) -> list[list[tuple]]:
+    """Per rank, the collectives of one MoE forward + backward, from every rank's chosen experts (N, k).
+
+    The token rows travel in `dtype`: the experts' compute dtype (bf16 under autocast), both ways and in backward.
+    """
     per_expert = MOE_E // ep
     out = []
     for rank, mine in enumerate(chosen):
@@ -355,8 +391,8 @@ def expected_moe(chosen: list[list[list[int]]], ep: int) -> list[list[tuple]]:
         assigned = MOE_N * MOE_K
         local = sum(e in experts for token in mine for e in token)
         recv = sum(e in experts for src in block for token in chosen[src] for e in token)
-        dispatch = (assigned * H, recv * H, (assigned - local) * H, F32, ep)
-        combine = (recv * H, assigned * H, (recv - local) * H, F32, ep)
+        dispatch = (assigned * H, recv * H, (assigned - local) * H, dtype, ep)
+        combine = (recv * H, assigned * H, (recv - local) * H, dtype, ep)
         counts = ("fwd", "all_to_all_single", MOE_E, MOE_E, MOE_E - per_expert, "int64", ep)
         fwd, bwd = ("fwd", "all_to_all_single"), ("bwd", "all_to_all_single")
         out.append([counts, (*fwd, *dispatch), (*fwd, *combine), (*bwd, *dispatch), (*bwd, *combine)])
@@ -368,11 +404,12 @@ def moe_logs(request):
     world = request.param
     results = run_distributed(_moe_count, world, MOE_EP)
     chosen = [r["chosen"] for r in results]
-    return [r["log"] for r in results], expected_moe(chosen, MOE_EP), chosen
+    logs = [r["log"] for r in results], [r["log_bf16"] for r in results]
+    return logs[0], expected_moe(chosen, MOE_EP), chosen, logs[1]
 
 
 def test_moe_ep2_collectives_are_all_to_all_of_the_analytic_volume(moe_logs):
-    logs, expected, _ = moe_logs
+    logs, expected, _, _ = moe_logs
     for rank, (got, exp) in enumerate(zip(logs, expected, strict=True)):
         assert got == exp, f"rank {rank}:\ngot      {got}\nexpected {exp}"
     # the routing splits the assignments between local and remote experts, so both terms are exercised
@@ -381,7 +418,7 @@ def test_moe_ep2_collectives_are_all_to_all_of_the_analytic_volume(moe_logs):
 
 
 def test_moe_ep2_each_assignment_crosses_once_each_way(moe_logs):
-    logs, _, chosen = moe_logs
+    logs, _, chosen, _ = moe_logs
     per_expert = MOE_E // MOE_EP
     # over all ranks: the assignments whose expert lives on another rank of the group
     remote = sum(e // per_expert != rank % MOE_EP for rank, mine in enumerate(chosen) for tok in mine for e in tok)
@@ -391,7 +428,7 @@ def test_moe_ep2_each_assignment_crosses_once_each_way(moe_logs):
 
 
 def test_moe_no_collective_grows_with_the_world(moe_logs):
-    logs, _, _ = moe_logs
+    logs, _, _, _ = moe_logs
     for log in logs:
         assert {e[6] for e in log} == {MOE_EP}, "a collective outside the expert group"
         for _, op, n_in, n_out, _, dtype, _ in log:
@@ -401,3 +438,13 @@ def test_moe_no_collective_grows_with_the_world(moe_logs):
             else:  # a rank sends its own assignments and receives at most what its group routes to it
                 assert max(n_in, n_out) <= MOE_EP * MOE_N * MOE_K * H
                 assert MOE_N * MOE_K * H in (n_in, n_out)  # this rank's own assignments, sent or returned
+
+
+def test_moe_ep2_under_bf16_autocast_moves_bf16_rows(moe_logs):
+    """The same exchanges as fp32 (same routing: the router runs in fp32), the token rows in bf16: half the bytes."""
+    logs, _, chosen, logs_bf16 = moe_logs
+    for rank, (got, exp) in enumerate(zip(logs_bf16, expected_moe(chosen, MOE_EP, BF16), strict=True)):
+        assert got == exp, f"rank {rank}:\ngot      {got}\nexpected {exp}"
+    for fp32, bf16 in zip(logs, logs_bf16, strict=True):
+        rows = [(e, b) for e, b in zip(fp32, bf16, strict=True) if e[5] == F32]
+        assert len(rows) == 4 and all(b[4] * BYTES[BF16] * 2 == e[4] * BYTES[F32] for e, b in rows)

@@ -13,7 +13,9 @@ whole data-parallel group), ep=2 (tp=1, two expert groups of 2 and dp=4: the bia
 data-parallel group, not one expert group; this is also everything a world of 2 at ep=2 would test), and tp=2 x
 ep=2 under sequence parallelism (each tensor rank routes its own sequence chunk: the chunks' aux losses must add up
 to the unsplit sequence's, so the router gradient equals the reference's). In every layout the step's metrics row
-(training.moe_metrics) must equal the reference's counts and losses over the data-parallel group. The rank returns
+(training.moe_metrics) must equal the reference's counts and losses over the data-parallel group, and a layer's
+forward must synchronise host and device once (the all-to-all's split sizes), its backward never. At ep=2 the
+capacity configuration runs once more with the experts as one grouped GEMM instead of a loop. The rank returns
 `{check: (diff or error, tol)}` and the tests below read it.
 """
 
@@ -24,11 +26,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import modeling.moe as moe_module
 from modeling.config import ModelConfig
 from modeling.moe import MoEMLP
 from parallel.experts import combine, dispatch
 from parallel.state import ParallelConfigError, ParallelState
 from tests.dist_utils import run_distributed
+from tests.host_syncs import HostSyncs
 from training.moe_metrics import MoEStepStats
 
 ATOL = 1e-5
@@ -111,7 +115,7 @@ def _check_dispatch(c: _Checker, state: ParallelState) -> None:
     experts = 2 * ep
     x = _leaf((r * 100 + torch.arange(n, dtype=torch.float32)).unsqueeze(1).repeat(1, 3))  # (n, 3): row = id
     idx = _indices(r, ep, n, k)
-    rows, counts, plan = dispatch(x, idx, experts, state.ep_group)
+    rows, counts, host, plan = dispatch(x, idx, experts, state.ep_group)
     all_idx = [_indices(s, ep, n, k).reshape(-1) for s in range(ep)]
     expected_rows, expected_counts = [], []
     for j in range(2):  # local expert j, global expert 2r + j: sources in ep-rank order, assignment order inside
@@ -119,7 +123,7 @@ def _check_dispatch(c: _Checker, state: ParallelState) -> None:
         expected_rows += ids
         expected_counts.append(len(ids))
     c.true("rows grouped by local expert, sources in rank order", rows[:, 0].tolist() == expected_rows)
-    c.true("tokens per local expert", counts == expected_counts)
+    c.true("tokens per local expert", counts.tolist() == expected_counts and host == expected_counts)
     c.true("an expert with no token", r != ep - 1 or counts[1] == 0)
 
     out = combine(rows * 2, plan)  # (n k, 3) in assignment order
@@ -177,8 +181,12 @@ def _check_moe(c: _Checker, state: ParallelState, config: ModelConfig) -> None:
     # under sequence parallelism each tensor rank backpropagates its chunk's share of the aux loss
     local = (lambda t: t.chunk(state.tp_size, dim=1)[state.tp_rank]) if sp else (lambda t: t)  # noqa: E731
     x_par = _leaf(local(x))
-    y = par(x_par)
-    ((y * local(dy)).sum() + par.aux_loss).backward()
+    with HostSyncs() as fwd:
+        y = par(x_par)
+    with HostSyncs() as bwd:
+        ((y * local(dy)).sum() + par.aux_loss).backward()
+    # the all-to-all's split sizes are host integers: one read of the sent and received counts, none in backward
+    c.true(f"one host sync in forward, none in backward: {fwd.calls} {bwd.calls}", fwd.count == 1 and bwd.count == 0)
 
     c.close("output", y, local(y_ref))
     c.close("input grad", x_par.grad, local(x_ref.grad))
@@ -197,7 +205,7 @@ def _check_moe(c: _Checker, state: ParallelState, config: ModelConfig) -> None:
         c.close("aux_loss", par.aux_loss, ref.aux_loss)
         c.true("tokens_per_expert", torch.equal(par.stats["tokens_per_expert"], ref.stats["tokens_per_expert"]))
         for key in ("dropped_fraction", "lb_loss", "z_loss"):
-            c.close(key, torch.tensor(par.stats[key]), torch.tensor(ref.stats[key]))
+            c.close(key, par.stats[key], ref.stats[key])
 
     _check_metrics_row(c, state, par, ref)
 
@@ -208,7 +216,7 @@ def _check_moe(c: _Checker, state: ParallelState, config: ModelConfig) -> None:
     c.true("expert 0 gets tokens from odd dp ranks only", (load[0] == 0) == (state.dp_rank % 2 == 0))
     c.true("uneven counts", load[: E - 1].unique().numel() > 1)
     if config.capacity_factor is not None:
-        dropped = torch.tensor(ref.stats["dropped_fraction"])
+        dropped = ref.stats["dropped_fraction"].clone()
         dist.all_reduce(dropped, group=state.dp_group)
         c.true("some assignments dropped", dropped > 0)
 
@@ -240,7 +248,8 @@ def _check_metrics_row(c: _Checker, state: ParallelState, par: MoEMLP, ref: MoEM
     tokens = ref.stats["tokens_per_expert"].clone()
     dist.all_reduce(tokens, group=state.dp_group)
     c.true("row tokens_per_expert", row["moe/layer0/tokens_per_expert"] == tokens.tolist())
-    expected = {"aux_loss": float(ref.aux_loss), **{k: ref.stats[k] for k in ("dropped_fraction", "lb_loss", "z_loss")}}
+    keys = ("dropped_fraction", "lb_loss", "z_loss")
+    expected = {"aux_loss": float(ref.aux_loss.detach()), **{k: float(ref.stats[k]) for k in keys}}
     means = torch.tensor(list(expected.values()), dtype=torch.float64)
     dist.all_reduce(means, group=state.dp_group)
     means /= state.dp_size
@@ -274,6 +283,12 @@ def _all_checks(rank: int, world_size: int) -> dict[str, tuple[float | str, floa
             c.run("dispatch", _check_dispatch, state)
             c.run("mixtral", _check_moe, state, _config(**CONFIGS["mixtral"]))
             c.run("capacity", _check_moe, state, _config(**CONFIGS["capacity"]))
+            if layout["ep"] == 2:  # the experts as one grouped GEMM (fp32 on the CPU runs them as a loop)
+                real, moe_module.grouped_gemm_supported = moe_module.grouped_gemm_supported, lambda *_: True
+                try:
+                    c.run("grouped", _check_moe, state, _config(**CONFIGS["capacity"]))
+                finally:
+                    moe_module.grouped_gemm_supported = real
         if layout["ep"] == 4:
             c.run("errors", _check_errors, state)
         results.update(c.results)
@@ -308,6 +323,10 @@ def test_mixtral_routing_equals_ep1(rank_results):
 
 def test_capacity_sigmoid_bias_shared_equals_ep1(rank_results):
     _assert_checks(rank_results, "capacity", layouts=2)
+
+
+def test_grouped_gemm_experts_equal_ep1(rank_results):
+    _assert_checks(rank_results, "grouped", layouts=1)
 
 
 def test_tensor_and_sequence_parallel_with_experts_equals_ep1(rank_results):

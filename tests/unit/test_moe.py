@@ -16,9 +16,12 @@ from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock, 
 
 from configs.schema import load_config
 from modeling.config import ModelConfig
-from modeling.moe import MoEMLP, mixtral_aux_loss
+from modeling.moe import MoEMLP, grouped_gemm_supported, mixtral_aux_loss
 from parallel.experts import combine, dispatch
+from parallel.layers import cpu_has_native_bf16
 from parallel.state import ParallelConfigError, ParallelState
+from tests.host_syncs import HostSyncs
+from training.moe_metrics import MoEStepStats
 
 ATOL = 1e-5
 B, T, H, I, E, K = 2, 5, 16, 24, 4, 2  # noqa: E741
@@ -88,7 +91,14 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.detach().double() - b).abs().max() / b.abs().max().clamp(min=1.0)).item()
 
 
-def test_matches_transformers_mixtral_block():
+@pytest.fixture(params=[True, False], ids=["grouped-gemm", "expert-loop"])
+def experts_path(request, monkeypatch):
+    """Run the experts as one grouped GEMM or as a loop over the experts, whatever this machine would choose."""
+    monkeypatch.setattr("modeling.moe.grouped_gemm_supported", lambda *_: request.param)
+    return request.param
+
+
+def test_matches_transformers_mixtral_block(experts_path):
     moe = _moe(router_z_loss_coef=0.01)
     block = _mixtral_block(moe)
     logits_hf = []
@@ -133,7 +143,7 @@ def test_mixtral_aux_loss_over_layers_is_transformers_not_the_mean_of_layers():
 
 
 @pytest.mark.parametrize("capacity_factor", [0.5, 1.0])
-def test_capacity_drops_what_a_python_loop_drops(capacity_factor):
+def test_capacity_drops_what_a_python_loop_drops(capacity_factor, experts_path):
     moe = _moe(capacity_factor=capacity_factor)
     x = _x()
     y = moe(x)
@@ -234,12 +244,15 @@ def test_config_errors_name_the_key():
         MoEMLP(_config(num_local_experts=0), ParallelState(), init_method=torch.nn.init.normal_)
 
 
-def test_dispatch_and_combine_are_a_permutation_on_one_rank():
+@pytest.mark.parametrize("host_counts", [True, False], ids=["host-counts", "device-only"])
+def test_dispatch_and_combine_are_a_permutation_on_one_rank(host_counts):
     x = torch.arange(6.0).unsqueeze(1).repeat(1, 3).requires_grad_()  # (6, 3): row n holds n
     idx = torch.tensor([[2, 0], [0, -1], [3, 2], [0, 3], [-1, 2], [2, 0]])  # expert 1: no token; two dropped
-    rows, counts, plan = dispatch(x, idx, 4, None)
-    assert counts == [4, 0, 4, 2]
-    assert rows[:, 0].tolist() == [0, 1, 3, 5, 0, 2, 4, 5, 2, 3]  # by expert, token order within an expert
+    rows, counts, host, plan = dispatch(x, idx, 4, None, host_counts=host_counts)
+    assert counts.tolist() == [4, 0, 4, 2] and host == ([4, 0, 4, 2] if host_counts else None)
+    by_expert = [0, 1, 3, 5, 0, 2, 4, 5, 2, 3]  # by expert, token order within an expert
+    spare = [] if host_counts else [1, 4]  # without host counts the dropped assignments (3, 8) trail, in order
+    assert rows[:, 0].tolist() == by_expert + spare
     out = combine(rows * 2, plan)  # (12, 3) in assignment order, zeros where dropped
     expected = torch.stack([2 * x[n // 2] if idx.view(-1)[n] >= 0 else torch.zeros(3) for n in range(12)])
     assert torch.equal(out, expected)
@@ -300,3 +313,107 @@ def test_routing_and_combining_stay_fp32_under_bf16_autocast(router_score, monke
     expected = (ref_w.unsqueeze(-1) * combined[-1].float().view(-1, K, H)).sum(1).view(B, T, H)
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0], ids=["dropless", "capacity"])
+@pytest.mark.parametrize("activation_checkpointing", [False, True], ids=["stored", "recomputed"])
+def test_host_syncs_per_layer(experts_path, capacity_factor, activation_checkpointing):
+    """At ep=1 a layer never synchronises with the grouped GEMM; the loop reads its row counts once per forward.
+
+    The backward never does, except that activation checkpointing runs each layer's forward again in it.
+    """
+    layers = [_moe(seed, capacity_factor=capacity_factor, router_expert_bias=True).train() for seed in range(2)]
+    x = _x(requires_grad=True)
+    dy = torch.randn(B, T, H, generator=torch.Generator().manual_seed(2))
+
+    def block(h):
+        for moe in layers:
+            h = h + moe(h)
+        return h
+
+    with HostSyncs() as fwd:
+        y = checkpoint(block, x, use_reentrant=False) if activation_checkpointing else block(x)
+        loss = (y * dy).sum() + sum(moe.aux_loss for moe in layers)
+    with HostSyncs() as bwd:
+        loss.backward()
+    per_layer = 0 if experts_path else 1
+    assert fwd.count == len(layers) * per_layer, fwd.calls
+    assert bwd.count == (len(layers) * per_layer if activation_checkpointing else 0), bwd.calls
+    if capacity_factor is not None:
+        assert sum(moe.stats["dropped_fraction"] for moe in layers) > 0  # the dropping path ran
+    assert all(moe.gate.weight.grad.abs().sum() > 0 and moe.w2.grad.abs().sum() > 0 for moe in layers)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.5], ids=["dropless", "capacity"])
+def test_grouped_gemm_equals_the_expert_loop_under_bf16_autocast(capacity_factor, monkeypatch):
+    """Both ways of running the experts give the same output and gradients in bf16 (same rows, same rounding)."""
+    results = []
+    for grouped in (True, False):
+        monkeypatch.setattr("modeling.moe.grouped_gemm_supported", lambda *_, grouped=grouped: grouped)
+        moe = _moe(capacity_factor=capacity_factor)
+        x = _x(requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = moe(x)
+        (y.square().sum() + moe.aux_loss).backward()
+        results.append([y, x.grad, moe.w1.grad, moe.w2.grad, moe.w3.grad, moe.gate.weight.grad])
+    for grouped, loop in zip(*results, strict=True):
+        torch.testing.assert_close(grouped, loop, rtol=1e-2, atol=1e-2)
+    ref = _naive(_moe(capacity_factor=capacity_factor), _x())[0]  # fp32, token by token
+    assert 1e-4 < _diff(results[0][0], ref) < 0.05  # bf16 experts: rounded, but the same function
+
+
+def test_grouped_gemm_policy():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert grouped_gemm_supported(cpu, torch.bfloat16, 16, 24) == cpu_has_native_bf16()
+    assert not grouped_gemm_supported(cpu, torch.bfloat16, 16, 4)  # 8-byte rows: the kernel needs 16-byte strides
+    assert not grouped_gemm_supported(cpu, torch.float32, 16, 24)  # the loop was faster (bench/moe_experts.py)
+    assert not grouped_gemm_supported(cpu, torch.float64, 16, 24)
+    assert not grouped_gemm_supported(torch.device("meta"), torch.float32, 16, 24)
+    if not torch.cuda.is_available():
+        with pytest.MonkeyPatch.context() as mp:
+            for capability, dtype, expected in [
+                ((9, 0), torch.bfloat16, True),
+                ((10, 0), torch.bfloat16, False),  # Blackwell: wrong gradients for empty groups (torch#172439)
+                ((9, 0), torch.float32, False),  # fp32 runs torch's fallback, a host sync per call
+                ((8, 0), torch.bfloat16, False),
+            ]:
+                mp.setattr(torch.cuda, "get_device_capability", lambda _device, c=capability: c)
+                assert grouped_gemm_supported(cuda, dtype, 64, 128) == expected, (capability, dtype)
+
+
+class _Layers:
+    """The part of LlamaForCausalLM that MoEStepStats reads."""
+
+    def __init__(self, moes: list[MoEMLP]):
+        self.moes, self.config = moes, moes[0].config
+
+    def moe_layers(self) -> list[tuple[int, MoEMLP]]:
+        """(layer index, MoEMLP) pairs, as LlamaForCausalLM.moe_layers."""
+        return [(2 * i + 1, moe) for i, moe in enumerate(self.moes)]
+
+
+def test_step_stats_stay_on_the_device_until_the_row():
+    moes = [_moe(seed, capacity_factor=1.0) for seed in range(2)]
+    stats = MoEStepStats(_Layers(moes), ParallelState())
+    expected = {}
+    for micro_batch in range(2):
+        for moe in moes:
+            moe(_x(10 + micro_batch))
+        aux = sum(moe.aux_loss for moe in moes)
+        with HostSyncs() as syncs:
+            stats.add(aux)
+        assert syncs.count == 0, syncs.calls
+        expected["aux"] = expected.get("aux", 0.0) + float(aux.detach()) / 2
+        for i, moe in zip((1, 3), moes, strict=True):
+            expected[i] = [expected.get(i, [0] * E)[e] + int(moe.stats["tokens_per_expert"][e]) for e in range(E)]
+            expected[(i, "lb")] = expected.get((i, "lb"), 0.0) + float(moe.stats["lb_loss"]) / 2
+            expected[(i, "dropped")] = expected.get((i, "dropped"), 0.0) + float(moe.stats["dropped_fraction"]) / 2
+    with HostSyncs() as syncs:
+        row = stats.row()
+    assert syncs.count == 1, syncs.calls  # the whole step's values come to the host at once
+    assert row["moe/aux_loss"] == pytest.approx(expected["aux"], abs=1e-6)
+    for i in (1, 3):
+        assert row[f"moe/layer{i}/tokens_per_expert"] == expected[i] and sum(expected[i]) == 2 * B * T * K
+        assert row[f"moe/layer{i}/lb_loss"] == pytest.approx(expected[(i, "lb")], abs=1e-6)
+        assert row[f"moe/layer{i}/dropped_frac"] == pytest.approx(expected[(i, "dropped")], abs=1e-6)
+        assert expected[(i, "dropped")] > 0
