@@ -26,12 +26,10 @@ objects: tensors come from safetensors, the .pt files are read with `torch.load(
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,7 +42,6 @@ from dataset.loader import merge_states
 from modeling.config import CheckpointError, ModelConfig, resolve_checkpoint_dir
 from modeling.convert import copy_tokenizer, load_checkpoint
 from modeling.native_format import (
-    EXPERT_SHARDS,
     MODEL_SHARDS,
     OPTIMIZER_EXPERT_SHARDS,
     OPTIMIZER_SHARDS,
@@ -360,6 +357,42 @@ def load_optimizer(engine: Engine, ckpt: Path, state: ParallelState) -> None:
     engine.load_optimizer_tensors(get)
 
 
+def resume(
+    ckpt: Path,
+    config: dict[str, Any],
+    layout: dict[str, Any],
+    *,
+    engine: Engine,
+    loader: Any,
+    state: ParallelState,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """Continue from a checkpoint written at any layout; return its trainer_state.json.
+
+    Refuses what cannot continue (check_resumable, the data fingerprint), restores the training state, and says
+    what changed: `layout` is this run's (the trainer's: `layout()` plus the ZeRO stage and the batch split).
+    """
+    meta = read_trainer_state(ckpt)
+    check_resumable(ckpt, saved_config(ckpt), config)
+    change = describe_change(meta.get("layout", {}), layout)
+    warnings = load_training_state(ckpt, meta, engine=engine, loader=loader, state=state, same_layout=change is None)
+    say(f"resumed from {ckpt} at step {meta['step']}")
+    if change is not None:
+        say(
+            f"resuming at another layout ({change}): the model and optimizer state were re-split for it; the "
+            f"global batches continue where they stopped"
+        )
+    batch, saved_batch = layout["global_batch_size"], meta.get("layout", {}).get("global_batch_size")
+    if saved_batch not in (None, batch):
+        warnings.append(
+            f"the learning-rate schedule continues by step (step {meta['step'] + 1} of train.max_steps="
+            f"{config['train']['max_steps']}), each step now taking {batch} sequences instead of {saved_batch}"
+        )
+    for warning in warnings:
+        say(f"warning: {warning}")
+    return meta
+
+
 def load_training_state(
     ckpt: Path, meta: dict[str, Any], *, engine: Engine, loader: Any, state: ParallelState, same_layout: bool
 ) -> list[str]:
@@ -390,93 +423,7 @@ def load_training_state(
     return list(warnings)
 
 
-# ---- the inspector: python -m training.checkpoint DIR ----
+if __name__ == "__main__":  # the inspector: python -m training.checkpoint DIR (training/inspect_checkpoint.py)
+    from training.inspect_checkpoint import main
 
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
-
-
-def _files_size(files: list[Path]) -> int:
-    return sum(f.stat().st_size for f in files)
-
-
-def inspect(ckpt: Path) -> tuple[list[str], bool]:
-    """Lines describing one step directory (step, tokens, layout, sizes) and whether it is complete.
-
-    Complete: trainer_state.json (written last) is there, the model shards form one set, and every rank of the
-    layout wrote its rank file.
-    """
-    problems, lines = [], []
-    try:
-        meta = read_trainer_state(ckpt)
-    except CheckpointError:
-        meta = None
-        problems.append(f"no readable {STATE_FILE} (the write did not finish)")
-    model_files, expert_files = MODEL_SHARDS.files(ckpt), EXPERT_SHARDS.files(ckpt)
-    optimizer_files = OPTIMIZER_SHARDS.files(ckpt) + OPTIMIZER_EXPERT_SHARDS.files(ckpt)
-    rank_files, data_files = sorted(ckpt.glob("rank-*.pt")), sorted(ckpt.glob("data-dp*.json"))
-    for shards in (MODEL_SHARDS, OPTIMIZER_SHARDS):
-        try:
-            shards.complete_set(ckpt)
-        except CheckpointError as e:
-            problems.append(str(e))
-    if meta is not None:
-        saved_layout = meta.get("layout", {})
-        lines.append(
-            f"  step {meta['step']}, tokens seen {meta.get('tokens_seen', 0):,}, non-finite steps "
-            f"{meta.get('nonfinite_steps', 0)}"
-        )
-        described = ", ".join(f"{k} {v}" for k, v in saved_layout.items())
-        if meta.get("pipeline"):
-            described += f", pipeline stages [rank, first layer, layers] {meta['pipeline']}"
-        lines.append(f"  layout: {described}")
-        world, dp = saved_layout.get("world_size"), saved_layout.get("dp")
-        if world is not None and len(rank_files) != world:
-            problems.append(f"{len(rank_files)} rank files for a world of {world}")
-        if dp is not None and len(data_files) != dp:
-            problems.append(f"{len(data_files)} data-dp*.json files for {dp} data-parallel ranks")
-    if (ckpt / "config.json").is_file():
-        params = ModelConfig.load(ckpt / "config.json").num_params()
-        lines.append(f"  model: {params / 1e6:.1f}M parameters")
-    lines.append(
-        f"  files: {len(model_files)} model shard(s) {_mb(_files_size(model_files))}, {len(expert_files)} expert "
-        f"shard(s) {_mb(_files_size(expert_files))}, {len(optimizer_files)} optimizer shard(s) "
-        f"{_mb(_files_size(optimizer_files))}, {len(rank_files)} rank file(s) {_mb(_files_size(rank_files))}; "
-        f"total {_mb(_files_size([f for f in ckpt.iterdir() if f.is_file()]))}"
-    )
-    status = "complete" if not problems else "INCOMPLETE: " + "; ".join(problems)
-    return [f"{ckpt}: {status}", *lines], not problems
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Describe a checkpoint directory, or every checkpoint of a run directory.
-
-    Exit code 1 when the one given, or the one a resume would read, is incomplete; 2 when there is none.
-    """
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("dir", help="a step-NNNNNNNN directory, or a run's checkpoint.dir")
-    path = Path(parser.parse_args(argv).dir)
-    if not path.is_dir():
-        print(f"error: {path} is not a directory", file=sys.stderr)
-        raise SystemExit(2)
-    if (path / STATE_FILE).exists() or path.name.startswith("step-"):
-        lines, ok = inspect(path)
-        print("\n".join(lines))
-        raise SystemExit(0 if ok else 1)
-    steps = sorted(p for p in path.glob("step-*") if p.is_dir())
-    if not steps:
-        print(f"error: {path}: no step-NNNNNNNN directories (is it a checkpoint.dir?)", file=sys.stderr)
-        raise SystemExit(2)
-    latest = latest_checkpoint(path)
-    print(f"{path}: {len(steps)} step directories; a resume reads {latest.name if latest else 'none (start afresh)'}")
-    for step in steps:
-        print(f"  {step.name}: {'complete' if (step / STATE_FILE).exists() else 'incomplete'}")
-    if latest is not None:
-        lines, ok = inspect(latest)
-        print("\n".join(lines))
-        raise SystemExit(0 if ok else 1)
-
-
-if __name__ == "__main__":
     main()

@@ -195,33 +195,13 @@ class Trainer:
         }
 
     def _restore(self, path: Path) -> None:
-        """Continue from a checkpoint written at any layout: say what changed, refuse what cannot continue."""
-        meta = ckpt_io.read_trainer_state(path)
-        ckpt_io.check_resumable(path, ckpt_io.saved_config(path), self.cfg.to_dict())
-        change = ckpt_io.describe_change(meta.get("layout", {}), self._layout())
-        warnings = ckpt_io.load_training_state(
-            path, meta, engine=self.engine, loader=self.loader, state=self.state, same_layout=change is None
+        """Continue from a checkpoint written at any layout (training.checkpoint.resume says what changed)."""
+        say = (lambda s: print(s, flush=True)) if self.is_main else (lambda s: None)
+        meta = ckpt_io.resume(
+            path, self.cfg.to_dict(), self._layout(), engine=self.engine, loader=self.loader, state=self.state, say=say
         )
         self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
         self.nonfinite_total = meta.get("nonfinite_steps", 0)
-        if not self.is_main:
-            return
-        print(f"resumed from {path} at step {self.step}", flush=True)
-        if change is not None:
-            print(
-                f"resuming at another layout ({change}): the model and optimizer state were re-split for it; the "
-                f"global batches continue where they stopped",
-                flush=True,
-            )
-        saved_batch = meta.get("layout", {}).get("global_batch_size", self.cfg.train.global_batch_size)
-        if saved_batch != self.cfg.train.global_batch_size:
-            warnings.append(
-                f"the learning-rate schedule continues by step (step {self.step + 1} of train.max_steps="
-                f"{self.cfg.train.max_steps}), each step now taking {self.cfg.train.global_batch_size} sequences "
-                f"instead of {saved_batch}"
-            )
-        for warning in warnings:
-            print(f"warning: {warning}", flush=True)
 
     # ---- the loop ----
 

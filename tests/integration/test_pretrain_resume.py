@@ -10,13 +10,10 @@ import time
 
 import pytest
 
-from tests.integration.train_utils import REPO_ROOT, assert_same_curve, command, env, losses, metrics, pretrain
+from tests.integration.train_utils import REPO_ROOT, command, env, losses, metrics, pretrain
 from training.distributed import free_port
 
 STEPS = ["train.max_steps=20", "checkpoint.every=5"]
-# ZeRO-2 at dp=2 resumed at step 5: measured equal to the uninterrupted run (losses and grad norms, 3 runs of 3),
-# but DeepSpeed does not promise a fixed reduction order, so the test allows what the README states: 1e-6.
-ZERO_RESUME_TOL = 1e-6
 
 
 def _curve(out) -> list[tuple[float, float]]:
@@ -38,17 +35,6 @@ def test_stop_and_rerun_resumes_exactly(straight, tmp_path):
     second = pretrain(tmp_path, [*STEPS, "train.exit_interval=10"])
     assert f"resumed from {tmp_path / 'step-00000010'} at step 10" in second.stdout
     assert _curve(tmp_path) == straight  # bitwise
-
-
-def test_dp2_zero2_stop_and_rerun_resumes_exactly(tmp_path):
-    ref_dir = tmp_path / "ref"
-    zero = ["parallel.deepspeed_config=configs/deepspeed/zero2.json"]
-    pretrain(ref_dir, [*STEPS, "train.max_steps=10", *zero], nproc=2)
-    run = tmp_path / "run"
-    for i in range(2):
-        proc = pretrain(run, [*STEPS, "train.max_steps=10", "train.exit_interval=5", *zero], nproc=2)
-        assert (f"resumed from {run / 'step-00000005'} at step 5" in proc.stdout) == (i == 1), proc.stdout[-2000:]
-    assert_same_curve(metrics(run), metrics(ref_dir), loss_tol=ZERO_RESUME_TOL, norm_rtol=ZERO_RESUME_TOL)
 
 
 def _wait_for(path, proc, timeout=120):
