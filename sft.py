@@ -120,6 +120,7 @@ class SFTTrainer(Trainer):
                 grad_accum=t.global_batch_size // (t.micro_batch_size * dp),
                 dp_rank=self.state.dp_rank,
                 dp_size=dp,
+                pin_memory=self.device.type == "cuda",
             )
         except SFTDataError as e:
             raise ConfigError(f"data.train: {e}") from None

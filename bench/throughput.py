@@ -9,6 +9,12 @@ TF32 for fp32 unless --no-tf32; on the CPU a 2048^3 matmul timed before and afte
     python bench/throughput.py --dtype fp32
     python bench/throughput.py --dtype bf16
     python bench/throughput.py --device cuda --dtype bf16 --dim 2048 --layers 16 --heads 16 --kv-heads 8 --seq 2048
+    python bench/throughput.py --dtype bf16 --compile   # ours compiled (train.compile), transformers eager + compiled
+
+With --compile, "ours" runs its decoder layers through modeling.compile (as train.compile does), "ours-eager" is the
+same model uncompiled, "hf" stays eager and "hf-compiled" is a second transformers model under torch.compile (its
+whole forward; same weights, same batch); each compiled model's first step, the compilation, is reported on its
+own line and kept out of the rates.
 
 Targets on the CPU for dim 512, 8 layers, 8 heads, 4 kv heads, seq 512, batch 4: ratio >= 1.0 fp32, >= 1.2 bf16.
 """
@@ -26,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from modeling.compile import compile_layers  # noqa: E402
 from modeling.config import ModelConfig  # noqa: E402
 from modeling.llama import LlamaForCausalLM  # noqa: E402
 from training.distributed import set_fp32_matmul_precision  # noqa: E402
@@ -63,8 +70,18 @@ def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     hf_cfg = transformers.LlamaConfig(**cfg.to_hf_dict(), attn_implementation="sdpa")
     hf = transformers.LlamaForCausalLM(hf_cfg).to(device=device, dtype=dtype)
     hf.load_state_dict(ours.state_dict())
-    opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in (("ours", ours), ("hf", hf))}
-    return cfg, {"ours": ours, "hf": hf}, opts
+    models = {"ours": ours, "hf": hf}
+    if args.compile:
+        ours_eager = LlamaForCausalLM(cfg, device=device).to(dtype)
+        ours_eager.load_state_dict(ours.state_dict())
+        models["ours-eager"] = ours_eager  # the baseline that compilation is measured against
+        compile_layers(ours)  # regional, as train.compile does
+        hf_compiled = transformers.LlamaForCausalLM(hf_cfg).to(device=device, dtype=dtype)
+        hf_compiled.load_state_dict(ours.state_dict())
+        hf_compiled.compile()  # transformers' model as a user would compile it: the whole forward
+        models["hf-compiled"] = hf_compiled
+    opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
+    return cfg, models, opts
 
 
 def main() -> None:
@@ -83,6 +100,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds; each runs --steps steps of each model")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--compile", action="store_true", help="ours compiled; transformers eager and compiled")
     ap.add_argument("--no-tf32", action="store_true", help="CUDA: keep fp32 matmuls exact (as train.tf32=false)")
     args = ap.parse_args()
     if args.intermediate is None:
@@ -100,7 +118,7 @@ def main() -> None:
         model, opt = models[name], opts[name]
         sync(device)
         t0 = time.perf_counter()
-        if name == "ours":
+        if name.startswith("ours"):
             loss = model(inputs, targets=targets).loss
         else:  # transformers shifts the labels itself (it predicts T-1 of the T targets: the same work)
             loss = model(inputs, labels=inputs).loss
@@ -110,8 +128,7 @@ def main() -> None:
         sync(device)
         return time.perf_counter() - t0
 
-    for name in models:  # warm-up: allocator, kernels, optimizer state
-        step(name)
+    first = {name: step(name) for name in models}  # warm-up: allocator, kernels, optimizer state, compilation
     peak = peak_flops(device, dtype)  # on the CPU timed before and after the rounds: the larger is the peak
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     times: dict[str, list[float]] = {name: [] for name in models}
@@ -138,6 +155,11 @@ def main() -> None:
         util = mfu(rate[name], fpt, peak)
         print(f"{name:>5}: {rate[name]:9.1f} tokens/s  step {t * 1e3:8.1f} ms  MFU {100 * util:5.1f}%")
     print(f"ratio ours/hf: {rate['ours'] / rate['hf']:.3f}")
+    if args.compile:
+        print(f"ratio ours/hf-compiled: {rate['ours'] / rate['hf-compiled']:.3f}")
+        print(f"ratio ours/ours-eager (the speed-up of train.compile): {rate['ours'] / rate['ours-eager']:.3f}")
+        for name in ("ours", "hf-compiled"):  # the first step compiled: its excess over a timed step
+            print(f"compile time {name}: {first[name] - statistics.median(times[name]):.1f} s (first step)")
     # the two models' steps of one round ran back to back: their ratio cancels load that drifts between rounds
     paired = [hf / ours for ours, hf in zip(times["ours"], times["hf"], strict=True)]
     print(

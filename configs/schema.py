@@ -136,6 +136,13 @@ class TrainConfig:
                     f"parallel.ep={p.ep} with {p.deepspeed_config} (ZeRO stage 3): expert parallelism runs under "
                     f"ZeRO 1 or 2 (configs/deepspeed/zero1.json, zero2.json) or the torch engine"
                 )
+            if stage == 3 and self.train.compile:
+                raise ConfigError(
+                    f"train.compile=true with {p.deepspeed_config} (ZeRO stage 3): ZeRO-3 gathers each weight when "
+                    f"its module runs or its attribute is read, which a compiled layer does inside the graph, where "
+                    f"no gather happens; compile under ZeRO 1 or 2 (configs/deepspeed/zero2.json) or set "
+                    f"train.compile=false"
+                )
             overlap = self.deepspeed_json().get("zero_optimization", {}).get("overlap_comm", False)
             if stage == 1 and p.pp > 1 and overlap:
                 raise ConfigError(

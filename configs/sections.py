@@ -117,7 +117,7 @@ class DataSection:
     text_field: str = "text"
     add_bos: bool = True
     document_attention: bool = False  # no attention across the documents packed into one sequence
-    num_workers: int = 0
+    num_workers: int | str = "auto"  # DataLoader workers per rank; auto: 0 on CPU, up to 4 on CUDA
     on_error: str = "raise"  # raise | skip
     synthetic: bool = False  # random tokens instead of text (benchmarks, equivalence tests); needs model.vocab_size
     pack: bool = True  # SFT: several conversations per sequence (needs document_attention) or one padded per row
@@ -126,7 +126,10 @@ class DataSection:
     def validate(self) -> None:
         """Sizes and choices; real text needs shards and a tokenizer."""
         _positive("data", self, "seq_len")
-        _non_negative("data", self, "num_workers")
+        if self.num_workers != "auto":  # training.data.default_num_workers sizes auto
+            if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int):
+                raise ConfigError(f"data.num_workers={self.num_workers!r}: give auto or a number of worker processes")
+            _non_negative("data", self, "num_workers")
         _choice("data.on_error", self.on_error, ON_ERROR)
         _choice("data.truncation", self.truncation, ("drop", "truncate"))
         if self.synthetic:
@@ -196,6 +199,7 @@ class TrainSection:
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     tf32: bool = True  # CUDA: fp32 matmuls on TF32 tensor cores; false keeps them exact fp32 (IEEE)
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each decoder layer (modeling.compile; one graph reused by every layer)
     attention: str = "auto"  # auto (FlexAttention on CUDA for masked attention, else SDPA) | sdpa | flex
     eval_every: int = 0  # 0 = only at the end (when data.valid is set)
     eval_batches: int = 8

@@ -18,6 +18,10 @@ Workers. Stream k is read by DataLoader worker k % W of the rank (W = max(1, num
 Each worker yields exactly one item a step (its streams' rows of the step, maybe none), so torch's round-robin over
 workers stays in step; the main process joins the W items and hands out the step's micro-batches in order. A row
 carries its stream's state just after its window, which the loader takes when the row's micro-batch is handed out.
+Each worker reads PREFETCH_STEPS steps ahead of the one being trained on, so a step waits for its data only when
+reading is slower than training (`data_wait_frac` in the trainer's metrics says so). With `pin_memory` (the trainer
+asks on CUDA) a step's rows are joined straight into page-locked memory: the micro-batches are views of it, and
+their copies to the GPU (`non_blocking=True`) run asynchronously.
 
 The state (plain python, json-serialisable; the same for text, SFT and synthetic data):
     {"version": 2, "kind": "text" | "sft" | "synthetic", "fingerprint": {what the data depends on, no layout},
@@ -42,6 +46,7 @@ if TYPE_CHECKING:
     from dataset.tokenizer import Tokenizer
 
 STATE_VERSION = 2
+PREFETCH_STEPS = 2  # steps each worker reads ahead (DataLoader's prefetch_factor: items in flight per worker)
 
 # Fingerprint keys as the user knows them, for the error of a refused resume.
 KEY_NAMES = {
@@ -250,7 +255,7 @@ class GlobalBatchLoader:
         grad_accum: A micro-batches a step on each rank.
         dp_rank, dp_size: this data-parallel rank and the degree (tensor/context/pipeline peers pass the same).
         num_workers: DataLoader worker processes (0: read in the main process).
-        pin_memory: pin the micro-batches (when an accelerator is there).
+        pin_memory: join each step's rows into page-locked memory (when CUDA is there), for asynchronous copies.
     """
 
     def __init__(
@@ -283,16 +288,16 @@ class GlobalBatchLoader:
         work = _StepRows(self.source, self.layout, self.num_streams, self.consumed, dict(self.streams), W)
         # its own generator: the iterator's base seed would otherwise be drawn from the global RNG, which a resumed
         # run restores before building the iterator while an uninterrupted one built it long before (LoRA dropout)
-        it = iter(DataLoader(work, batch_size=None, num_workers=self.num_workers, generator=torch.Generator()))
+        # (torch refuses a prefetch_factor without workers)
+        workers = {"num_workers": self.num_workers, "prefetch_factor": PREFETCH_STEPS if self.num_workers else None}
+        it = iter(DataLoader(work, batch_size=None, generator=torch.Generator(), **workers))
         try:
             while True:
                 t0 = time.perf_counter()
                 items = [next(it) for _ in range(W)]  # one per worker, in worker order: one step
                 self.wait_s += time.perf_counter() - t0
                 metas = [json.loads(item.pop("_meta")) for item in items]
-                order = torch.tensor([m[0] for meta in metas for m in meta]).argsort()  # row of the step -> place
-                keys = next(item.keys() for item in items if item)
-                step = {k: torch.cat([item[k] for item in items if item])[order] for k in keys}  # (S, T) each
+                step = self._join(items, metas)  # (S, T) each
                 meta = sorted((m for meta in metas for m in meta), key=lambda m: m[0])
                 for m in range(A):
                     for _, k, windows, state in meta[m * B : (m + 1) * B]:
@@ -301,16 +306,32 @@ class GlobalBatchLoader:
                     self.batches, self.handed = self.batches + 1, (self.handed + 1) % A
                     if self.handed == 0:
                         self.consumed += self.layout.global_batch
-                    micro = {k: v[m * B : (m + 1) * B] for k, v in step.items()}  # (B, T) each
-                    if self.pin_memory and torch.cuda.is_available():
-                        micro = {k: v.pin_memory() for k, v in micro.items()}
-                    yield micro
+                    yield {k: v[m * B : (m + 1) * B] for k, v in step.items()}  # (B, T) views each
         finally:
             # Stop the workers now, not when the iterator is collected: after a worker error the traceback keeps
             # it alive in a reference cycle, and a later fork would inherit it and try to stop workers not its own.
             shutdown = getattr(it, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()
+
+    def _join(self, items: list[dict[str, torch.Tensor]], metas: list[list]) -> dict[str, torch.Tensor]:
+        """The workers' rows of one step in the step's order, a (S, T) tensor per key, pinned when asked.
+
+        Each row is copied once, to its place in the step (its meta's first entry), straight into page-locked
+        memory on CUDA: pinning the micro-batches afterwards would copy them again, on the step's critical path.
+        """
+        pin = self.pin_memory and torch.cuda.is_available()
+        rows = sum(len(meta) for meta in metas)
+        step: dict[str, torch.Tensor] = {}
+        for item, meta in zip(items, metas, strict=True):
+            if not meta:  # a worker none of whose streams has a row in this rank's step
+                continue
+            places = torch.tensor([m[0] for m in meta])  # (rows of this worker,)
+            for k, v in item.items():
+                if k not in step:
+                    step[k] = torch.empty((rows, *v.shape[1:]), dtype=v.dtype, pin_memory=pin)  # (S, T)
+                step[k].index_copy_(0, places, v)
+        return step
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's part of the state (at a step boundary): its streams, and on dp rank 0 every stream known."""

@@ -328,7 +328,12 @@ def build_sft_loader(dataset: SFTDataset, batch_size: int) -> SFTLoader:
 
 
 def build_sft_train_loader(
-    dataset: SFTDataset, *, micro_batch: int, grad_accum: int, dp_rank: int, dp_size: int
+    dataset: SFTDataset, *, micro_batch: int, grad_accum: int, dp_rank: int, dp_size: int, pin_memory: bool = False
 ) -> GlobalBatchLoader:
-    """The training loader: the run's global stream of rows over K streams, resumable at any layout."""
-    return GlobalBatchLoader(dataset, micro_batch=micro_batch, grad_accum=grad_accum, dp_rank=dp_rank, dp_size=dp_size)
+    """The training loader: the run's global stream of rows over K streams, resumable at any layout.
+
+    `pin_memory`: rows in page-locked memory, for asynchronous copies to a CUDA device.
+    """
+    return GlobalBatchLoader(
+        dataset, micro_batch=micro_batch, grad_accum=grad_accum, dp_rank=dp_rank, dp_size=dp_size, pin_memory=pin_memory
+    )

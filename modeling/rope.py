@@ -99,5 +99,9 @@ class _Rotary(torch.autograd.Function):
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (B, T, heads, d) by (B, T, d) tables: x cos + rotate_half(x) sin, as a contiguous tensor."""
     h = x.shape[-1] // 2
+    if torch.compiler.is_compiling():  # out= into slices does not trace (torch 2.13); inductor fuses this form
+        x1, x2 = x[..., :h], x[..., h:]
+        c, s = cos[..., :h].unsqueeze(2), sin[..., :h].unsqueeze(2)  # (B, T, 1, d/2)
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)  # (B, T, heads, d)
     # the tables repeat their first half (emb = [freqs, freqs]): the rotation needs only that half
     return _Rotary.apply(x, cos[..., :h].unsqueeze(2), sin[..., :h].unsqueeze(2))  # tables (B, T, 1, d/2)

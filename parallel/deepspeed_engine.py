@@ -1,6 +1,8 @@
 """The DeepSpeed engine: ZeRO 1-3 (optionally offloaded), sharding and reducing over the data-parallel group only.
 
 It has the interface of `parallel.engine.Engine`; `parallel.engine.build_engine` picks it for ZeRO stages 1-3.
+Under ZeRO-Offload (`offloads_optimizer`) the optimizer should be DeepSpeed's CPU Adam, which the trainer builds
+(training.optim.build_optimizer); a torch optimizer is accepted too, stepping on the CPU several times slower.
 DeepSpeed clips by the global gradient norm itself: every parameter is marked `tensor_model_parallel` when it is
 tensor-split, so that DeepSpeed's norm counts replicated parameters only on tensor rank 0.
 
@@ -68,8 +70,9 @@ class DeepSpeedEngine:
             # boundary that reduces (with its default accumulation the parameters drifted, by 1e-2 in a test)
             config["managed_gradient_accumulation"] = False
         fp32_buffers = {n: b.detach().clone() for n, b in model.named_buffers() if b.dtype == torch.float32}
-        offload = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
-        if offload:  # ZeRO-Offload steps on the CPU with DeepSpeed's own Adam, built from the same groups
+        if offloads_optimizer(config) and not isinstance(optimizer, deepspeed.ops.adam.DeepSpeedCPUAdam):
+            # ZeRO-Offload with a torch optimizer (training.optim.build_optimizer's fallback, which warned, or a
+            # caller's own): DeepSpeed refuses it unless told that the slower CPU step is meant
             config["zero_force_ds_cpu_optimizer"] = False
         if state.ep_size > 1 and any(getattr(p, "expert_parallel", False) for p in model.parameters()):
             if self.zero_stage == 3:
@@ -93,6 +96,14 @@ class DeepSpeedEngine:
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The wrapped module's forward (ZeRO-3 gathers parameters around it)."""
         return self.ds(*args, **kwargs)
+
+    def micro_batch(self) -> nullcontext:
+        """Nothing to arm: DeepSpeed knows its accumulation boundary from the micro-steps counted in backward().
+
+        ZeRO-1 reduces there only; ZeRO-2/3 reduce-scatter each micro-batch's gradients into their partitions by
+        design (what keeps a rank's gradients at 1/dp), which DeepSpeed's own `no_sync` refuses to switch off.
+        """
+        return nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
         """DeepSpeed scales by 1/grad_accum itself and reduces at the accumulation boundary."""
@@ -293,6 +304,16 @@ def _expert_parallel_deepspeed(
     if hasattr(engine, "_configure_python_gc"):  # deepspeed.initialize's last step in the latest 0.19 releases
         engine._configure_python_gc()
     return engine
+
+
+def offloads_optimizer(ds_config: dict[str, Any] | None) -> bool:
+    """Whether a DeepSpeed config offloads the optimizer (ZeRO-Offload: offload_optimizer.device cpu or nvme).
+
+    Its step then runs on the CPU, where the optimizer should be DeepSpeed's CPU Adam
+    (training.optim.build_optimizer(..., offload=...) builds it).
+    """
+    device = (ds_config or {}).get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device not in ("none", None)
 
 
 def fill_auto(

@@ -7,10 +7,15 @@ the tensor group, replicated ones counted once), and steps the optimizer and the
 (`TorchEngine` here, `parallel.deepspeed_engine.DeepSpeedEngine`) have the same small interface, `Engine`:
 
     engine = build_engine(model, optimizer, scheduler, state=state, grad_accum=4, grad_clip=1.0, ds_config=None)
-    for micro_batch in step_batches:             # grad_accum of them
-        loss = engine.forward(...).loss          # mean over the micro-batch's tokens
-        engine.backward(loss)                    # scaled by 1/grad_accum, reduced over dp on the last one
+    for batch in step_batches:                   # grad_accum of them
+        with engine.micro_batch():               # forward and backward inside: DDP reduces in the last one only
+            loss = engine.forward(...).loss      # mean over the micro-batch's tokens
+            engine.backward(loss)                # scaled by 1/grad_accum, reduced over dp on the last one
     grad_norm = engine.step()                    # clip, optimizer step, schedule step, zero grads
+
+DDP decides in the FORWARD whether the backward that follows reduces (the forward arms its reducer, and a backward
+after an armed forward all-reduces whatever context it runs in), so `micro_batch()` must span both: around the
+backward alone, every micro-batch would all-reduce every gradient bucket.
 
 ZeRO stage 0 is plain data parallelism and runs on torch DDP, so a DeepSpeed config with stage 0 needs no DeepSpeed.
 
@@ -30,8 +35,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Protocol
 
 import torch
@@ -55,6 +60,12 @@ class Engine(Protocol):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The model's forward through the wrapper (DDP's hooks, ZeRO-3's parameter gathering)."""
+
+    def micro_batch(self) -> AbstractContextManager[None]:
+        """The context of one micro-batch's forward and backward: gradients are reduced in the step's last only.
+
+        Without it the gradients are the same, but an engine may reduce them at every micro-batch.
+        """
 
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate d(loss / grad_accum); gradients are reduced on the last micro-batch of the step."""
@@ -131,13 +142,20 @@ class TorchEngine:
         """The model's forward (through DDP when data-parallel, so that its reduction hooks are armed)."""
         return (self._ddp or self.module)(*args, **kwargs)
 
+    @contextmanager
+    def micro_batch(self) -> Iterator[None]:
+        """One micro-batch's forward and backward; DDP all-reduces only in the step's last (the grad_accum-th).
+
+        DDP arms its reducer in the forward unless inside `no_sync`, so the forward must run inside it too.
+        """
+        last = self._micro + 1 >= self.grad_accum  # this micro-batch's backward completes the step's gradients
+        with nullcontext() if self._ddp is None or last else self._ddp.no_sync():
+            yield
+
     def backward(self, loss: torch.Tensor) -> None:
-        """Accumulate d(loss / grad_accum); DDP all-reduces only on the last micro-batch of the step."""
+        """Accumulate d(loss / grad_accum); inside `micro_batch()` DDP reduces only on the step's last."""
         self._micro += 1
-        last = self._micro == self.grad_accum
-        sync = nullcontext() if self._ddp is None or last else self._ddp.no_sync()
-        with sync:
-            (loss / self.grad_accum).backward()
+        (loss / self.grad_accum).backward()
 
     def step(self) -> float:
         """Clip by the global norm, step optimizer and schedule, zero the gradients; return the pre-clip norm.
@@ -165,39 +183,34 @@ class TorchEngine:
 
     def _reduce_dense_grads(self, params: list[nn.Parameter]) -> None:
         """Non-expert gradients: the mean over the data-parallel group, in buckets (DDP's job without a pipeline)."""
-        grads = [p.grad for p in params if not getattr(p, "expert_parallel", False)]
-        start = 0
-        while start < len(grads):
-            end, n = start, 0
-            while end < len(grads) and (n == 0 or n + grads[end].numel() <= BUCKET_ELEMENTS):
-                n, end = n + grads[end].numel(), end + 1
-            bucket = grads[start:end]
-            flat = torch.cat([g.reshape(-1) for g in bucket])  # (n,): one collective per bucket
-            dist.all_reduce(flat, group=self.state.dp_cp_group)
-            flat /= self.state.dp_cp_size
-            for g, part in zip(bucket, flat.split([g.numel() for g in bucket]), strict=True):
-                g.copy_(part.view_as(g))
-            start = end
+        state = self.state
+
+        def mean(flat: torch.Tensor) -> None:
+            dist.all_reduce(flat, group=state.dp_cp_group)
+            flat /= state.dp_cp_size
+
+        reduce_in_buckets([p.grad for p in params if not getattr(p, "expert_parallel", False)], mean)
 
     def _reduce_expert_grads(self) -> None:
         """Expert gradients: sum over the expert-data-parallel replicas, then / dp, as DDP's mean over dp.
 
         Each rank's loss already reached the experts of its whole ep group through the all-to-all, so the sum over
-        the edp group covers every data-parallel rank's tokens exactly once.
+        the edp group covers every data-parallel rank's tokens exactly once. In buckets, as the dense gradients:
+        the experts are most of an MoE model's weights, and one buffer of all their gradients would double them.
         """
         grads = [p.grad for p in self._experts if p.grad is not None]
         if not grads or self.state.dp_cp_size == 1:
             return
-        flat = torch.cat([g.reshape(-1) for g in grads])  # (n,): one collective for all expert gradients
-        if self.state.dims.edp > 1:
-            dist.all_reduce(flat, group=self.state.edp_group)
-        if self.state.cp_size > 1:  # context ranks routed other chunks of the same sequences to the same experts
-            dist.all_reduce(flat, group=self.state.cp_group)
-        flat /= self.state.dp_cp_size
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        state = self.state
+
+        def mean(flat: torch.Tensor) -> None:
+            if state.dims.edp > 1:
+                dist.all_reduce(flat, group=state.edp_group)
+            if state.cp_size > 1:  # context ranks routed other chunks of the same sequences to the same experts
+                dist.all_reduce(flat, group=state.cp_group)
+            flat /= state.dp_cp_size
+
+        reduce_in_buckets(grads, mean)
 
     def zero_grad(self) -> None:
         """Drop the accumulated gradients (also the way to skip a step)."""
@@ -261,6 +274,32 @@ class TorchEngine:
     def full_parameters(self) -> Any:
         """A context in which parameters are whole (tensor-rank-local); a no-op outside ZeRO-3."""
         return nullcontext(self.module)
+
+
+def reduce_in_buckets(grads: list[torch.Tensor], reduce: Callable[[torch.Tensor], None]) -> None:
+    """Apply `reduce` (in-place collectives and scaling) to `grads`, one bucket of BUCKET_ELEMENTS at a time.
+
+    Neighbouring gradients of one dtype are packed into a flat buffer of at most BUCKET_ELEMENTS, so that one
+    collective moves many small tensors; a contiguous gradient alone in its bucket (as one at least that large
+    always is) is reduced in place. No buffer above the bucket size is allocated, where a flat copy of all the
+    gradients would hold their full size again.
+    """
+    start = 0
+    while start < len(grads):
+        end, n = start, 0
+        while end < len(grads) and (
+            n == 0 or (n + grads[end].numel() <= BUCKET_ELEMENTS and grads[end].dtype == grads[start].dtype)
+        ):
+            n, end = n + grads[end].numel(), end + 1
+        bucket = grads[start:end]
+        if len(bucket) == 1 and bucket[0].is_contiguous():
+            reduce(bucket[0])  # its own storage: no copy
+        else:
+            flat = torch.cat([g.reshape(-1) for g in bucket])  # (n,): one collective per bucket
+            reduce(flat)
+            for g, part in zip(bucket, flat.split([g.numel() for g in bucket]), strict=True):
+                g.copy_(part.view_as(g))
+        start = end
 
 
 def rank_local_buffer_names(model: nn.Module) -> list[str]:

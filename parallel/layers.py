@@ -44,6 +44,7 @@ SEQ_DIM = 1  # activations are (B, T, ...): sequence parallelism splits dim 1
 
 
 @functools.cache
+@torch._dynamo.assume_constant_result  # a constant of the machine: no graph break where compiled code asks
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); without it torch emulates bf16 matmuls."""
     cpu = torch.cpu

@@ -134,8 +134,11 @@ class LoRAFactor(nn.Module):
 
     def _keep_mask(self, x: torch.Tensor) -> torch.Tensor:
         """Bernoulli(1 - p) / (1 - p), drawn for the full input; this rank's chunk of it when the input is split."""
-        mask = torch.empty((*x.shape[:-1], self.in_features), device=x.device, dtype=x.dtype)
-        mask.bernoulli_(1.0 - self.dropout)
+        shape = (*x.shape[:-1], self.in_features)
+        if torch.compiler.is_compiling():  # inductor fills an empty tensor's bernoulli_ with NaNs (torch 2.13)
+            mask = (torch.rand(shape, device=x.device) < 1.0 - self.dropout).to(x.dtype)
+        else:
+            mask = torch.empty(shape, device=x.device, dtype=x.dtype).bernoulli_(1.0 - self.dropout)
         if self.weight.tp_split_dim == 1 and self.state.tp_size > 1:
             mask = mask.chunk(self.state.tp_size, dim=-1)[self.state.tp_rank]  # (..., in/tp)
         return mask / (1.0 - self.dropout)  # a new tensor: the full mask is not kept for backward

@@ -2,9 +2,9 @@
 
 One process per rank (torchrun, accelerate launch, deepspeed, or plain python for one process). The loop:
 build the ParallelState, model, engine and data; resume from the latest complete checkpoint in checkpoint.dir
-(unless told not to); then step: grad_accum micro-batches of forward/backward, a non-finite check before each
-backward, clip and optimizer step in the engine; metrics, eval, samples and checkpoints at their intervals;
-SIGTERM/SIGINT saves a checkpoint and exits.
+(unless told not to); then step: grad_accum micro-batches of forward/backward, one non-finite check after the
+last (a bad step is skipped on every rank), clip and optimizer step in the engine; metrics, eval, samples and
+checkpoints at their intervals; SIGTERM/SIGINT saves a checkpoint and exits.
 """
 
 from __future__ import annotations
@@ -24,17 +24,19 @@ from configs.architecture import resolve_model_config
 from configs.schema import TrainConfig
 from configs.sections import resolve_path
 from dataset.tokenizer import Tokenizer
+from modeling.compile import CompileWatch, compile_layers
 from modeling.generation import generate
 from modeling.llama import CausalLMOutput, LlamaForCausalLM
 from modeling.native_format import save_native
 from modeling.pipeline import PipelinedCausalLM, PipelinePlan, StageModule
+from parallel.deepspeed_engine import offloads_optimizer
 from parallel.engine import Engine, build_engine
 from parallel.pipeline import PipelineSchedule
 from parallel.state import ParallelState
 from training import checkpoint as ckpt_io
 from training.data import TrainData, build_eval_batches, build_train_loader, token_byte_lengths
 from training.distributed import adopt_accelerate_deepspeed_config, init_distributed
-from training.metrics import MetricsLogger, data_skipped, flops_per_token, memory_bytes, mfu, peak_flops
+from training.metrics import MetricsLogger, StepTimer, data_skipped, flops_per_token, memory_bytes, mfu, peak_flops
 from training.moe_metrics import MoEStepStats
 from training.optim import build_optimizer, schedule_state
 
@@ -90,7 +92,8 @@ class Trainer:
         self.model = self.build_model()
         self.moe_stats = MoEStepStats(self.model, self.state)  # nothing to count in a dense model
         ds_config = cfg.deepspeed_json()
-        optimizer, scheduler = build_optimizer(self.model, cfg.optim, cfg.train.max_steps)
+        offload = cfg.parallel.deepspeed_config if offloads_optimizer(ds_config) else None  # DeepSpeed's CPU Adam
+        optimizer, scheduler = build_optimizer(self.model, cfg.optim, cfg.train.max_steps, offload=offload)
         self.engine: Engine = build_engine(
             self.model,
             optimizer,
@@ -125,6 +128,7 @@ class Trainer:
             self.forward_model = PipelinedCausalLM(self.model, self.plan)
         self.loader = self.build_data()
         self._batches = None
+        self.timer = StepTimer()  # step time and the part of it spent waiting for data
         self.step, self.tokens_seen, self.nonfinite_total = 0, 0, 0
         if self.resume_from is not None:
             self._restore(self.resume_from)
@@ -144,6 +148,8 @@ class Trainer:
         part = self.plan.part(self.state.pp_rank) if self.plan is not None else None
         model = LlamaForCausalLM(self.model_cfg, self.state, device=self.device, dtype=torch.float32, part=part)
         model.activation_checkpointing = self.cfg.train.activation_checkpointing
+        if self.cfg.train.compile:
+            compile_layers(model)  # regional: one compiled graph for every decoder layer (modeling.compile)
         model.attention_backend = self.cfg.train.attention
         source = self.weights_source()
         if source is not None:
@@ -158,6 +164,7 @@ class Trainer:
             vocab_size=self.model_cfg.vocab_size,
             dp_rank=self.state.dp_rank,
             dp_size=self.state.dp_size,
+            device=self.device,
         )
 
     def eval_batches(self) -> Any:
@@ -232,13 +239,17 @@ class Trainer:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        # asynchronous from the loader's pinned memory on CUDA (dataset/loader.py pins when the trainer asks)
+        return t.to(self.device, non_blocking=True)
+
     def _forward(self, batch: dict[str, torch.Tensor]) -> CausalLMOutput:
-        kwargs = {"targets": batch["targets"].to(self.device)}
+        kwargs = {"targets": self._to_device(batch["targets"])}
         if "document_ids" in batch and self.cfg.data.document_attention:
-            kwargs["document_ids"] = batch["document_ids"].to(self.device)
+            kwargs["document_ids"] = self._to_device(batch["document_ids"])
         forward = self.engine.forward if self.pipeline is None else self.forward_model  # pp: eval only
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self._autocast()):
-            return forward(batch["input_ids"].to(self.device), **kwargs)
+            return forward(self._to_device(batch["input_ids"]), **kwargs)
 
     def _autocast(self) -> bool:
         # the torch engine keeps fp32 weights and autocasts; DeepSpeed casts the module to bf16 itself
@@ -249,12 +260,14 @@ class Trainer:
 
         The objective is the model's loss (cross-entropy + the MoE layers' aux losses); `loss` reports the
         cross-entropy alone, so that dense and MoE runs compare, and the MoE terms come as `moe/...` keys.
+        The host waits for the device twice a step, where a decision needs a value: once for the non-finite check
+        (with the logged loss and tokens, read together) before the optimizer step, once for the gradient norm.
         """
         if self._batches is None:
-            self._batches = iter(self.loader)  # after any load_state_dict
+            self._batches = self.timer.batches(iter(self.loader))  # after any load_state_dict
         accumulate = self._accumulate if self.pipeline is None else self._accumulate_pipeline
-        loss, tokens = accumulate()
-        if loss is None:
+        nonfinite, loss, tokens = self._step_values(*accumulate())
+        if nonfinite:
             if self.engine.zero_stage:
                 raise TrainingError(
                     f"non-finite loss at step {self.step + 1}; under ZeRO the accumulated gradients cannot be "
@@ -272,41 +285,50 @@ class Trainer:
                 f"non-finite gradient norm at step {self.step + 1} under ZeRO-3, which cannot skip the update in "
                 f"fp32/bf16; the last checkpoint is intact: lower optim.lr and rerun to resume from it"
             )
-        if self.state.dp_size > 1:
-            dist.all_reduce(loss, group=self.state.dp_group)
-            loss /= self.state.dp_size
-        tokens_t = torch.tensor([tokens], device=self.device)
-        if self.state.dp_size > 1:
-            dist.all_reduce(tokens_t, group=self.state.dp_group)
-        nonfinite = not math.isfinite(grad_norm)  # the engine skipped the update
         return {
-            "loss": loss.item(),
+            "loss": loss,
             "grad_norm": grad_norm,
-            "nonfinite": nonfinite,
-            "tokens": int(tokens_t.item()),
+            "nonfinite": not math.isfinite(grad_norm),  # the engine skipped the update
+            "tokens": tokens,
             **self.moe_stats.row(),
         }
 
-    def _accumulate(self) -> tuple[torch.Tensor | None, int]:
-        """Forward and backward of the step's micro-batches: (mean cross-entropy, tokens), None if non-finite.
+    def _step_values(self, loss: torch.Tensor, nonfinite: torch.Tensor, tokens: int) -> tuple[bool, float, int]:
+        """(a loss was non-finite on any rank, the mean loss over dp, tokens over dp), in one read of the device.
 
-        A non-finite loss on any rank stops before its backward (the step's remaining batches are consumed).
+        The flag is the max over all ranks, so that every rank skips the step together; loss and tokens are
+        summed over the data-parallel group (fp64: exact token counts). Built without host-to-device copies.
         """
-        losses, tokens = [], 0
-        for i in range(self.grad_accum):
-            batch = next(self._batches)
-            out = self._forward(batch)
-            tokens += batch["input_ids"].numel()
-            if self._any_rank(not torch.isfinite(out.loss).item()):
-                for _ in range(self.grad_accum - i - 1):
-                    next(self._batches)
-                return None, tokens
-            self.moe_stats.add(out.aux_loss)
-            self.engine.backward(out.loss)
-            losses.append(out.ce_loss.detach())
-        return torch.stack(losses).mean(), tokens
+        flag = nonfinite.to(torch.float64).reshape(1)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        count = torch.full((), float(tokens), dtype=torch.float64, device=loss.device)  # a fill, not a copy
+        sums = torch.stack([loss.detach().to(torch.float64), count])
+        if self.state.dp_size > 1:
+            dist.all_reduce(sums, group=self.state.dp_group)
+        bad, loss_sum, token_sum = torch.cat([flag, sums]).tolist()
+        return bad > 0, loss_sum / self.state.dp_size, int(token_sum)
 
-    def _accumulate_pipeline(self) -> tuple[torch.Tensor | None, int]:
+    def _accumulate(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Forward and backward of the step's micro-batches: (mean cross-entropy, any loss non-finite, tokens).
+
+        Nothing here waits for the device: a non-finite loss is only flagged (on the device), and its backward
+        runs like the others; train_step then discards the step's gradients, the bad ones with them.
+        """
+        ce, objective, tokens = [], [], 0
+        for _ in range(self.grad_accum):
+            batch = next(self._batches)
+            with self.engine.micro_batch():  # forward and backward: DDP reduces in the last micro-batch only
+                out = self._forward(batch)
+                self.moe_stats.add(out.aux_loss)
+                self.engine.backward(out.loss)
+            tokens += batch["input_ids"].numel()
+            objective.append(out.loss.detach())
+            ce.append(out.ce_loss.detach())
+        nonfinite = ~torch.isfinite(torch.stack(objective)).all()
+        return torch.stack(ce).mean(), nonfinite, tokens
+
+    def _accumulate_pipeline(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """The step's micro-batches as the pipeline's microbatches, through the schedule (forward and backward).
 
         Every stage of a pipeline reads the same batches; the last stage's mean cross-entropy reaches every stage.
@@ -314,7 +336,7 @@ class Trainer:
         """
         batches = [next(self._batches) for _ in range(self.grad_accum)]
         tokens = sum(b["input_ids"].numel() for b in batches)
-        whole = {k: torch.cat([b[k] for b in batches]).to(self.device) for k in batches[0]}  # (accum x B, T)
+        whole = {k: self._to_device(torch.cat([b[k] for b in batches])) for k in batches[0]}  # (accum x B, T)
         kwargs = {}
         if "document_ids" in whole and self.cfg.data.document_attention:
             kwargs["document_ids"] = whole["document_ids"]
@@ -324,9 +346,7 @@ class Trainer:
             stage.ce_losses.clear()
         loss = torch.stack(ce).mean() if ce else torch.zeros((), device=self.device)
         dist.all_reduce(loss, group=self.state.pp_group)  # only the last stage's is not zero
-        if self._any_rank(not torch.isfinite(loss).item()):
-            return None, tokens
-        return loss, tokens
+        return loss, ~torch.isfinite(loss), tokens
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -392,13 +412,15 @@ class Trainer:
                 flush=True,
             )
         say = bar.write if bar is not None else (lambda s: print(s, flush=True))
+        compiles = CompileWatch(enabled=t.compile, say=say if self.is_main else lambda s: None)
         in_a_row, window_t0, window_tokens = 0, time.perf_counter(), 0
         self.model.train()
         while self.step < t.max_steps:
-            t0, lr = time.perf_counter(), self.engine.lr
+            self.timer.start()
+            lr = self.engine.lr
             m = self.train_step()
             self.step += 1
-            step_time = time.perf_counter() - t0
+            step_time = self.timer.stop()
             self.tokens_seen += m["tokens"]
             window_tokens += m["tokens"]
             if m["nonfinite"]:
@@ -423,9 +445,11 @@ class Trainer:
                     "mfu": mfu(tok_s, flops_token, peak, self.state.dims.world_size),
                     "memory_gb": memory_bytes(self.device) / 2**30,
                     "step_time_s": step_time,
+                    "data_wait_frac": self.timer.data_wait_frac(),  # over the steps since the last row
                     "nonfinite_steps": self.nonfinite_total,
                     "data_skipped": data_skipped(self.loader),
                     **{k: v for k, v in m.items() if k.startswith("moe/")},
+                    **compiles.row(self.step),  # compile/graphs, compile/recompiles (train.compile)
                 }
                 logger.log(row)
                 window_t0, window_tokens = time.perf_counter(), 0

@@ -7,6 +7,7 @@ import math
 import os
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -247,3 +248,51 @@ def data_skipped(loader: Any) -> int:
     """Records the training loader skipped so far (its stats()' `skipped`: a count, or counts by reason)."""
     skipped = loader.stats().get("skipped", 0)
     return sum(skipped.values()) if isinstance(skipped, dict) else int(skipped)
+
+
+class StepTimer:
+    """The steps' wall time and the part of it the trainer waited for data: `data_wait_frac` of a logged row.
+
+    The trainer reads its batches through `batches()`, which counts the time each next() takes, and brackets each
+    step with `start()` / `stop()`. On CUDA a step ends in host syncs (the non-finite check, the gradient norm), so
+    the host's clock follows the device's, and time spent in next() is time the device had nothing to do.
+    `clock` is any monotonic clock in seconds (a test passes a fake one).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
+        self._t0 = self._wait = 0.0  # the running step's start and its time in next()
+        self._window_time = self._window_wait = 0.0  # the steps since the last data_wait_frac()
+
+    def batches(self, it: Iterator[Any]) -> Iterator[Any]:
+        """`it`'s items, the time each next() takes counted as waiting for data."""
+        try:
+            while True:
+                t0 = self.clock()
+                try:
+                    item = next(it)
+                except StopIteration:
+                    return
+                self._wait += self.clock() - t0
+                yield item
+        finally:
+            close = getattr(it, "close", None)  # a loader's generator stops its workers on close
+            if close is not None:
+                close()
+
+    def start(self) -> None:
+        """A step begins."""
+        self._t0, self._wait = self.clock(), 0.0
+
+    def stop(self) -> float:
+        """The step ends: its wall time in seconds."""
+        elapsed = self.clock() - self._t0
+        self._window_time += elapsed
+        self._window_wait += min(self._wait, elapsed)
+        return elapsed
+
+    def data_wait_frac(self) -> float:
+        """Time waited for data over the step time, since the last call (0 before any step); in [0, 1]."""
+        frac = self._window_wait / self._window_time if self._window_time > 0 else 0.0
+        self._window_time = self._window_wait = 0.0
+        return frac

@@ -13,6 +13,9 @@ One spawn of 2 processes (each spawn costs seconds) runs three sections; each ra
   casts the buffers: the parameters are bf16, but `inv_freq` and `expert_bias` are fp32 with their exact values.
   Before it, the same engine with DeepSpeed's version made to read 0.18.9 must refuse to start (the expert path
   writes into DeepSpeed internals, so it checks the version first).
+- experts: TorchEngine's expert gradients at dp=2 (ep=1: the expert-data-parallel group is both ranks) are the mean
+  of the ranks' gradients, reduced in buckets of parallel.engine.BUCKET_ELEMENTS (made 40): torch.cat never makes a
+  buffer above it (all expert gradients at once were 173 elements).
 """
 
 import json
@@ -65,8 +68,9 @@ def _ddp_moe_loads(results: dict) -> None:
         x = torch.randn(B, T, H, generator=g) + (2.0 if dist.get_rank() else -2.0) * gate[0]  # ranks favour others
         chosen = torch.topk((x.reshape(-1, H) @ gate.T).softmax(-1) + bias0, K, dim=-1).indices  # (B T, k)
         counts += torch.bincount(chosen.reshape(-1), minlength=E)
-        y = engine.forward(x)
-        engine.backward(y.pow(2).mean() + moe.aux_loss)
+        with engine.micro_batch():  # as the trainer runs them: DDP reduces (and broadcasts buffers) once a step
+            y = engine.forward(x)
+            engine.backward(y.pow(2).mean() + moe.aux_loss)
     engine.step()
     _check(
         results,
@@ -198,10 +202,54 @@ def _bf16_buffers(results: dict) -> None:
     _check(results, "bf16: expert_bias fp32 after a step and an update", dtypes == {torch.float32}, dtypes)
 
 
+EXPERT_SHAPES = [(3, 7, 5), (4, 5), (3, 6), (30,)]  # buckets of 40: 105 alone (in place), 20 + 18, 30
+
+
+def _expert_buckets(results: dict) -> None:
+    import parallel.engine
+
+    state = ParallelState.build()  # dp = 2, ep = 1: expert gradients are summed over both ranks
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.dense = nn.Linear(4, 4)  # DDP wraps the dense part; the experts are left to the engine
+    model.experts = nn.ParameterList([nn.Parameter(torch.randn(s)) for s in EXPERT_SHAPES])
+    for p in model.experts:
+        p.expert_parallel = True
+    before = [p.detach().clone() for p in model.experts]
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)  # p - mean gradient: the reduced gradient, exactly
+    engine = TorchEngine(
+        model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), state=state, grad_accum=1, grad_clip=0.0
+    )
+
+    def grads(rank: int) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(100 + rank)
+        return [torch.randn(s, generator=g) for s in EXPERT_SHAPES]
+
+    for p, g in zip(model.experts, grads(dist.get_rank()), strict=True):
+        p.grad = g
+    sizes, cat, bucket = [], torch.cat, parallel.engine.BUCKET_ELEMENTS
+
+    def recording_cat(tensors, *args, **kwargs):
+        out = cat(tensors, *args, **kwargs)
+        sizes.append(out.numel())
+        return out
+
+    torch.cat, parallel.engine.BUCKET_ELEMENTS = recording_cat, 40
+    try:
+        engine.step()
+    finally:
+        torch.cat, parallel.engine.BUCKET_ELEMENTS = cat, bucket
+    want = [b - (g0 + g1) / RANKS for b, g0, g1 in zip(before, grads(0), grads(1), strict=True)]
+    got = [p.detach() for p in model.experts]
+    _check(results, "experts: the mean of the ranks' gradients", all(map(torch.equal, got, want)))
+    _check(results, "experts: buffers within the bucket", sizes == [38], sizes)  # 105 and 30 alone, in place
+
+
 def _all_checks(rank: int, world_size: int) -> dict:
     os.environ["DS_ACCELERATOR"] = "cpu"  # before this process first imports DeepSpeed
     results: dict = {}
-    for section, fn in (("ddp", _ddp_moe_loads), ("zero1", _zero1_partitions), ("bf16", _bf16_buffers)):
+    sections = (("ddp", _ddp_moe_loads), ("zero1", _zero1_partitions), ("bf16", _bf16_buffers))
+    for section, fn in (*sections, ("experts", _expert_buckets)):
         try:
             fn(results)
         except Exception:
@@ -235,3 +283,7 @@ def test_zero1_partitions_the_optimizer_state(rank_results):
 
 def test_deepspeed_bf16_keeps_fp32_buffers(rank_results):
     _assert_section(rank_results, "bf16")
+
+
+def test_expert_gradients_are_reduced_in_bounded_buckets(rank_results):
+    _assert_section(rank_results, "experts")

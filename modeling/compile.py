@@ -1,0 +1,143 @@
+"""Regional compilation (train.compile): each decoder layer through torch.compile, one graph for all of them.
+
+As torchtitan does, the unit of compilation is the decoder layer, not the model: every layer runs the same code
+(`DecoderLayer.forward`), so dynamo traces it once and reuses the graph for every layer of the same structure (its
+parameters are graph inputs, torch's default `inline_inbuilt_nn_modules`); compile time does not grow with depth,
+and the parts that do not trace well stay outside. What runs where:
+
+- attention, norms, the dense SwiGLU MLP and the residual adds: compiled (inductor), forward and backward;
+- tensor and sequence parallelism: parallel.mappings' autograd collectives call `dist.all_reduce` and friends,
+  which dynamo rewrites into functional collectives inside the graph (no graph break; checked at tp=2 with
+  sequence parallelism); Ulysses context attention (all-to-all) likewise; ring attention's `batch_isend_irecv`
+  breaks the graph around its p2p (dynamo compiles no p2p by default), which stays correct;
+- a mixture-of-experts MLP runs eagerly (a graph break at the MoE call): dropless routing has data-dependent
+  sizes (rows per expert, the all-to-all's splits), which would recompile or need unbacked symbols every step;
+- the fused head and vocab-parallel loss stay eager: a chunked autograd function that already fuses the matmul and
+  the loss (bench/README.md's figure: compiling it gained nothing on the CPU);
+- activation checkpointing wraps the compiled layer (`checkpoint(layer, ...)` in modeling.llama.run_layers): the
+  recomputation in backward runs the same compiled forward;
+- only the training forward is compiled: with gradients off (eval) or with a KV cache (samples, generation) the
+  layer runs eagerly, so neither compiles a second graph in the middle of a run.
+
+The engines (DDP, DeepSpeed ZeRO 1 and 2) wrap the model as before: only the layers' `forward` is replaced, so
+module hooks run around the compiled code as they do around eager code. ZeRO-3 is refused (configs/schema.py): it
+gathers a weight when its module runs or its attribute is read, and inside a compiled graph neither triggers the
+gather.
+
+Compiled graphs are cached on disk by inductor (the FX graph and AOT autograd caches, keyed by the graph, the
+shapes and torch's version): `cache_dir()` is $TORCHINDUCTOR_CACHE_DIR when set, else the user's cache
+(~/.cache/llama_pretrain/inductor, or under $XDG_CACHE_HOME), so that a second run of the same config, or a resumed
+one, skips most of the compile time. `CompileWatch` counts the graphs dynamo compiles; after the first step a new
+graph is a recompilation, logged and warned about.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch._inductor.config
+from torch import nn
+
+from modeling.llama import DecoderLayer, LlamaForCausalLM
+from modeling.moe import MoEMLP
+
+# One compiled function for every layer (and every model in the process): dynamo caches its graphs on this code.
+_compiled_layer_forward = None
+
+
+def cache_dir() -> Path:
+    """Where inductor keeps compiled graphs between runs: $TORCHINDUCTOR_CACHE_DIR, else the user's cache."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "llama_pretrain" / "inductor"
+
+
+def _layer_forward(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None, cache=None):
+    """DecoderLayer.forward, called with the layer as an argument so that one compiled function serves all."""
+    return DecoderLayer.forward(layer, x, cos, sin, mask, cache)
+
+
+def _compiled() -> object:
+    """The process's one torch.compile of _layer_forward (created on first use)."""
+    global _compiled_layer_forward
+    if _compiled_layer_forward is None:
+        _compiled_layer_forward = torch.compile(_layer_forward)
+    return _compiled_layer_forward
+
+
+def compile_layers(model: LlamaForCausalLM) -> int:
+    """Compile every decoder layer this rank holds (in place; the first training forward compiles); returns how many.
+
+    Sets TORCHINDUCTOR_CACHE_DIR to `cache_dir()` unless it is set, so that compiled graphs survive the run.
+    """
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir()))
+    # random ops (LoRA dropout) draw from torch's generator as eager does: the same masks compiled or not, and on
+    # every tensor rank the same full mask (parallel.lora slices it), at the cost of not fusing the draw
+    torch._inductor.config.fallback_random = True
+    compiled = _compiled()
+    for layer in model.model.layers.values():
+        if isinstance(layer.mlp, MoEMLP):
+            # data-dependent sizes: a graph break here instead of a recompile per step (see the module docstring)
+            layer.mlp.forward = torch.compiler.disable(layer.mlp.forward, recursive=True)
+        layer.forward = _dispatch(layer, compiled)
+    return len(model.model.layers)
+
+
+def _dispatch(layer: DecoderLayer, compiled: object):
+    """The layer's forward: compiled for training (gradients on, no KV cache), eager otherwise."""
+
+    def forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None, cache=None) -> torch.Tensor:
+        """(B, T, H) -> (B, T, H): DecoderLayer.forward, through torch.compile when training."""
+        if cache is None and torch.is_grad_enabled():
+            return compiled(layer, x, cos, sin, mask, cache)
+        return DecoderLayer.forward(layer, x, cos, sin, mask, cache)
+
+    return forward
+
+
+def is_compiled(module: nn.Module) -> bool:
+    """Whether compile_layers has compiled this model's layers."""
+    layers = getattr(getattr(module, "model", None), "layers", None) or {}
+    return any("forward" in vars(layer) for layer in layers.values())
+
+
+def graphs_compiled() -> int:
+    """Graphs dynamo has compiled in this process so far (every compile and recompile of any frame)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+class CompileWatch:
+    """Counts the graphs compiled after the first steps: a run that keeps recompiling is losing its speed-up.
+
+    `row(step)` returns the metrics of a logged row: `compile/graphs` (compiled so far in this process) and
+    `compile/recompiles` (compiled after step `warmup_steps`), and prints a warning when the latter grew since
+    the last row.
+    """
+
+    def __init__(self, *, warmup_steps: int = 1, enabled: bool = True, say=print) -> None:
+        self.warmup_steps, self.enabled, self.say = warmup_steps, enabled, say
+        self.start = graphs_compiled()
+        self.after_warmup: int | None = None  # the count when the warm-up steps ended
+        self.reported = 0
+
+    def row(self, step: int) -> dict[str, int]:
+        """The compile metrics at `step` (empty when compilation is off); warns about new recompilations."""
+        if not self.enabled:
+            return {}
+        now = graphs_compiled()
+        if step >= self.warmup_steps and self.after_warmup is None:
+            self.after_warmup = now
+        recompiles = 0 if self.after_warmup is None else now - self.after_warmup
+        if recompiles > self.reported:
+            self.say(
+                f"warning: torch.compile compiled {recompiles - self.reported} new graph(s) by step {step}, "
+                f"{recompiles} since step {self.warmup_steps} (train.compile): each recompilation costs seconds; "
+                f"run with TORCH_LOGS=recompiles to see which guard failed"
+            )
+            self.reported = recompiles
+        return {"compile/graphs": now - self.start, "compile/recompiles": recompiles}

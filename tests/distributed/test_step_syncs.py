@@ -1,0 +1,176 @@
+"""One optimizer step at dp=2 with 4 micro-batches: one gradient reduction, one non-finite decision, one device read.
+
+One spawn of 2 gloo processes runs two sections; each rank returns `{check: True or text}`.
+
+- engine: a small MLP under TorchEngine (DDP) with a comm hook that counts DDP's bucket all-reduces. With each
+  micro-batch's forward and backward inside `engine.micro_batch()`, the first three micro-batches reduce nothing and
+  the last reduces every bucket (before the fix, the no_sync around the backward alone let every micro-batch
+  all-reduce: [1, 1, 1, 1]); the reduced gradients equal one process's gradient of the mean of all 8 micro-batch
+  losses, without accumulation.
+- trainer: training.loop.Trainer on the synthetic tiny model (global batch 8: grad_accum 4 per rank). Per step the
+  loop calls `torch.distributed.all_reduce` twice (the non-finite flag over the world, loss and tokens over dp) and
+  reads the device once (one `tolist`), whatever grad_accum is (before: an `item` and an all-reduce per micro-batch);
+  DDP reduces once. A NaN loss in micro-batch 2 of one rank skips the step on both ranks (weights unchanged,
+  gradients dropped) and the next step trains.
+"""
+
+import copy
+import math
+import os
+import tempfile
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+from parallel.engine import TorchEngine
+from parallel.state import ParallelState
+from tests.dist_utils import run_distributed
+from tests.host_syncs import HostSyncs
+from tests.integration.train_utils import SYNTHETIC
+
+RANKS, ACCUM, ROWS = 2, 4, 3
+
+
+def _check(results: dict, name: str, ok: bool, detail: object = "") -> None:
+    results[name] = True if ok else f"failed: {detail}"
+
+
+def _counting_hook(counts: list[int]):
+    """A DDP comm hook that counts the buckets it reduces in counts[-1], then all-reduces them as DDP does."""
+
+    def hook(group: dist.ProcessGroup, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        counts[-1] += 1
+        return default_hooks.allreduce_hook(group, bucket)
+
+    return hook
+
+
+def _engine_reduces_once(results: dict) -> None:
+    state, rank = ParallelState.build(), dist.get_rank()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    engine = TorchEngine(model, opt, sched, state=state, grad_accum=ACCUM, grad_clip=0.0)
+    counts: list[int] = []
+    engine._ddp.register_comm_hook(state.dp_cp_group, _counting_hook(counts))
+    xs = torch.randn(RANKS, ACCUM, ROWS, 8, generator=torch.Generator().manual_seed(1))  # every rank's batches
+    for i in range(ACCUM):
+        counts.append(0)
+        with engine.micro_batch():
+            engine.backward(engine.forward(xs[rank, i]).pow(2).mean())
+    last_only = counts[:-1] == [0] * (ACCUM - 1) and counts[-1] > 0
+    _check(results, "engine: DDP reduces in the last micro-batch only", last_only, counts)
+    # one process, no accumulation: the gradient of the mean loss over every rank's micro-batches
+    torch.stack([ref(x).pow(2).mean() for x in xs.reshape(RANKS * ACCUM, ROWS, 8)]).mean().backward()
+    diffs = [(p.grad - q.grad).abs().max().item() for p, q in zip(model.parameters(), ref.parameters(), strict=True)]
+    _check(results, "engine: reduced gradients equal the no-accumulation reference", max(diffs) < 1e-6, diffs)
+    engine.step()
+    _check(results, "engine: the step leaves no gradients", all(p.grad is None for p in model.parameters()))
+
+
+def _trainer_step_syncs(results: dict) -> None:
+    from configs.schema import load_config
+    from training.loop import Trainer
+
+    with tempfile.TemporaryDirectory() as out:
+        overrides = [*SYNTHETIC, f"checkpoint.dir={out}", "train.global_batch_size=8", "checkpoint.every=0"]
+        trainer = Trainer(load_config(None, overrides), resume=False)
+        _check(results, "trainer: 4 micro-batches a step", trainer.grad_accum == ACCUM, trainer.grad_accum)
+        trainer.train_step()  # DDP's first step rebuilds its buckets: count from the second on
+        buckets: list[int] = []
+        trainer.engine._ddp.register_comm_hook(trainer.state.dp_cp_group, _counting_hook(buckets))
+        reduces: list[str] = []
+        all_reduce = dist.all_reduce
+
+        def counted(*args, **kwargs):
+            reduces.append(traceback.extract_stack(limit=2)[0].filename)
+            return all_reduce(*args, **kwargs)
+
+        dist.all_reduce = counted
+        try:
+            for step in range(2):
+                buckets.append(0)
+                reduces.clear()
+                with HostSyncs() as syncs:
+                    m = trainer.train_step()
+                # on the CPU the batches' .to(device) are counted too: the device is the host here
+                reads = [c for c in syncs.calls if "training/loop.py" in c and not c.startswith("to ")]
+                loop_reduces = [f for f in reduces if f.endswith("training/loop.py")]
+                _check(results, f"trainer: step {step} finite", not m["nonfinite"] and math.isfinite(m["loss"]), m)
+                _check(results, f"trainer: step {step} reads the device once in the loop", len(reads) == 1, reads)
+                _check(results, f"trainer: step {step} all-reduces twice in the loop", len(loop_reduces) == 2, reduces)
+                # the tiny model's ~0.4 MB of gradients fill one DDP bucket
+                _check(results, f"trainer: step {step} DDP reduces once", buckets[-1] == 1, buckets)
+                _check(results, f"trainer: step {step} tokens over dp", m["tokens"] == 8 * 32, m["tokens"])
+        finally:
+            dist.all_reduce = all_reduce
+        _nonfinite_on_one_rank(results, trainer)
+
+
+def _nonfinite_on_one_rank(results: dict, trainer) -> None:
+    forward, calls = trainer._forward, []
+
+    def nan_in_micro_batch_2_of_rank_1(batch):
+        out = forward(batch)
+        calls.append(None)
+        if dist.get_rank() == 1 and len(calls) == 2:
+            out.loss = out.loss * float("nan")
+        return out
+
+    trainer._forward = nan_in_micro_batch_2_of_rank_1
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    m = trainer.train_step()
+    _check(results, "nonfinite: the step is skipped on every rank", m["nonfinite"] and math.isnan(m["loss"]), m)
+    same = all(torch.equal(p, b) for p, b in zip(trainer.model.parameters(), before, strict=True))
+    _check(results, "nonfinite: weights unchanged", same)
+    _check(results, "nonfinite: gradients dropped", all(p.grad is None for p in trainer.model.parameters()))
+    _check(results, "nonfinite: all 4 micro-batches consumed", len(calls) == ACCUM, len(calls))
+    trainer._forward = forward
+    m = trainer.train_step()
+    moved = not all(torch.equal(p, b) for p, b in zip(trainer.model.parameters(), before, strict=True))
+    _check(results, "nonfinite: the next step trains", not m["nonfinite"] and moved, m)
+
+
+def _all_checks(rank: int, world_size: int) -> dict:
+    os.environ.pop("LOCAL_WORLD_SIZE", None)
+    results: dict = {}
+    for section, fn in (("engine", _engine_reduces_once), ("trainer", _trainer_step_syncs)):
+        try:
+            fn(results)
+        except Exception:
+            results[f"{section}: raised"] = traceback.format_exc()
+    return results
+
+
+@pytest.fixture(scope="module")
+def rank_results():
+    return run_distributed(_all_checks, RANKS, timeout=120)
+
+
+def _assert_section(rank_results, *sections: str) -> None:
+    failures = [
+        f"rank {r}: {k}: {v}"
+        for r, res in enumerate(rank_results)
+        for k, v in res.items()
+        if k.split(":")[0] in sections and v is not True
+    ]
+    ran = [k for k in rank_results[0] if k.split(":")[0] in sections]
+    assert ran and not failures, "\n".join(failures) or f"no check of {sections} ran"
+
+
+def test_ddp_reduces_once_per_step_and_equals_the_reference(rank_results):
+    _assert_section(rank_results, "engine")
+
+
+def test_trainer_decides_on_nonfinite_losses_once_per_step(rank_results):
+    _assert_section(rank_results, "trainer")
+
+
+def test_a_nan_on_one_rank_skips_the_step_everywhere(rank_results):
+    _assert_section(rank_results, "nonfinite")
