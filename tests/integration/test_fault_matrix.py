@@ -111,8 +111,13 @@ def resume_and_compare(out: Path, overrides: list[str], ref: list, from_step: in
     assert got == ref, f"the resumed run differs from the uninterrupted one\ngot {got}\nref {ref}"  # bitwise
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("phase", ["forward", "backward", "optimizer", "checkpoint"])
+# every phase at dp=2 and tp=2; the pipeline's stages die in the forward and while writing (its backward and
+# optimizer-step kills were measured like the others, README "Faults", and are left out to keep the suite's time)
+SIGKILLS = [(layout, phase) for phase in ("forward", "backward", "optimizer", "checkpoint") for layout in LAYOUTS]
+SIGKILLS = [(layout, phase) for layout, phase in SIGKILLS if layout != "pp2" or phase in ("forward", "checkpoint")]
+
+
+@pytest.mark.parametrize(("layout", "phase"), SIGKILLS)
 def test_sigkill(reference, tmp_path, layout, phase):
     # dp=2 loses rank 1; tp=2 loses rank 0, which also hosts the rendezvous store and publishes checkpoints
     dead = 1 if layout == "dp2" else 0
@@ -124,7 +129,9 @@ def test_sigkill(reference, tmp_path, layout, phase):
     assert survivor.rc == 3, survivor.stderr[-3000:]
     assert DEAD_PEER in survivor.stderr and "Traceback" not in survivor.stderr, survivor.stderr[-3000:]
     assert survivor.ended_s - ranks[dead].ended_s < TIMEOUT_MINUTES * 60 + MARGIN_S
-    logged = FAULT_STEP if phase == "checkpoint" else FAULT_STEP - 1  # a checkpoint is written after its step
+    # a checkpoint is written after its step; a step's collectives (gradients, the loss and the non-finite flag)
+    # come before the optimizer step, so rank 0 finishes and logs the step in whose optimizer step rank 1 died
+    logged = FAULT_STEP if phase == "checkpoint" or (phase == "optimizer" and dead == 1) else FAULT_STEP - 1
     assert [s for s, _, _ in curve(out)] == list(range(1, logged + 1)), f"the run did not die in step {FAULT_STEP}"
     if phase == "checkpoint":
         assert (out / f"step-{FAULT_STEP:08d}.tmp").is_dir()  # killed half-way through writing it
