@@ -193,31 +193,10 @@ def describe_change(saved: dict[str, Any], here: dict[str, Any]) -> str | None:
     return ", ".join(changed) or None
 
 
-def check_resumable(ckpt: Path, saved_config: dict[str, Any], config: dict[str, Any]) -> None:
-    """Refuse a resume whose token stream cannot continue: another sequence length (names the key and both values).
-
-    The tokenizer, data sources and seed are in the data state's fingerprint (dataset.loader refuses them); another
-    architecture is refused by the weights' shapes.
-    """
-    saved, here = saved_config.get("data", {}).get("seq_len"), config["data"]["seq_len"]
-    if saved is not None and saved != here:
-        raise CheckpointError(
-            f"{ckpt} was trained with data.seq_len={saved}, this run sets {here}: its data stream cannot continue at "
-            f"another length. Resume with data.seq_len={saved}, or start a new run from its weights with "
-            f"model.init_from={ckpt}"
-        )
-
-
 def saved_vocab_size(ckpt: Path) -> int | None:
     """The vocabulary size of a checkpoint's model (None where it holds no config.json: a LoRA adapter's)."""
     path = ckpt / "config.json"
     return ModelConfig.load(path).vocab_size if path.is_file() else None
-
-
-def saved_config(ckpt: Path) -> dict[str, Any]:
-    """The resolved training config a checkpoint was written with (empty if it has none)."""
-    path = ckpt / "train_config.yaml"
-    return yaml.safe_load(path.read_text()) if path.is_file() else {}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -369,11 +348,11 @@ def resume(
 ) -> dict[str, Any]:
     """Continue from a checkpoint written at any layout; return its trainer_state.json.
 
-    Refuses what cannot continue (check_resumable, the data fingerprint), restores the training state, and says
-    what changed: `layout` is this run's (the trainer's: `layout()` plus the ZeRO stage and the batch split).
+    Refuses what cannot continue (the data state's fingerprint: another seq_len, tokenizer, data or seed), restores
+    the training state, and says what changed: `layout` is this run's (the trainer's: `layout()` plus the ZeRO stage
+    and the batch split).
     """
     meta = read_trainer_state(ckpt)
-    check_resumable(ckpt, saved_config(ckpt), config)
     change = describe_change(meta.get("layout", {}), layout)
     warnings = load_training_state(ckpt, meta, engine=engine, loader=loader, state=state, same_layout=change is None)
     say(f"resumed from {ckpt} at step {meta['step']}")
