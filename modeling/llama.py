@@ -53,12 +53,17 @@ class CausalLMOutput:
     """With targets: `loss` = `ce_loss` + `aux_loss` (no logits then); otherwise full-vocabulary `logits` (B, T', V).
 
     `aux_loss` is the sum of the MoE layers' auxiliary losses (None for a dense model, whose loss is the CE alone).
+    With targets and per_token=True: `token_logps` (B, T) fp32, log p(target_t | tokens <= t) at each position (0
+    where the target is -100), computed from the vocab-parallel logits without gathering them; `ce_loss` is then
+    the mean of -token_logps over the valid targets, and `loss` is None (the caller builds its own objective from
+    the log-probabilities and `aux_loss`).
     """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     ce_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+    token_logps: torch.Tensor | None = None
 
 
 def _tied_copy(embedding: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
@@ -240,10 +245,13 @@ class LlamaForCausalLM(nn.Module):
         document_ids: torch.Tensor | None = None,
         cache: Cache | None = None,
         num_logits_to_keep: int = 0,
+        per_token: bool = False,
     ) -> CausalLMOutput:
         """Run the decoder on (B, T) ids.
 
         targets: (B, T) ids to predict at each position (already shifted; -100 = ignore) -> mean loss.
+        per_token: with targets, return the (B, T) log-probabilities of the targets (`token_logps`) instead of
+            the loss (preference losses need them per sequence); needs parallel.cp=1.
         document_ids: (B, T) ids of the packed documents -> attention stays inside each document and positions
             restart per document (unless position_ids are given).
         cache: a KV cache (generation); position_ids must then be given.
@@ -255,7 +263,8 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed(self.local(input_ids), cache)
         x = self.run_layers(x, position_ids, mask, cache)
         local = self.local(targets)
-        return self.finish(x, local, num_logits_to_keep, aux=self.aux_loss() if targets is not None else None)
+        aux = self.aux_loss() if targets is not None else None
+        return self.finish(x, local, num_logits_to_keep, aux=aux, per_token=per_token)
 
     def local(self, x: torch.Tensor | None) -> torch.Tensor | None:
         """This rank's tokens of a (B, T, ...) tensor under context parallelism (modeling.context), else `x`."""
@@ -341,10 +350,27 @@ class LlamaForCausalLM(nn.Module):
         num_logits_to_keep: int = 0,
         *,
         aux: torch.Tensor | None = None,
+        per_token: bool = False,
     ) -> CausalLMOutput:
-        """Final norm and head: given targets the loss, cross-entropy + `aux` (MoE aux losses), else the logits."""
-        x = self.model.norm(x)
+        """Final norm and head: given targets the loss, cross-entropy + `aux` (MoE aux losses), else the logits.
+
+        per_token (targets given, no context parallelism): the (B, T) target log-probabilities, no loss.
+        """
         split = context.active(self.state)  # x holds this rank's tokens of each sequence (targets too)
+        if per_token and targets is None:
+            raise ValueError("per_token=True returns the log-probabilities of the targets: pass targets=(B, T) ids")
+        if per_token and split:
+            raise ValueError(
+                f"per-token log-probabilities need parallel.cp=1 (got cp={self.state.cp_size}): each context rank "
+                f"holds only its chunks of a sequence; set parallel.cp=1 for preference tuning (dpo.py)"
+            )
+        x = self.model.norm(x)
+        if per_token:
+            # (B*T,) on every tensor rank: under sequence parallelism the head gathers the sequence first
+            nll = self.lm_head(x, targets, reduction="none")
+            token_logps = -nll.view(targets.shape)  # (B, T)
+            ce = nll.sum() / (targets != -100).sum().clamp(min=1)
+            return CausalLMOutput(ce_loss=ce, aux_loss=aux, token_logps=token_logps)
         if targets is not None:
             ce = self.lm_head(x, targets)  # fused head + vocab-parallel loss: logits neither gathered nor kept
             if split:  # this chunk's share of the whole sequence's loss (modeling.context)

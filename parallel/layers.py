@@ -207,8 +207,10 @@ class VocabParallelHead(ColumnParallelLinear):
     head(x) gives this rank's (..., V'/tp) logits, as ColumnParallelLinear, where V' = padded_size(vocab, tp)
     (the columns past `out_features` are padding: slice them off the gathered logits). head(x, targets) gives the
     mean cross-entropy over the real vocabulary (ignore_index -100, padded logits masked out) without gathering
-    the logits or keeping them: vocab_parallel_linear_cross_entropy fuses the matmul with the loss. It goes
-    through forward, so that hooks on the module (ZeRO-3 gathers its weight in one) see the call.
+    the logits or keeping them: vocab_parallel_linear_cross_entropy fuses the matmul with the loss; with
+    reduction="none" the (N,) per-token losses of the N = prod(...) flattened tokens instead (every rank holds all
+    N, under sequence parallelism too: the input is gathered along the sequence first). It goes through forward,
+    so that hooks on the module (ZeRO-3 gathers its weight in one) see the call.
     """
 
     pads_output = True
@@ -216,17 +218,19 @@ class VocabParallelHead(ColumnParallelLinear):
     # backward runs twice over one forward: zero-bubble pipelines split it into input and weight gradients)
     reuse_loss_buffers = True
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """(..., in) -> (..., V'/tp) logits, or with (...) target ids the scalar mean loss."""
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, *, reduction: str = "mean") -> torch.Tensor:
+        """(..., in) -> (..., V'/tp) logits, or with (...) target ids the scalar mean loss ((N,) for "none")."""
         if targets is None:
             return super().forward(x)
         group, vocab = self.state.tp_group, self.out_features
         if self.bias is not None or self.lora_A is not None or self.gather_output:  # nothing to fuse into
             logits = super().forward(x)
             if self.gather_output:
-                return vocab_parallel_cross_entropy(logits[..., :vocab], targets)
+                return vocab_parallel_cross_entropy(logits[..., :vocab], targets, reduction=reduction)
             reuse = self.reuse_loss_buffers
-            return vocab_parallel_cross_entropy(logits, targets, group, vocab_size=vocab, reuse_buffers=reuse)
+            return vocab_parallel_cross_entropy(
+                logits, targets, group, vocab_size=vocab, reuse_buffers=reuse, reduction=reduction
+            )
         x = _enter_column_region(x, self.state)
         matmul_dtype = torch.float32 if _emulated_bf16(x) else None
         return vocab_parallel_linear_cross_entropy(
@@ -237,6 +241,7 @@ class VocabParallelHead(ColumnParallelLinear):
             vocab_size=vocab,
             matmul_dtype=matmul_dtype,
             reuse_buffers=self.reuse_loss_buffers,
+            reduction=reduction,
         )
 
 
