@@ -62,6 +62,7 @@ KEY_NAMES = {
     "pack": "data.pack",
     "truncation": "data.truncation",
     "conversations": "the conversations kept (data.train or data.truncation)",
+    "pairs": "the preference pairs kept (data.train or data.truncation)",
     "vocab_size": "the vocabulary size",
 }
 

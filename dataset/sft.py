@@ -71,7 +71,127 @@ SFT_FILES = FileRules(
 )
 
 
-class SFTDataset:
+class ChatDataset:
+    """What SFT and preference data share: chat records read, rendered and length-checked at construction.
+
+    Rows come by stream (training) or by rank (evaluation); each epoch is a permutation seeded by (seed, epoch).
+
+    A subclass sets `kind`, `unit` (what a record becomes: "conversations", "pairs"), `error` (the `DataError` it
+    raises) and `file_rules`, and defines `_parse(obj, path, line)` (a parsed record -> what `_load` renders; a
+    `ChatError` for a bad one), `_load()` (reads `_records` of each file into its buffers and sets the counts),
+    `__len__`, `next_row`, `collate` and `fingerprint`. The arguments are those of `SFTDataset`.
+    """
+
+    kind: str
+    unit: str
+    error: type[DataError]
+    file_rules: FileRules
+
+    def __init__(
+        self,
+        paths_or_glob: str | Path | Sequence[str | Path],
+        tokenizer: Tokenizer,
+        seq_len: int,
+        *,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        seed: int = 0,
+        truncation: str = "drop",
+        on_error: str = "raise",
+    ) -> None:
+        if truncation not in TRUNCATION:
+            raise ValueError(f"truncation={truncation!r}: use one of {', '.join(TRUNCATION)}")
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error={on_error!r}: use one of {', '.join(ON_ERROR)}")
+        if seq_len < 1:
+            raise ValueError(f"seq_len={seq_len}: must be at least 1")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank={dp_rank}, dp_size={dp_size}: need 0 <= dp_rank < dp_size")
+        self.files = find_files(paths_or_glob, self.file_rules)
+        self.seq_len, self.window = seq_len, seq_len + 1
+        self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
+        self.truncation, self.on_error = truncation, on_error
+        self.tokenizer, self.renderer = tokenizer, ChatRenderer(tokenizer)
+        pad = next((i for i in (tokenizer.pad_id, tokenizer.eos_id) if i >= 0), 0)
+        self.pad_id = pad  # padding is never a target, any id would do
+        self.counts = {self.unit: 0, "dropped": 0, "truncated": 0, "skipped": 0}
+        self._warned = 0
+        self._load()
+        if len(self) < dp_size:
+            raise self._too_few(f"{dp_size} data-parallel ranks ({self.counts})")
+        self._perms: dict[int, list[int]] = {}  # epoch -> its permutation (the two latest asked for)
+        self._orders: dict[tuple[int, int], tuple[int, list[int]]] = {}  # (stream, streams) -> (epoch, its slice)
+
+    def _too_few(self, needed: str, todo: str = "") -> DataError:
+        return self.error(
+            f"{self.files[0]}{' ...' if len(self.files) > 1 else ''}: {len(self)} usable {self.unit} for {needed}; "
+            f"add data, {todo}raise seq_len or set truncation='truncate'"
+        )
+
+    def _records(self, path: Path) -> Iterator[Any]:
+        """`_parse` of each record of the file; a bad one goes to `_bad_record`."""
+        for line, _, _, raw in iter_lines(path):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+                self._bad_record(f"{path}:{line}: invalid JSON ({e})")
+                continue
+            try:
+                parsed = self._parse(obj, path, line)
+            except ChatError as e:
+                self._bad_record(str(e))
+                continue
+            yield parsed
+
+    def _bad_record(self, problem: str) -> None:
+        if self.on_error == "raise":
+            raise self.error(f"{problem}; fix the record, or set on_error='skip' to count and skip it")
+        self.counts["skipped"] += 1
+        if self._warned < WARN_LIMIT:
+            self._warned += 1
+            more = " (further skips are counted, not shown)" if self._warned == WARN_LIMIT else ""
+            warnings.warn(f"skipped: {problem}{more}", DataWarning, stacklevel=3)  # at the reader of the records
+
+    def order(self, epoch: int, stream: int | None = None, n_streams: int | None = None) -> list[int]:
+        """Records of stream `stream` of `n_streams` in `epoch`, in row order (by default this rank's).
+
+        `[stream::n_streams]` of the (seed, epoch) permutation; this rank's is `[dp_rank::dp_size]`.
+        """
+        key = (self.dp_rank if stream is None else stream, n_streams or self.dp_size)
+        cached = self._orders.get(key)
+        if cached is None or cached[0] != epoch:  # each stream keeps its current epoch's slice; streams drift apart
+            if (perm := self._perms.get(epoch)) is None:
+                if len(self._perms) >= 2:
+                    del self._perms[min(self._perms)]
+                g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (1 << 63))
+                perm = self._perms[epoch] = torch.randperm(len(self), generator=g).tolist()
+            cached = self._orders[key] = (epoch, perm[key[0] :: key[1]])
+        return cached[1]
+
+    def stats(self) -> dict[str, int]:
+        """Records kept (`unit`), dropped as too long, truncated, and skipped as bad records."""
+        return dict(self.counts)
+
+    def check_streams(self, num_streams: int) -> None:
+        """Every stream needs a record in each epoch."""
+        if len(self) < num_streams:
+            raise self._too_few(
+                f"{num_streams} streams (one per sequence of train.global_batch_size; {self.counts})",
+                "lower train.global_batch_size, ",
+            )
+
+    def open_stream(self, index: int, count: int, state: dict | None = None) -> _SFTStream:
+        """Stream `index` of `count`: the rows of records `[index::count]` of each epoch, from `state`."""
+        return _SFTStream(self, index, count, state)
+
+    def stream_stats(self, states: list[dict]) -> dict[str, Any]:
+        """The data set's counts (skipped: bad records) and the smallest epoch of these streams."""
+        return {**self.counts, "epoch": min((s["epoch"] for s in states), default=0)}
+
+
+class SFTDataset(ChatDataset):
     """Every conversation of the files, rendered and length-checked; rows by stream (training) or by rank (eval).
 
     Also a `dataset.loader.StreamSource` (kind "sft"): the training loader reads it as K streams.
@@ -90,6 +210,11 @@ class SFTDataset:
             corrupt files always raise.
     """
 
+    kind = "sft"
+    unit = "conversations"
+    error = SFTDataError
+    file_rules = SFT_FILES
+
     def __init__(
         self,
         paths_or_glob: str | Path | Sequence[str | Path],
@@ -103,31 +228,20 @@ class SFTDataset:
         truncation: str = "drop",
         on_error: str = "raise",
     ) -> None:
-        if truncation not in TRUNCATION:
-            raise ValueError(f"truncation={truncation!r}: use one of {', '.join(TRUNCATION)}")
-        if on_error not in ON_ERROR:
-            raise ValueError(f"on_error={on_error!r}: use one of {', '.join(ON_ERROR)}")
-        if seq_len < 1:
-            raise ValueError(f"seq_len={seq_len}: must be at least 1")
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank={dp_rank}, dp_size={dp_size}: need 0 <= dp_rank < dp_size")
-        self.files = find_files(paths_or_glob, SFT_FILES)
-        self.seq_len, self.window = seq_len, seq_len + 1
-        self.dp_rank, self.dp_size, self.seed, self.pack = dp_rank, dp_size, seed, pack
-        self.truncation, self.on_error = truncation, on_error
-        self.tokenizer, self.renderer = tokenizer, ChatRenderer(tokenizer)
-        pad = next((i for i in (tokenizer.pad_id, tokenizer.eos_id) if i >= 0), 0)
-        self.pad_id = pad  # padding is never a target, any id would do
-        self.counts = {"conversations": 0, "dropped": 0, "truncated": 0, "skipped": 0}
-        self._warned = 0
-        self._load()
-        if len(self) < dp_size:
-            raise SFTDataError(
-                f"{self.files[0]}{' ...' if len(self.files) > 1 else ''}: {len(self)} usable conversations for "
-                f"{dp_size} data-parallel ranks ({self.counts}); add data, raise seq_len or set truncation='truncate'"
-            )
-        self._perms: dict[int, list[int]] = {}  # epoch -> its permutation (the two latest asked for)
-        self._orders: dict[tuple[int, int], tuple[int, list[int]]] = {}  # (stream, streams) -> (epoch, its slice)
+        self.pack = pack
+        super().__init__(
+            paths_or_glob,
+            tokenizer,
+            seq_len,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            seed=seed,
+            truncation=truncation,
+            on_error=on_error,
+        )
+
+    def _parse(self, obj: Any, path: Path, line: int) -> list[dict[str, str]]:
+        return normalize_record(obj, path, line)
 
     def _load(self) -> None:
         ids, mask, offsets = array("i"), bytearray(), [0]
@@ -151,31 +265,6 @@ class SFTDataset:
         self.offsets = offsets
         logger.info("SFT data %s: %s, %d tokens", [str(f) for f in self.files], self.counts, len(ids))
 
-    def _records(self, path: Path) -> Iterator[list[dict[str, str]]]:
-        for line, _, _, raw in iter_lines(path):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-                self._bad_record(f"{path}:{line}: invalid JSON ({e})")
-                continue
-            try:
-                messages = normalize_record(obj, path, line)
-            except ChatError as e:
-                self._bad_record(str(e))
-                continue
-            yield messages
-
-    def _bad_record(self, problem: str) -> None:
-        if self.on_error == "raise":
-            raise SFTDataError(f"{problem}; fix the record, or set on_error='skip' to count and skip it")
-        self.counts["skipped"] += 1
-        if self._warned < WARN_LIMIT:
-            self._warned += 1
-            more = " (further skips are counted, not shown)" if self._warned == WARN_LIMIT else ""
-            warnings.warn(f"skipped: {problem}{more}", DataWarning, stacklevel=3)  # at the reader of the records
-
     def __len__(self) -> int:
         """Number of conversations kept (all ranks together)."""
         return len(self.offsets) - 1
@@ -184,22 +273,6 @@ class SFTDataset:
         """Token ids (int32, as stored) and labels (int64, -100 where not trained) of kept conversation `index`."""
         a, b = self.offsets[index], self.offsets[index + 1]
         return self.tokens[a:b], torch.where(self.labelled[a:b], self.tokens[a:b].long(), IGNORE_INDEX)
-
-    def order(self, epoch: int, stream: int | None = None, n_streams: int | None = None) -> list[int]:
-        """Conversations of stream `stream` of `n_streams` in `epoch`, in row order (by default this rank's).
-
-        `[stream::n_streams]` of the (seed, epoch) permutation; this rank's is `[dp_rank::dp_size]`.
-        """
-        key = (self.dp_rank if stream is None else stream, n_streams or self.dp_size)
-        cached = self._orders.get(key)
-        if cached is None or cached[0] != epoch:  # each stream keeps its current epoch's slice; streams drift apart
-            if (perm := self._perms.get(epoch)) is None:
-                if len(self._perms) >= 2:
-                    del self._perms[min(self._perms)]
-                g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (1 << 63))
-                perm = self._perms[epoch] = torch.randperm(len(self), generator=g).tolist()
-            cached = self._orders[key] = (epoch, perm[key[0] :: key[1]])
-        return cached[1]
 
     def next_row(
         self, epoch: int, position: int, stream: int | None = None, n_streams: int | None = None
@@ -229,12 +302,6 @@ class SFTDataset:
         documents[used:] = doc
         return {"tokens": tokens, "labels": labels, "document_ids": documents}, epoch, position
 
-    def stats(self) -> dict[str, int]:
-        """Conversations kept, dropped as too long, truncated, and skipped as bad records."""
-        return dict(self.counts)
-
-    kind = "sft"
-
     def fingerprint(self) -> dict[str, Any]:
         """What a stream's (epoch, position) depends on, without the layout (checked when a state is loaded)."""
         names = "\n".join(p.name for p in self.files).encode()
@@ -249,19 +316,6 @@ class SFTDataset:
             "tokenizer": tokenizer_identity(self.tokenizer),
         }
 
-    def check_streams(self, num_streams: int) -> None:
-        """Every stream needs a conversation in each epoch."""
-        if len(self) < num_streams:
-            raise SFTDataError(
-                f"{self.files[0]}{' ...' if len(self.files) > 1 else ''}: {len(self)} usable conversations for "
-                f"{num_streams} streams (one per sequence of train.global_batch_size; {self.counts}); add data, "
-                "lower train.global_batch_size, raise seq_len or set truncation='truncate'"
-            )
-
-    def open_stream(self, index: int, count: int, state: dict | None = None) -> _SFTStream:
-        """Stream `index` of `count`: the rows of conversations `[index::count]` of each epoch, from `state`."""
-        return _SFTStream(self, index, count, state)
-
     @staticmethod
     def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """input_ids, targets and document_ids (B, seq_len) from rows of `next_row`."""
@@ -274,15 +328,11 @@ class SFTDataset:
             "document_ids": documents[:, :-1].contiguous(),
         }
 
-    def stream_stats(self, states: list[dict]) -> dict[str, Any]:
-        """The data set's counts (skipped: bad records) and the smallest epoch of these streams."""
-        return {**self.counts, "epoch": min((s["epoch"] for s in states), default=0)}
-
 
 class _SFTStream:
-    """One stream of an SFTDataset: its (epoch, position) and the rows from there."""
+    """One stream of a ChatDataset: its (epoch, position) and the rows from there."""
 
-    def __init__(self, ds: SFTDataset, index: int, count: int, state: dict | None) -> None:
+    def __init__(self, ds: ChatDataset, index: int, count: int, state: dict | None) -> None:
         if not 0 <= index < count:
             raise ValueError(f"stream {index} of {count}: need 0 <= index < count")
         self.ds, self.index, self.count = ds, index, count
@@ -299,9 +349,12 @@ class _SFTStream:
 
 
 class SFTLoader:
-    """This rank's own infinite stream of batches (`[dp_rank::dp_size]` of each epoch): evaluation, no state."""
+    """This rank's own infinite stream of batches (`[dp_rank::dp_size]` of each epoch): evaluation, no state.
 
-    def __init__(self, dataset: SFTDataset, batch_size: int) -> None:
+    Reads any ChatDataset (SFT conversations, preference pairs).
+    """
+
+    def __init__(self, dataset: ChatDataset, batch_size: int) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be at least 1")
         self.dataset, self.batch_size = dataset, batch_size
@@ -318,7 +371,7 @@ class SFTLoader:
         return self.dataset.collate(rows)
 
     def stats(self) -> dict[str, int]:
-        """The dataset's counts: conversations, dropped, truncated, skipped."""
+        """The dataset's counts: conversations (or pairs), dropped, truncated, skipped."""
         return self.dataset.stats()
 
 
