@@ -37,28 +37,35 @@ from training.loop import Trainer
 class SFTTrainer(Trainer):
     """The pretraining Trainer with SFT data, chat samples and optional LoRA."""
 
+    script = "sft.py"  # named in errors
+    packs = True  # several conversations per row (data.pack); dpo.py's rows hold one pair each
+
     def __init__(self, cfg: Any, *, resume: bool = True) -> None:
-        if not cfg.model.init_from:
-            raise ConfigError(
-                "model.init_from is not set: fine-tuning starts from a checkpoint; set it to a native checkpoint, a "
-                "run directory (outputs/tiny) or a Hugging Face model directory"
-            )
-        if cfg.data.pack and not cfg.data.document_attention:
-            raise ConfigError(
-                "data.pack=true needs data.document_attention=true (or packed conversations attend to each other); "
-                "set it, or data.pack=false for one padded conversation per row"
-            )
-        if any(s.weight != 1.0 for s in cfg.data_sources()):
-            raise ConfigError(
-                "data.train: sft.py reads every listed file once per epoch and has no mixture weights; drop the "
-                "weight keys"
-            )
+        self.check_config(cfg)
         if not cfg.data.tokenizer:  # checkpoints and HF directories carry their tokenizer
             cfg.data.tokenizer = str(resolve_checkpoint_dir(resolve_path(cfg.model.init_from)))
         try:
             super().__init__(cfg, resume=resume)
         except (SFTDataError, TokenizerError) as e:  # bad records, a tokenizer without chat markers, a changed data set
             raise ConfigError(str(e)) from None
+
+    def check_config(self, cfg: Any) -> None:
+        """What fine-tuning needs beyond TrainConfig.validate: a model to start from, unweighted files, packing keys."""
+        if not cfg.model.init_from:
+            raise ConfigError(
+                "model.init_from is not set: fine-tuning starts from a checkpoint; set it to a native checkpoint, a "
+                "run directory (outputs/tiny) or a Hugging Face model directory"
+            )
+        if self.packs and cfg.data.pack and not cfg.data.document_attention:
+            raise ConfigError(
+                "data.pack=true needs data.document_attention=true (or packed conversations attend to each other); "
+                "set it, or data.pack=false for one padded conversation per row"
+            )
+        if any(s.weight != 1.0 for s in cfg.data_sources()):
+            raise ConfigError(
+                f"data.train: {self.script} reads every listed file once per epoch and has no mixture weights; drop "
+                "the weight keys"
+            )
 
     def weights_source(self) -> Path:
         """LoRA checkpoints hold only the adapter: with LoRA the base always comes from model.init_from."""

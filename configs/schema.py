@@ -3,7 +3,7 @@
     cfg = load_config("configs/pretrain_tiny.yaml", ["parallel.tp=2", "optim.lr=1e-3"])
     cfg.validate(world_size=4)          # every check before any work; errors name the key
 
-Sections (configs/sections.py): `model`, `data`, `parallel`, `optim`, `train`, `checkpoint`, `logging`, `lora`;
+Sections (configs/sections.py): `model`, `data`, `parallel`, `optim`, `train`, `checkpoint`, `logging`, `lora`, `dpo`;
 each checks its own values. Unknown keys are errors. The `model` section names a preset (`configs/model/<preset>.yaml`,
 Hugging Face config.json keys) or a checkpoint and may override any of its keys (configs/architecture.py resolves it);
 `vocab_size: null` takes the tokenizer's vocabulary, padded to a multiple of 64 x tp.
@@ -24,6 +24,7 @@ from configs.sections import (
     CheckpointSection,
     ConfigError,
     DataSection,
+    DPOSection,
     LoggingSection,
     LoraSection,
     ModelSection,
@@ -49,6 +50,7 @@ class TrainConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     lora: LoraSection = field(default_factory=LoraSection)
+    dpo: DPOSection = field(default_factory=DPOSection)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (saved beside every checkpoint, logged to wandb)."""

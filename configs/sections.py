@@ -270,3 +270,27 @@ class LoraSection:
             raise ConfigError(f"lora.dropout={self.dropout} must be in [0, 1)")
         if not self.targets or set(self.targets) - set(LORA_TARGETS):
             raise ConfigError(f"lora.targets={self.targets}; choose among {sorted(LORA_TARGETS)}")
+
+
+DPO_LOSSES = ("sigmoid", "ipo")  # training.dpo_loss.LOSSES
+
+
+@dataclass
+class DPOSection:
+    """Preference tuning for dpo.py: the loss, its temperature and where the reference policy's log-probs come from."""
+
+    loss: str = "sigmoid"  # DPO; ipo: Azar et al.'s squared loss on length-normalised log-probs
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # conservative DPO: the labels are flipped with this probability (sigmoid only)
+    precompute_reference: bool = False  # one pass before training stores the reference log-probs, then frees it
+
+    def validate(self) -> None:
+        """Loss, beta and label smoothing."""
+        _choice("dpo.loss", self.loss, DPO_LOSSES)
+        _positive("dpo", self, "beta")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise ConfigError(
+                f"dpo.label_smoothing applies to dpo.loss=sigmoid only (dpo.loss={self.loss}); set it to 0"
+            )

@@ -167,6 +167,38 @@ class DeepSpeedEngine:
         return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
 
 
+def frozen_like_policy(
+    model: nn.Module,
+    *,
+    ds_config: dict[str, Any],
+    state: ParallelState,
+    micro_batch_size: int,
+    grad_accum: int,
+    grad_clip: float,
+    bf16: bool,
+) -> nn.Module:
+    """A frozen model placed as DeepSpeedEngine places the policy: what to call for its forward.
+
+    ZeRO-3: partitioned over the data-parallel group by DeepSpeed with no optimizer (its parameter offload
+    engine alone: the gathering hooks, as for the policy); the forward is collective over that group. Stages 1-2
+    keep the whole model on every rank: only the bf16 cast of the policy is repeated. fp32 buffers stay fp32.
+    """
+    import deepspeed
+
+    config = fill_auto(ds_config, micro_batch_size, grad_accum, grad_clip, bf16, state.dp_cp_size)
+    fp32_buffers = {n: b.detach().clone() for n, b in model.named_buffers() if b.dtype == torch.float32}
+    if int(config.get("zero_optimization", {}).get("stage", 0)) != 3:
+        if bf16:
+            model.to(torch.bfloat16)
+        _restore_fp32_buffers(model, fp32_buffers)
+        return model
+    config = {k: v for k, v in config.items() if k not in ("optimizer", "scheduler")}
+    config["zero_optimization"] = {k: v for k, v in config["zero_optimization"].items() if k != "offload_optimizer"}
+    engine, *_ = deepspeed.initialize(model=model, config=config, mpu=_Mpu(state), dist_init_required=False)
+    _restore_fp32_buffers(model, fp32_buffers)
+    return engine
+
+
 def _restore_fp32_buffers(model: nn.Module, fp32: dict[str, torch.Tensor]) -> None:
     """Put back the fp32 values of the buffers DeepSpeed cast (in place: whoever holds the tensor sees fp32)."""
     for name, buf in model.named_buffers():

@@ -253,8 +253,8 @@ def _enter_column_region(x: torch.Tensor, state: ParallelState) -> torch.Tensor:
 
 
 def _add_lora(layer: ColumnParallelLinear | RowParallelLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The output y plus lora_B(lora_A(x)) when parallel.lora.apply_lora gave the layer an adapter, else y."""
-    return y if layer.lora_A is None else y + layer.lora_B(layer.lora_A(x))
+    """The output plus lora_B(lora_A(x)) where parallel.lora.apply_lora gave the layer an adapter that is on."""
+    return y if layer.lora_A is None or not layer.lora_A.enabled else y + layer.lora_B(layer.lora_A(x))
 
 
 def fused_column_parallel(x: torch.Tensor, layers: Sequence[ColumnParallelLinear]) -> list[torch.Tensor]:

@@ -38,9 +38,11 @@ and `...q_proj.lora_B.weight` (PEFT's files prefix `base_model.model.`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -121,6 +123,7 @@ class LoRAFactor(nn.Module):
         super().__init__()
         self.weight, self.state = weight, state
         self.in_features, self.scaling, self.dropout = in_features, scaling, dropout
+        self.enabled = True  # False: the layer leaves its adapter out (adapters_off)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in or in/tp) -> (..., out or out/tp)."""
@@ -194,6 +197,22 @@ def apply_lora(
             factor.train(layer.training)  # a model already in eval() keeps its new adapters in eval too
     model.lora_config = config
     return model
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model is its frozen base: every layer leaves its adapter's delta out (not computed).
+
+    The reference policy of preference tuning under LoRA (dpo.py) without a second copy of the weights.
+    """
+    factors = list(lora_factors(model).values())
+    for factor in factors:
+        factor.enabled = False
+    try:
+        yield model
+    finally:
+        for factor in factors:
+            factor.enabled = True
 
 
 def lora_factors(model: nn.Module) -> dict[str, LoRAFactor]:

@@ -1,4 +1,8 @@
-"""Process-group start-up for one rank: the group the launcher described, accelerate's DeepSpeed json, a free port."""
+"""Process groups for one rank: start-up, and the reductions behind the step's decisions.
+
+Start-up joins the group the launcher described (accelerate's DeepSpeed json adopted, a free port for one process);
+`step_values` and `any_rank` reduce what every rank must decide alike (skip a step, stop on a signal).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import torch.distributed as dist
 
 from configs.schema import TrainConfig
 from configs.sections import ConfigError, resolve_path
+from parallel.state import ParallelState
 
 
 def init_distributed(cfg: TrainConfig) -> torch.device:
@@ -75,3 +80,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def step_values(
+    loss: torch.Tensor, nonfinite: torch.Tensor, tokens: int, metrics: dict[str, torch.Tensor], state: ParallelState
+) -> tuple[bool, float, int, dict[str, float]]:
+    """(a loss was non-finite on any rank, the mean loss over dp, tokens over dp, the metrics' means over dp).
+
+    One read of the device. The flag is the max over all ranks, so that every rank skips the step together;
+    loss, tokens and metrics are summed over the data-parallel group (fp64: exact token counts). Built without
+    host-to-device copies.
+    """
+    flag = nonfinite.to(torch.float64).reshape(1)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    count = torch.full((), float(tokens), dtype=torch.float64, device=loss.device)  # a fill, not a copy
+    sums = torch.stack([loss.detach().to(torch.float64), count, *(v.to(torch.float64) for v in metrics.values())])
+    if state.dp_size > 1:
+        dist.all_reduce(sums, group=state.dp_group)
+    bad, loss_sum, token_sum, *values = torch.cat([flag, sums]).tolist()
+    means = {k: v / state.dp_size for k, v in zip(metrics, values, strict=True)}
+    return bad > 0, loss_sum / state.dp_size, int(token_sum), means
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` is true on any rank (collective over the world; a signal may reach one rank only)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

@@ -35,7 +35,7 @@ from parallel.pipeline import PipelineSchedule
 from parallel.state import ParallelState
 from training import checkpoint as ckpt_io
 from training.data import TrainData, build_eval_batches, build_train_loader, token_byte_lengths
-from training.distributed import adopt_accelerate_deepspeed_config, init_distributed
+from training.distributed import adopt_accelerate_deepspeed_config, any_rank, init_distributed, step_values
 from training.metrics import MetricsLogger, StepTimer, data_skipped, flops_per_token, memory_bytes, mfu, peak_flops
 from training.moe_metrics import MoEStepStats
 from training.optim import build_optimizer, schedule_state
@@ -233,18 +233,12 @@ class Trainer:
             tokenizer_dir=None if self.tokenizer is None else self.cfg.data.tokenizer,
         )
 
-    def _any_rank(self, flag: bool) -> bool:
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        if dist.is_initialized():
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         # asynchronous from the loader's pinned memory on CUDA (dataset/loader.py pins when the trainer asks)
         return t.to(self.device, non_blocking=True)
 
-    def _forward(self, batch: dict[str, torch.Tensor]) -> CausalLMOutput:
-        kwargs = {"targets": self._to_device(batch["targets"])}
+    def _forward(self, batch: dict[str, torch.Tensor], **extra: Any) -> CausalLMOutput:
+        kwargs = {"targets": self._to_device(batch["targets"]), **extra}
         if "document_ids" in batch and self.cfg.data.document_attention:
             kwargs["document_ids"] = self._to_device(batch["document_ids"])
         forward = self.engine.forward if self.pipeline is None else self.forward_model  # pp: eval only
@@ -266,7 +260,7 @@ class Trainer:
         if self._batches is None:
             self._batches = self.timer.batches(iter(self.loader))  # after any load_state_dict
         accumulate = self._accumulate if self.pipeline is None else self._accumulate_pipeline
-        nonfinite, loss, tokens = self._step_values(*accumulate())
+        nonfinite, loss, tokens, metrics = step_values(*accumulate(), self.state)
         if nonfinite:
             if self.engine.zero_stage:
                 raise TrainingError(
@@ -290,45 +284,41 @@ class Trainer:
             "grad_norm": grad_norm,
             "nonfinite": not math.isfinite(grad_norm),  # the engine skipped the update
             "tokens": tokens,
+            **metrics,
             **self.moe_stats.row(),
         }
 
-    def _step_values(self, loss: torch.Tensor, nonfinite: torch.Tensor, tokens: int) -> tuple[bool, float, int]:
-        """(a loss was non-finite on any rank, the mean loss over dp, tokens over dp), in one read of the device.
+    def micro_batch_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(objective to backpropagate, loss to report, {name: scalar device tensor} to log) of one micro-batch.
 
-        The flag is the max over all ranks, so that every rank skips the step together; loss and tokens are
-        summed over the data-parallel group (fp64: exact token counts). Built without host-to-device copies.
+        Here the model's loss (cross-entropy + the MoE aux losses) and its cross-entropy; dpo.py overrides it.
         """
-        flag = nonfinite.to(torch.float64).reshape(1)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        count = torch.full((), float(tokens), dtype=torch.float64, device=loss.device)  # a fill, not a copy
-        sums = torch.stack([loss.detach().to(torch.float64), count])
-        if self.state.dp_size > 1:
-            dist.all_reduce(sums, group=self.state.dp_group)
-        bad, loss_sum, token_sum = torch.cat([flag, sums]).tolist()
-        return bad > 0, loss_sum / self.state.dp_size, int(token_sum)
+        out = self._forward(batch)
+        self.moe_stats.add(out.aux_loss)
+        return out.loss, out.ce_loss, {}
 
-    def _accumulate(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Forward and backward of the step's micro-batches: (mean cross-entropy, any loss non-finite, tokens).
+    def _accumulate(self) -> tuple[torch.Tensor, torch.Tensor, int, dict[str, torch.Tensor]]:
+        """Forward and backward of the step's micro-batches: (reported loss, any loss non-finite, tokens, metrics).
 
+        The reported loss and micro_batch_loss's metrics are means over the micro-batches.
         Nothing here waits for the device: a non-finite loss is only flagged (on the device), and its backward
         runs like the others; train_step then discards the step's gradients, the bad ones with them.
         """
-        ce, objective, tokens = [], [], 0
+        reported, objective, metrics, tokens = [], [], [], 0
         for _ in range(self.grad_accum):
             batch = next(self._batches)
             with self.engine.micro_batch():  # forward and backward: DDP reduces in the last micro-batch only
-                out = self._forward(batch)
-                self.moe_stats.add(out.aux_loss)
-                self.engine.backward(out.loss)
+                loss, report, values = self.micro_batch_loss(batch)
+                self.engine.backward(loss)
             tokens += batch["input_ids"].numel()
-            objective.append(out.loss.detach())
-            ce.append(out.ce_loss.detach())
+            objective.append(loss.detach())
+            reported.append(report.detach())
+            metrics.append(values)
         nonfinite = ~torch.isfinite(torch.stack(objective)).all()
-        return torch.stack(ce).mean(), nonfinite, tokens
+        means = {k: torch.stack([m[k] for m in metrics]).mean() for k in metrics[0]}
+        return torch.stack(reported).mean(), nonfinite, tokens, means
 
-    def _accumulate_pipeline(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _accumulate_pipeline(self) -> tuple[torch.Tensor, torch.Tensor, int, dict[str, torch.Tensor]]:
         """The step's micro-batches as the pipeline's microbatches, through the schedule (forward and backward).
 
         Every stage of a pipeline reads the same batches; the last stage's mean cross-entropy reaches every stage.
@@ -346,7 +336,7 @@ class Trainer:
             stage.ce_losses.clear()
         loss = torch.stack(ce).mean() if ce else torch.zeros((), device=self.device)
         dist.all_reduce(loss, group=self.state.pp_group)  # only the last stage's is not zero
-        return loss, ~torch.isfinite(loss), tokens
+        return loss, ~torch.isfinite(loss), tokens, {}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -448,7 +438,7 @@ class Trainer:
                     "data_wait_frac": self.timer.data_wait_frac(),  # over the steps since the last row
                     "nonfinite_steps": self.nonfinite_total,
                     "data_skipped": data_skipped(self.loader),
-                    **{k: v for k, v in m.items() if k.startswith("moe/")},
+                    **{k: v for k, v in m.items() if "/" in k},  # moe/..., the objective's (dpo.py: rewards/...)
                     **compiles.row(self.step),  # compile/graphs, compile/recompiles (train.compile)
                 }
                 logger.log(row)
@@ -464,16 +454,13 @@ class Trainer:
                 logger.log({"step": self.step, **ev})
                 logger.plot(self.out / "loss_curve.png")
                 if self.is_main:
-                    say(
-                        f"step {self.step}: eval loss {ev['eval_loss']:.4f} ppl {ev['eval_ppl']:.2f} "
-                        f"bpb {ev['eval_bpb']:.3f}"
-                    )
+                    say(f"step {self.step}: eval " + " ".join(f"{k[5:]} {v:.4g}" for k, v in ev.items()))
             if (t.sample_every and self.step % t.sample_every == 0) or last:
                 for i, text in enumerate(self.sample()):
                     if self.is_main:
                         say(f"sample {i} @ step {self.step}: {text!r}")
                         logger.log_text(self.step, f"sample_{i}", text)
-            signalled = self._any_rank(self.stop_signal is not None)  # any rank's: a scheduler may signal one
+            signalled = any_rank(self.stop_signal is not None, self.device)  # any rank's: a scheduler may signal one
             stop = signalled or bool(t.exit_interval and self.step % t.exit_interval == 0 and not last)
             if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or last or stop:
                 path = self.save()

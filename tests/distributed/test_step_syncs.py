@@ -33,6 +33,7 @@ from tests.host_syncs import HostSyncs
 from tests.integration.train_utils import SYNTHETIC
 
 RANKS, ACCUM, ROWS = 2, 4, 3
+LOOP_FILES = ("training/loop.py", "training/distributed.py")  # the step and the reductions behind its decisions
 
 
 def _check(results: dict, name: str, ok: bool, detail: object = "") -> None:
@@ -100,8 +101,8 @@ def _trainer_step_syncs(results: dict) -> None:
                 with HostSyncs() as syncs:
                     m = trainer.train_step()
                 # on the CPU the batches' .to(device) are counted too: the device is the host here
-                reads = [c for c in syncs.calls if "training/loop.py" in c and not c.startswith("to ")]
-                loop_reduces = [f for f in reduces if f.endswith("training/loop.py")]
+                reads = [c for c in syncs.calls if any(f in c for f in LOOP_FILES) and not c.startswith("to ")]
+                loop_reduces = [f for f in reduces if f.endswith(LOOP_FILES)]
                 _check(results, f"trainer: step {step} finite", not m["nonfinite"] and math.isfinite(m["loss"]), m)
                 _check(results, f"trainer: step {step} reads the device once in the loop", len(reads) == 1, reads)
                 _check(results, f"trainer: step {step} all-reduces twice in the loop", len(loop_reduces) == 2, reduces)

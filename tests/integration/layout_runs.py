@@ -1,14 +1,15 @@
-"""Run several training scenarios in one process (or one torchrun world), for tests/integration/test_layout_resume.py.
+"""Run several training scenarios in one process (or one torchrun world): test_layout_resume.py, test_dpo.py.
 
     python tests/integration/layout_runs.py SCENARIOS.json                        # one process
     python -m torch.distributed.run --nproc_per_node 2 tests/integration/layout_runs.py SCENARIOS.json
 
 SCENARIOS.json is a list of {"out": dir, "overrides": [...], "seed_from": checkpoint dir or null,
-"expect_error": text or null}. Each runs `Trainer(load_config(None, SYNTHETIC + overrides)).run()` in turn (the
-process group and the imports are shared: launching once instead of once per run keeps the suite fast). With
-`seed_from`, that step directory is copied into `out` first (as `latest`), so the run resumes from it. Each data
-rank records the rows it trained on (out/rows-dpN.json: a digest per row, in the order handed out); a scenario
-whose Trainer raises writes the message to out/error.txt (and must have expected it).
+"expect_error": text or null, "trainer": "dpo" or absent, "config": yaml or absent}. Each runs
+`Trainer(load_config(config, SYNTHETIC + overrides)).run()` in turn, or with "trainer": "dpo" dpo.py's DPOTrainer
+on the overrides alone (the process group and the imports are shared: launching once instead of once per run keeps
+the suite fast). With `seed_from`, that step directory is copied into `out` first (as `latest`), so the run
+resumes from it. Each data rank records the rows it trained on (out/rows-dpN.json: a digest per row, in the order
+handed out); a scenario whose Trainer raises writes the message to out/error.txt (and must have expected it).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from training.loop import Trainer  # noqa: E402
 
 
 def digest(input_ids: Any, targets: Any) -> str:
-    """A row's identity: its input ids and its last target (the whole window of seq_len + 1 tokens)."""
-    ids = [*input_ids.tolist(), int(targets[-1])]
+    """A row's identity: its input ids and its last target (the whole window of seq_len + 1 tokens; of a pair: both)."""
+    ids = [*input_ids.reshape(-1).tolist(), int(targets.reshape(-1)[-1])]
     return hashlib.sha1(json.dumps(ids).encode()).hexdigest()[:16]
 
 
@@ -63,13 +64,19 @@ def run(scenario: dict[str, Any]) -> None:
         (out / "latest").write_text(src.name + "\n")
     if dist.is_initialized():
         dist.barrier()
-    cfg = load_config(None, [*SYNTHETIC, f"checkpoint.dir={out}", *scenario["overrides"]])
+    trainer_cls, base = Trainer, SYNTHETIC
+    if scenario.get("trainer") == "dpo":
+        from dpo import DPOTrainer
+
+        trainer_cls, base = DPOTrainer, []
+    cfg = load_config(scenario.get("config"), [*base, f"checkpoint.dir={out}", *scenario["overrides"]])
     try:
-        trainer = Trainer(cfg)
+        trainer = trainer_cls(cfg)
     except Exception as e:  # a refusal: the test reads the message
         if not scenario.get("expect_error"):
             raise
         if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
             (out / "error.txt").write_text(f"{type(e).__name__}: {e}")
         return
     trainer.loader = recorder = RecordingLoader(trainer.loader)
