@@ -34,11 +34,9 @@ import torch
 import torch.distributed as dist
 
 from configs.sections import ConfigError, resolve_path
-from dataset.lines import DataError
-from dataset.preference import PreferenceDataset, build_preference_loader, build_preference_train_loader
+from dataset.preference import PreferenceDataset
 from sft import SFTTrainer
 from training.cli import main as train_main
-from training.data import TrainData
 from training.dpo_loss import dpo_batch_metrics, preference_loss, sequence_logps
 from training.dpo_reference import (
     ReferencePolicy,
@@ -53,17 +51,24 @@ class DPOTrainer(SFTTrainer):
     """The SFT trainer with preference pairs, a reference policy and the DPO/IPO objective."""
 
     script = "dpo.py"
+    dataset_cls = PreferenceDataset
     packs = False  # one pair per row
 
     def __init__(self, cfg: Any, *, resume: bool = True) -> None:
         super().__init__(cfg, resume=resume)
+        if cfg.lora.enabled and not cfg.dpo.precompute_reference and self.model_cfg.router_expert_bias:
+            raise ConfigError(
+                "lora.enabled with a model that has router_expert_bias: the live reference (the base with the "
+                "adapters off) would share the expert bias that training moves; set dpo.precompute_reference=true "
+                "(the reference is read once, at the start) or fine-tune fully (a frozen copy)"
+            )
         say = (lambda s: print(s, flush=True)) if self.is_main else (lambda s: None)
 
         def live() -> Any:
             return lora_reference(self.model, self.autocast) if cfg.lora.enabled else frozen_reference(self)
 
         if cfg.dpo.precompute_reference:  # the live reference is built only for the pass, if the table is not there
-            datasets = {"train": self.train_pairs, **({"valid": self.valid} if self.valid is not None else {})}
+            datasets = {"train": self.train_set, **({"valid": self.valid} if self.valid is not None else {})}
             self.reference = precomputed_reference(self, live, datasets, say)
         else:
             self.reference = ReferencePolicy(live())
@@ -86,64 +91,18 @@ class DPOTrainer(SFTTrainer):
         """The policy's autocast (bf16 under the torch engine), for the reference's forwards."""
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self._autocast())
 
-    def _pairs(self, key: str, paths: Any, seed: int) -> PreferenceDataset:
-        d = self.cfg.data
-        try:
-            return PreferenceDataset(
-                paths,
-                self.tokenizer,
-                d.seq_len,
-                dp_rank=self.state.dp_rank,
-                dp_size=self.state.dp_size,
-                seed=seed,
-                truncation=d.truncation,
-                on_error=d.on_error,
-            )
-        except DataError as e:
-            raise ConfigError(f"{key}: {e} (keys: data.seq_len, data.truncation, data.on_error)") from None
-
-    def build_data(self) -> TrainData:
-        """This rank's share of the pairs (global_batch_size pairs a step), resumable; data.valid is read here too."""
-        paths = [p for s in self.cfg.data_sources() for p in ([s.path] if isinstance(s.path, str) else s.path)]
-        self.valid = self._pairs("data.valid", self.cfg.data.valid, 0) if self.cfg.data.valid else None
-        self.train_pairs = train = self._pairs("data.train", paths, self.cfg.train.seed)
-        if self.is_main:
-            n = train.stats()
-            print(
-                f"data.train: {n['pairs']} preference pairs; {n['dropped']} dropped and {n['truncated']} cut as "
-                f"longer than data.seq_len + 1 = {self.cfg.data.seq_len + 1} tokens (data.truncation="
-                f"{self.cfg.data.truncation}), {n['skipped']} bad records skipped",
-                flush=True,
-            )
-        t, dp = self.cfg.train, self.state.dp_size
-        try:
-            return build_preference_train_loader(
-                train,
-                micro_batch=t.micro_batch_size,
-                grad_accum=t.global_batch_size // (t.micro_batch_size * dp),
-                dp_rank=self.state.dp_rank,
-                dp_size=dp,
-                pin_memory=self.device.type == "cuda",
-            )
-        except DataError as e:
-            raise ConfigError(f"data.train: {e}") from None
-
-    def eval_batches(self) -> Any:
-        """The first eval_batches batches of pairs of data.valid (a fixed order: the same at every eval)."""
-        loader = build_preference_loader(self.valid, self.cfg.train.micro_batch_size)
-        return (next(loader) for _ in range(self.cfg.train.eval_batches))
-
     def _preference(self, batch: dict[str, torch.Tensor], split: str) -> tuple[torch.Tensor, dict, Any]:
-        """(mean preference loss, its metrics, the model's output) of a batch of pairs against the reference."""
-        ids = self._to_device(flatten_pairs(batch["input_ids"]))  # (2B, T): chosen rows, then rejected rows
-        targets = self._to_device(flatten_pairs(batch["targets"]))  # (2B, T)
+        """(mean preference loss, its metrics, the policy's output) of a batch of pairs against the reference."""
+        ids = flatten_pairs(self._to_device(batch["input_ids"]))  # (2B, T): chosen rows, then rejected rows
+        targets = flatten_pairs(self._to_device(batch["targets"]))  # (2B, T)
         out = self._forward({"input_ids": ids, "targets": targets}, per_token=True)
+        if split == "train":  # the MoE layers' statistics of this forward, before the reference's replaces them
+            self.moe_stats.add(out.aux_loss)
         policy, count = sequence_logps(out.token_logps, targets)  # (2B,) each
-        reference = self.reference.logps(ids, targets, batch["pair_index"], split)  # (2B,)
+        reference = self.reference.logps(ids, targets, self._to_device(batch["pair_index"]), split)  # (2B,)
         if self.cfg.dpo.loss == "ipo":  # IPO compares per-token means (as TRL)
             policy, reference = policy / count.clamp(min=1), reference / count.clamp(min=1)
-        B = ids.shape[0] // 2
-        d = self.cfg.dpo
+        B, d = ids.shape[0] // 2, self.cfg.dpo
         res = preference_loss(
             policy[:B],
             policy[B:],
@@ -158,25 +117,26 @@ class DPOTrainer(SFTTrainer):
     def micro_batch_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """The preference loss (+ the MoE aux losses) to backpropagate; the loss and rewards/logps to log."""
         loss, metrics, out = self._preference(batch, "train")
-        self.moe_stats.add(out.aux_loss)
         return (loss if out.aux_loss is None else loss + out.aux_loss), loss, metrics
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """The preference loss and its metrics over the first eval_batches batches of data.valid (mean over pairs)."""
         self.model.eval()
-        sums, n = None, 0
+        sums, pairs = [], 0
         for batch in self.eval_batches():
             loss, metrics, _ = self._preference(batch, "valid")
-            values = torch.stack([loss, *metrics.values()]).double() * batch["pair_index"].numel()
-            sums, n = (values if sums is None else sums + values), n + batch["pair_index"].numel()
-            names = ["loss", *metrics]
-        totals = torch.cat([sums, torch.tensor([float(n)], dtype=torch.float64, device=sums.device)])
+            n = batch["pair_index"].numel()
+            sums.append(torch.stack([loss, *metrics.values()]).double() * n)
+            pairs += n
+        names = ["loss", *metrics]
+        count = torch.full((1,), float(pairs), dtype=torch.float64, device=self.device)
+        totals = torch.cat([torch.stack(sums).sum(0), count])
         if self.state.dp_size > 1:
             dist.all_reduce(totals, group=self.state.dp_group)
         self.model.train()
-        *values, pairs = totals.tolist()
-        return {f"eval_{k}": v / pairs for k, v in zip(names, values, strict=True)}
+        *values, n = totals.tolist()
+        return {f"eval_{k}": v / n for k, v in zip(names, values, strict=True)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,7 +22,8 @@ import torch
 
 from configs.sections import ConfigError, resolve_path
 from dataset.chat import ChatError, ChatRenderer
-from dataset.sft import SFTDataError, SFTDataset, build_sft_loader, build_sft_train_loader
+from dataset.loader import GlobalBatchLoader
+from dataset.sft import ChatDataset, SFTDataError, SFTDataset, build_sft_loader
 from dataset.tokenizer import TokenizerError
 from modeling.config import resolve_checkpoint_dir
 from modeling.generation import generate
@@ -38,6 +39,7 @@ class SFTTrainer(Trainer):
     """The pretraining Trainer with SFT data, chat samples and optional LoRA."""
 
     script = "sft.py"  # named in errors
+    dataset_cls: type[ChatDataset] = SFTDataset
     packs = True  # several conversations per row (data.pack); dpo.py's rows hold one pair each
 
     def __init__(self, cfg: Any, *, resume: bool = True) -> None:
@@ -89,44 +91,43 @@ class SFTTrainer(Trainer):
                     ) from None
         return model
 
-    def _dataset(self, key: str, paths: Any, seed: int) -> SFTDataset:
+    def _dataset(self, key: str, paths: Any, seed: int) -> ChatDataset:
         d = self.cfg.data
         try:
-            return SFTDataset(
+            return self.dataset_cls(
                 paths,
                 self.tokenizer,
                 d.seq_len,
                 dp_rank=self.state.dp_rank,
                 dp_size=self.state.dp_size,
                 seed=seed,
-                pack=d.pack,
                 truncation=d.truncation,
                 on_error=d.on_error,
+                **({"pack": d.pack} if self.packs else {}),
             )
         except (SFTDataError, ChatError) as e:
             raise ConfigError(f"{key}: {e} (keys: data.seq_len, data.truncation, data.on_error)") from None
 
     def build_data(self) -> TrainData:
-        """This rank's share of the conversations, reshuffled each epoch, resumable; data.valid is read here too."""
+        """This rank's share of the records, reshuffled each epoch, resumable; data.valid is read here too."""
         paths = [p for s in self.cfg.data_sources() for p in ([s.path] if isinstance(s.path, str) else s.path)]
         self.valid = self._dataset("data.valid", self.cfg.data.valid, 0) if self.cfg.data.valid else None
-        train = self._dataset("data.train", paths, self.cfg.train.seed)
+        self.train_set = train = self._dataset("data.train", paths, self.cfg.train.seed)
         if self.is_main:
-            n = train.stats()
+            n, unit = train.stats(), train.unit
             print(
-                f"data.train: {n['conversations']} conversations; {n['dropped']} dropped and {n['truncated']} cut as "
-                f"longer than data.seq_len + 1 = {self.cfg.data.seq_len + 1} tokens (data.truncation="
-                f"{self.cfg.data.truncation}), {n['skipped']} bad records skipped",
+                f"data.train: {n[unit]} {unit}; {n['dropped']} dropped and {n['truncated']} cut as longer than "
+                f"data.seq_len + 1 = {self.cfg.data.seq_len + 1} tokens (data.truncation={self.cfg.data.truncation}), "
+                f"{n['skipped']} bad records skipped",
                 flush=True,
             )
-        t, dp = self.cfg.train, self.state.dp_size
-        try:  # one stream per sequence of the global batch, whatever the layout (dataset/loader.py)
-            return build_sft_train_loader(
+        try:  # one stream per sequence (a pair for dpo.py) of the global batch, whatever the layout
+            return GlobalBatchLoader(
                 train,
-                micro_batch=t.micro_batch_size,
-                grad_accum=t.global_batch_size // (t.micro_batch_size * dp),
+                micro_batch=self.cfg.train.micro_batch_size,
+                grad_accum=self.grad_accum,
                 dp_rank=self.state.dp_rank,
-                dp_size=dp,
+                dp_size=self.state.dp_size,
                 pin_memory=self.device.type == "cuda",
             )
         except SFTDataError as e:

@@ -44,7 +44,7 @@ import hashlib
 import itertools
 import logging
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,7 @@ from dataset.files import FileRules
 from dataset.loader import GlobalBatchLoader, tokenizer_identity
 from dataset.packing import IGNORE_INDEX
 from dataset.sft import RENDER_CHUNK, ChatDataset, SFTDataError, SFTLoader
-from dataset.tokenizer import CHAT_TOKENS, Tokenizer
+from dataset.tokenizer import CHAT_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class PreferenceDataset(ChatDataset):
 
     A `dataset.loader.StreamSource` (kind "preference"): the training loader reads it as K streams of pairs.
 
-    Args:
+    Args (ChatDataset's constructor):
         paths_or_glob: `.jsonl` / `.jsonl.zst` files or globs.
         tokenizer: a `Tokenizer` with the chat markers.
         seq_len: tokens per side of a row of input_ids; a side holds `seq_len + 1` tokens before the shift.
@@ -164,29 +164,6 @@ class PreferenceDataset(ChatDataset):
     unit = "pairs"
     error = PreferenceDataError
     file_rules = PREFERENCE_FILES
-
-    def __init__(
-        self,
-        paths_or_glob: str | Path | Sequence[str | Path],
-        tokenizer: Tokenizer,
-        seq_len: int,
-        *,
-        dp_rank: int = 0,
-        dp_size: int = 1,
-        seed: int = 0,
-        truncation: str = "drop",
-        on_error: str = "raise",
-    ) -> None:
-        super().__init__(
-            paths_or_glob,
-            tokenizer,
-            seq_len,
-            dp_rank=dp_rank,
-            dp_size=dp_size,
-            seed=seed,
-            truncation=truncation,
-            on_error=on_error,
-        )
 
     def _parse(self, obj: Any, path: Path, line: int) -> tuple[str, Messages, str, str]:
         return (f"{path}:{line}", *preference_record(obj, path, line))

@@ -123,7 +123,7 @@ class LoRAFactor(nn.Module):
         super().__init__()
         self.weight, self.state = weight, state
         self.in_features, self.scaling, self.dropout = in_features, scaling, dropout
-        self.enabled = True  # False: the layer leaves its adapter out (adapters_off)
+        self.enabled = True  # on an A factor, False: its layer leaves the adapter out (adapters_off)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in or in/tp) -> (..., out or out/tp)."""
@@ -205,7 +205,7 @@ def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
 
     The reference policy of preference tuning under LoRA (dpo.py) without a second copy of the weights.
     """
-    factors = list(lora_factors(model).values())
+    factors = [f for name, f in lora_factors(model).items() if name.endswith(".lora_A")]  # the flag the layer reads
     for factor in factors:
         factor.enabled = False
     try:

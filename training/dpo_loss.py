@@ -30,7 +30,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("sigmoid", "ipo")
+from configs.sections import DPO_LOSSES
+
+LOSSES = DPO_LOSSES  # configs.sections checks dpo.loss against the same names
 IGNORE_INDEX = -100
 
 

@@ -20,6 +20,7 @@ log p(token | everything before it), computed like the policy's (same autocast, 
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import math
@@ -30,7 +31,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from dataset.preference import PreferenceDataset, iter_all_pairs
@@ -39,6 +41,7 @@ from modeling.llama import LlamaForCausalLM
 from parallel.deepspeed_engine import frozen_like_policy
 from parallel.lora import adapters_off
 from training import checkpoint as ckpt_io
+from training.distributed import any_rank
 from training.dpo_loss import sequence_logps
 
 TABLE_FILE = "reference_logps.safetensors"
@@ -120,20 +123,21 @@ def frozen_reference(trainer: Any) -> TokenLogps:
 
 
 def table_identity(trainer: Any, datasets: dict[str, PreferenceDataset]) -> str:
-    """A hash of what a stored table depends on: the reference's weights and each data set's fingerprint.
+    """A hash of what a stored table depends on: the reference's weights and model, and each data set's content.
 
-    The weights are model.init_from's files (names, sizes, modification times) and the compute dtype; a data set's
-    fingerprint holds its files, pairs, tokens, seq_len and tokenizer.
+    The weights are model.init_from's files (names, sizes, modification times), the model its resolved config and
+    the compute dtype; a data set's content is its pairs' token ids, labels and boundaries (a swapped pair or an
+    edited reply changes it), and its fingerprint (files, seq_len, tokenizer, ...).
     """
     source = Path(trainer.init_source()).resolve()
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in source.rglob("*") if p.is_file())
-    what = {
-        "init_from": str(source),
-        "files": files,
-        "dtype": str(trainer.dtype),
-        "data": {k: d.fingerprint() for k, d in datasets.items()},
-    }
-    return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+    h = hashlib.sha1(json.dumps([str(source), files, trainer.model_cfg.to_hf_dict(), str(trainer.dtype)]).encode())
+    for name in sorted(datasets):
+        d = datasets[name]
+        h.update(json.dumps([name, d.fingerprint()], sort_keys=True, default=str).encode())
+        for part in (d.tokens.numpy(), d.labelled.numpy(), torch.tensor(d.offsets).numpy()):
+            h.update(part.tobytes())
+    return h.hexdigest()
 
 
 def compute_table(forward: TokenLogps, dataset: PreferenceDataset, trainer: Any, batch_size: int) -> torch.Tensor:
@@ -148,8 +152,8 @@ def compute_table(forward: TokenLogps, dataset: PreferenceDataset, trainer: Any,
     batches, batch = iter_all_pairs(dataset, batch_size, state.dp_rank, state.dp_size), None
     for _ in range(math.ceil(share / batch_size)):
         mine = next(batches, None)
-        batch = mine if mine is not None else batch or next(iter_all_pairs(dataset, 1, 0, 1))  # a peer's, if none
-        ids, targets = flatten_pairs(batch["input_ids"]).to(device), flatten_pairs(batch["targets"]).to(device)
+        batch = mine if mine is not None else batch  # every rank has a pair (ChatDataset: len >= dp)
+        ids, targets = flatten_pairs(batch["input_ids"].to(device)), flatten_pairs(batch["targets"].to(device))
         sums = sequence_logps(forward(ids, targets), targets)[0].double()  # (2B,)
         if mine is not None:  # a repeated batch only keeps the ranks in step
             B = ids.shape[0] // 2
@@ -173,27 +177,37 @@ def precomputed_reference(
     """
     path = Path(trainer.cfg.checkpoint.dir) / TABLE_FILE
     identity = table_identity(trainer, datasets)
-    tables = None
-    if path.exists():
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            stored = (f.metadata() or {}).get("identity")
-        if stored == identity:
-            tables = {k: v.to(trainer.device) for k, v in load_file(str(path)).items()}
-            say(f"reference log-probabilities: read {path}")
-        else:
-            say(f"reference log-probabilities: {path} was made from other data or weights; computing them again")
-    if tables is None:
-        forward, batch = live(), trainer.cfg.train.micro_batch_size
-        tables = {k: compute_table(forward, d, trainer, batch) for k, d in datasets.items()}
-        del forward  # a frozen copy goes with it
-        if trainer.is_main:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            save_file({k: v.cpu().contiguous() for k, v in tables.items()}, str(tmp), metadata={"identity": identity})
-            os.replace(tmp, path)  # atomic: a crash leaves the old file or none
-            say(f"reference log-probabilities: {sum(len(t) for t in tables.values())} pairs written to {path}")
-        if dist.is_initialized():
-            dist.barrier()
+    tables = _read_table(path, identity, say)
+    if not any_rank(tables is None, trainer.device):  # every rank reads it, or all compute (the pass is collective)
+        say(f"reference log-probabilities: read {path}")
+        return ReferencePolicy(None, {k: v.to(trainer.device) for k, v in tables.items()})
+    forward, batch = live(), trainer.cfg.train.micro_batch_size
+    tables = {k: compute_table(forward, d, trainer, batch) for k, d in datasets.items()}
+    del forward  # a frozen copy goes with it
+    gc.collect()
+    if trainer.device.type == "cuda":
+        torch.cuda.empty_cache()
+    if trainer.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.cpu().contiguous() for k, v in tables.items()}, str(tmp), metadata={"identity": identity})
+        os.replace(tmp, path)  # atomic: a crash leaves the old file or none
+        say(f"reference log-probabilities: {sum(len(t) for t in tables.values())} pairs written to {path}")
+    if dist.is_initialized():
+        dist.barrier()
     return ReferencePolicy(None, tables)
+
+
+def _read_table(path: Path, identity: str, say: Callable[[str], None]) -> dict[str, torch.Tensor] | None:
+    """The stored tables when `path` holds those of `identity`, else None (saying why when there is a file)."""
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("identity") != identity:
+                say(f"reference log-probabilities: {path} was made from other data or weights; computing them again")
+                return None
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, SafetensorError) as e:
+        say(f"reference log-probabilities: {path} cannot be read ({e}); computing them again")
+        return None

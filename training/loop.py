@@ -252,8 +252,9 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over grad_accum micro-batches; returns the step's metrics.
 
-        The objective is the model's loss (cross-entropy + the MoE layers' aux losses); `loss` reports the
-        cross-entropy alone, so that dense and MoE runs compare, and the MoE terms come as `moe/...` keys.
+        The objective is micro_batch_loss's: the model's loss (cross-entropy + the MoE layers' aux losses), whose
+        `loss` reports the cross-entropy alone, so that dense and MoE runs compare, and the MoE terms come as
+        `moe/...` keys (dpo.py: the preference loss, and its `rewards/...` and `logps/...`).
         The host waits for the device twice a step, where a decision needs a value: once for the non-finite check
         (with the logged loss and tokens, read together) before the optimizer step, once for the gradient norm.
         """
@@ -292,6 +293,7 @@ class Trainer:
         """(objective to backpropagate, loss to report, {name: scalar device tensor} to log) of one micro-batch.
 
         Here the model's loss (cross-entropy + the MoE aux losses) and its cross-entropy; dpo.py overrides it.
+        A pipeline (parallel.pp > 1) computes the cross-entropy in its last stage and does not call it.
         """
         out = self._forward(batch)
         self.moe_stats.add(out.aux_loss)

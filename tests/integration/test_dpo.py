@@ -2,8 +2,10 @@
 
 Two launches of tests/integration/layout_runs.py (one process, then a torchrun world of 2) run every scenario with
 dpo.py's DPOTrainer, from one randomly initialised native base and a tokenizer with the chat markers:
-- tp=2 (full fine-tuning and LoRA), dp=2 under ZeRO-2 and dp=2 under ZeRO-3 give the one-process run's loss and
-  gradient norm at every step; LoRA at tp=2 stopped at step 3 and resumed gives the uninterrupted tp=1 run's curve.
+- tp=2 (full fine-tuning and LoRA), dp=2 under ZeRO-2 and dp=2 under ZeRO-3 (LoRA, whose live reference runs
+  through ZeRO-3's gathering hooks) give the one-process run's loss, gradient norm and rewards at every step (and
+  its final eval where dp=1: each dp rank evaluates its own pairs); LoRA at tp=2 and full fine-tuning under
+  ZeRO-2, each stopped at step 3 and resumed, give the uninterrupted one-process run's curve.
 - A precomputed reference (`dpo.precompute_reference`) gives the live reference's losses, at one process and under
   ZeRO-3 at dp=2 (whose collective pass over an odd number of pairs must keep the ranks in step).
 - Step 1's loss is log 2 on every layout: the policy is the reference there, so h = 0 and -log sigmoid(0) = log 2
@@ -11,18 +13,18 @@ dpo.py's DPOTrainer, from one randomly initialised native base and a tokenizer w
 - The task: chosen responses are spelled with letters of the first half of the alphabet, rejected ones with the
   second half; the held-out pairs are strings never trained on. The base prefers the chosen response of about half
   of them (read from the precomputed reference's table); after 40 steps the eval reward accuracy is above 0.9.
-- parallel.pp=2 is refused, naming the key; configs/dpo_tiny.yaml runs.
+- IPO starts at (1 / (2 beta))^2 and goes down; parallel.pp=2 is refused, naming the key; configs/dpo_tiny.yaml
+  runs.
 """
 
 import json
 import random
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.integration.train_utils import REPO_ROOT, assert_same_curve, env, metrics
+from tests.integration.train_utils import REPO_ROOT, assert_same_curve, metrics, run_scenarios
 
 FIRST, SECOND = "abcdefghijk", "lmnoprstuvw"
 ARCH = dict(
@@ -39,7 +41,7 @@ TOL = 1e-5  # fp32 on gloo: the layouts differ in reduction order only
 STEPS = 6
 ZERO2 = "parallel.deepspeed_config=configs/deepspeed/zero2.json"
 ZERO3 = "parallel.deepspeed_config=configs/deepspeed/zero3.json"
-LORA = ["lora.enabled=true", "lora.r=4", "lora.dropout=0.1", "optim.lr=3e-3"]
+LORA = ["lora.enabled=true", "lora.r=4", "optim.lr=3e-3"]  # no dropout: dp layouts draw other masks
 
 
 def _pair(rng: random.Random, form: int) -> dict:
@@ -114,16 +116,6 @@ def _common(task) -> list[str]:
     ]
 
 
-def _launch(scenarios: list[dict], path, nproc: int) -> None:
-    path.write_text(json.dumps(scenarios))
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    cmd = [*launcher, "tests/integration/layout_runs.py", str(path)]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env(), capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-5000:]}\nstderr:\n{proc.stderr[-8000:]}"
-
-
 @pytest.fixture(scope="module")
 def runs(task, tmp_path_factory):
     """Run every scenario; returns the directory holding one run directory per scenario name."""
@@ -138,11 +130,12 @@ def runs(task, tmp_path_factory):
             "expect_error": expect_error,
         }
 
-    _launch(
+    run_scenarios(
         [
             scenario("full"),
             scenario("full_pre", "dpo.precompute_reference=true"),
             scenario("lora", *LORA),
+            scenario("ipo", "dpo.loss=ipo", "train.max_steps=2"),
             {  # the shipped config runs (its paths replaced by the task's)
                 **scenario("tiny_config", "train.max_steps=2", "train.eval_batches=1", "train.sample_tokens=2"),
                 "config": "configs/dpo_tiny.yaml",
@@ -160,13 +153,15 @@ def runs(task, tmp_path_factory):
         root / "one.json",
         1,
     )
-    _launch(
+    run_scenarios(
         [
             scenario("full_tp2", "parallel.tp=2"),
             scenario("lora_tp2", *LORA, "parallel.tp=2", "train.exit_interval=3"),
             scenario("lora_tp2", *LORA, "parallel.tp=2"),  # resumes at step 3
-            scenario("zero2", ZERO2),
+            scenario("zero2", ZERO2, "train.exit_interval=3"),
+            scenario("zero2", ZERO2),  # resumes at step 3: the frozen reference is rebuilt from model.init_from
             scenario("zero3_pre", ZERO3, "dpo.precompute_reference=true"),
+            scenario("zero3_lora", ZERO3, *LORA),  # the live LoRA reference through ZeRO-3's gathering hooks
             scenario("pp2", "parallel.pp=2", expect_error="parallel.pp=2"),
         ],
         root / "two.json",
@@ -177,7 +172,14 @@ def runs(task, tmp_path_factory):
 
 @pytest.mark.parametrize(
     "name, ref",
-    [("full_tp2", "full"), ("zero2", "full"), ("zero3_pre", "full"), ("full_pre", "full"), ("lora_tp2", "lora")],
+    [
+        ("full_tp2", "full"),
+        ("zero2", "full"),
+        ("zero3_pre", "full"),
+        ("full_pre", "full"),
+        ("lora_tp2", "lora"),
+        ("zero3_lora", "lora"),
+    ],
 )
 def test_layouts_and_references_give_the_one_process_live_curve(runs, name, ref):
     got, want = metrics(runs / name), metrics(runs / ref)
@@ -188,6 +190,22 @@ def test_layouts_and_references_give_the_one_process_live_curve(runs, name, ref)
         assert row["rewards/margin"] == pytest.approx(base["rewards/margin"], abs=1e-5)
         assert row["rewards/accuracy"] == base["rewards/accuracy"]
     assert got[0]["loss"] == pytest.approx(0.6931472, abs=2e-6)  # log 2: policy == reference at step 1
+    evals, want_evals = _evals(runs / name), _evals(runs / ref)  # data.valid at the last step, valid table included
+    assert len(evals) == len(want_evals) == 1
+    if name in ("full_tp2", "full_pre", "lora_tp2"):  # dp=1: the same held-out pairs (each dp rank reads its own)
+        for key, value in want_evals[0].items():
+            assert evals[0][key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
+
+
+def _evals(out) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "eval_loss" in r]
+
+
+def test_ipo_starts_at_its_margin_squared(runs):
+    rows = metrics(runs / "ipo")
+    assert rows[0]["loss"] == pytest.approx((1 / (2 * 0.5)) ** 2, abs=1e-6)  # (h - 1 / (2 beta))^2 at h = 0
+    assert rows[1]["loss"] < rows[0]["loss"] and rows[1]["rewards/margin"] > 0
 
 
 def test_the_shipped_config_runs(runs):
@@ -195,10 +213,11 @@ def test_the_shipped_config_runs(runs):
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss"] == pytest.approx(0.6931472, abs=2e-6)
 
 
-def test_lora_resumed_at_tp2_continues_the_uninterrupted_run(runs):
-    steps = [r["step"] for r in metrics(runs / "lora_tp2")]
-    assert steps == list(range(1, STEPS + 1))  # 1-3, then 4-6 after the resume, one row each
-    assert (runs / "lora_tp2" / "step-00000003").is_dir()  # the checkpoint it resumed from
+@pytest.mark.parametrize("name", ["lora_tp2", "zero2"])
+def test_runs_stopped_and_resumed_continue_the_uninterrupted_run(runs, name):
+    steps = [r["step"] for r in metrics(runs / name)]
+    assert steps == list(range(1, STEPS + 1))  # 1-3, then 4-6 after the resume, one row each (curves: above)
+    assert (runs / name / "step-00000003").is_dir()  # the checkpoint it resumed from
 
 
 def test_a_held_out_preference_is_learned(runs):
@@ -207,8 +226,7 @@ def test_a_held_out_preference_is_learned(runs):
     table = load_file(str(runs / "learn" / "reference_logps.safetensors"))["valid"]  # (64, 2) base log-probs
     base_accuracy = (table[:, 0] > table[:, 1]).float().mean().item()
     assert 0.2 < base_accuracy < 0.8, base_accuracy  # about chance: the base has no preference
-    rows = [json.loads(line) for line in (runs / "learn" / "metrics.jsonl").read_text().splitlines()]
-    final = [r for r in rows if "eval_rewards/accuracy" in r][-1]
+    final = _evals(runs / "learn")[-1]
     assert final["eval_rewards/accuracy"] > 0.9, final
     assert final["eval_rewards/margin"] > 0 and final["eval_loss"] < 0.5, final
 

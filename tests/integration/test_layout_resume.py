@@ -15,17 +15,14 @@ then one process again); each test compares what they wrote with the uninterrupt
 """
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from tests.integration.train_utils import (
     MOE,
-    REPO_ROOT,
     assert_same_curve,
-    env,
     metrics,
+    run_scenarios,
     text_corpus,
     text_overrides,
 )
@@ -34,17 +31,6 @@ from tests.integration.train_utils import (
 TOL = 1e-5
 ZERO2 = "parallel.deepspeed_config=configs/deepspeed/zero2.json"
 ZERO3 = "parallel.deepspeed_config=configs/deepspeed/zero3.json"
-
-
-def _launch(scenarios: list[dict], path, nproc: int) -> subprocess.CompletedProcess:
-    path.write_text(json.dumps(scenarios))
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    cmd = [*launcher, "tests/integration/layout_runs.py", str(path)]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env(), capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-5000:]}\nstderr:\n{proc.stderr[-8000:]}"
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +58,10 @@ def runs(tmp_path_factory):
         return {"out": str(root / name), "overrides": overrides, "seed_from": seed_from, "expect_error": error}
 
     out = {}
-    out["one"] = _launch(
+    out["one"] = run_scenarios(
         [sc("ref", [*text, "data.num_workers=2"]), sc("moe_ref", [*text, *MOE])], root / "one.json", 1
     ).stdout
-    out["two"] = _launch(
+    out["two"] = run_scenarios(
         [
             sc("dp2", first),
             sc("dp2_zero2_m4", [*first, ZERO2, "train.micro_batch_size=4"]),
@@ -90,7 +76,7 @@ def runs(tmp_path_factory):
         root / "two.json",
         2,
     ).stdout
-    out["three"] = _launch(
+    out["three"] = run_scenarios(
         [
             sc("zero2_to_one", text, seed="dp2_zero2_m4"),
             sc("ep2_to_one", [*text, *MOE], seed="moe_ep2"),

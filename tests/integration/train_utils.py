@@ -75,6 +75,18 @@ def pretrain(out: Path, overrides: list[str] = (), nproc: int = 1, check: bool =
     return proc
 
 
+def run_scenarios(scenarios: list[dict], path: Path, nproc: int) -> subprocess.CompletedProcess:
+    """Write `scenarios` to `path` and run them with tests/integration/layout_runs.py (torchrun when nproc > 1)."""
+    path.write_text(json.dumps(scenarios))
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    cmd = [*launcher, "tests/integration/layout_runs.py", str(path)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env(), capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-5000:]}\nstderr:\n{proc.stderr[-8000:]}"
+    return proc
+
+
 def metrics(out: Path) -> list[dict]:
     """Rows of metrics.jsonl that carry a training loss, in step order."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -8,7 +8,6 @@ import shutil
 import warnings
 
 import pytest
-import sentencepiece as spm
 import torch
 import zstandard
 
@@ -17,48 +16,13 @@ from dataset.files import find_files
 from dataset.hf_tokenizer import write_hf_files
 from dataset.jsonl_zst import DataWarning
 from dataset.sft import SFT_FILES, SFTDataError, SFTDataset, build_sft_loader, build_sft_train_loader
-from dataset.tokenizer import CHAT_TOKENS, Tokenizer, TokenizerError
-
-WORDS = (
-    "the quick brown fox jumps over a lazy dog hello world what is answer please explain why because you are "
-    "helpful assistant question 2024 café 中文 naïve : , . ? !"
-).split()
-
-
-def train_sp(directory, sentences, *, vocab_size=400, markers=True):
-    """A tiny BPE model with the project's fixed ids and settings (see dataset/train_tokenizer.py)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences),
-        model_prefix=str(directory / "tokenizer"),
-        vocab_size=vocab_size,
-        model_type="bpe",
-        byte_fallback=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=3,
-        user_defined_symbols=list(CHAT_TOKENS) if markers else [],
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True,
-        split_digits=True,
-        num_threads=1,
-        minloglevel=2,
-    )
-    return directory
-
-
-def sentence(rng, lo=3, hi=12):
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+from dataset.tokenizer import Tokenizer, TokenizerError
+from tests.chat_utils import chat_tokenizer_dir, msg, sentence, train_sp
 
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
-    rng = random.Random(0)
-    directory = train_sp(tmp_path_factory.mktemp("tok"), [sentence(rng) for _ in range(3000)])
-    write_hf_files(directory / "tokenizer.model", directory)
-    return directory
+    return chat_tokenizer_dir(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +35,6 @@ def hf(tok_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(tok_dir))
-
-
-def msg(role, content):
-    return {"role": role, "content": content}
 
 
 SINGLE = {"prompt": "What is the quick fox?", "response": "The quick brown fox jumps over a lazy dog."}
