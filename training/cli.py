@@ -1,4 +1,4 @@
-"""The command line of pretrain_llama.py and sft.py, and how a run ends: one line and an exit code, not a traceback.
+"""The command line of pretrain_llama.py, sft.py and dpo.py, and how a run ends: one line and an exit code.
 
     python pretrain_llama.py --config CONFIG.yaml [--no-resume] [dotted.key=value ...]
 
@@ -39,7 +39,7 @@ USER_ERRORS = (
 
 
 def main(argv: list[str] | None, *, description: str, trainer_cls: type[Trainer] = Trainer) -> None:
-    """The command line of pretrain_llama.py and sft.py: --config, --no-resume, dotted overrides; then train."""
+    """The command line of pretrain_llama.py, sft.py and dpo.py: --config, --no-resume, dotted overrides; then train."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="yaml config (configs/*.yaml); defaults apply without one")
     ap.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in checkpoint.dir")

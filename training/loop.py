@@ -1,4 +1,4 @@
-"""The training loop shared by pretrain_llama.py and sft.py.
+"""The training loop shared by pretrain_llama.py, sft.py and dpo.py.
 
 One process per rank (torchrun, accelerate launch, deepspeed, or plain python for one process). The loop:
 build the ParallelState, model, engine and data; resume from the latest complete checkpoint in checkpoint.dir
@@ -46,7 +46,7 @@ class TrainingError(RuntimeError):
 
 
 class Trainer:
-    """Builds everything from a TrainConfig and runs the loop; sft.py subclasses the data and model hooks."""
+    """Builds everything from a TrainConfig and runs the loop; sft.py and dpo.py subclass its hooks."""
 
     def __init__(self, cfg: TrainConfig, *, resume: bool = True) -> None:
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -134,7 +134,7 @@ class Trainer:
             self._restore(self.resume_from)
         self.stop_signal: int | None = None
 
-    # ---- hooks (sft.py overrides these) ----
+    # ---- hooks (sft.py and dpo.py override these; micro_batch_loss and evaluate too) ----
 
     def weights_source(self) -> Path | None:
         """Where the weights come from: the checkpoint we resume, else model.init_from (None: a fresh init)."""
