@@ -1,7 +1,9 @@
 """Context parallelism through pretrain_llama.py on gloo: with each sequence split over cp ranks, the same global
 batch gives one process's loss and pre-clip gradient norm per step (1e-5), for Ulysses and ring attention, cp=2
-and cp=4, with tensor parallelism (one key/value head per tensor rank), under ZeRO-2, with a sliding window, and on
-text with document attention (eval and samples too). A run stopped and rerun at cp=2 resumes exactly.
+and cp=4, with tensor parallelism (one key/value head per tensor rank), under ZeRO-2, with a sliding window, on
+text with document attention (eval and samples too), with pp=2, and an MoE model at cp=2 and cp=2 x ep=2. A
+ring-attention run with activation checkpointing (the recomputed layers run their collectives again in backward),
+stopped and rerun at cp=2, resumes exactly.
 """
 
 import pytest
@@ -27,9 +29,11 @@ def reference(tmp_path_factory) -> list[dict]:
     return metrics(out)
 
 
-@pytest.mark.parametrize("kind", ["ulysses", "ring"])
-def test_cp2_matches_one_process_and_resumes_exactly(reference, tmp_path, kind):
-    overrides = ["parallel.cp=2", f"parallel.cp_attention={kind}", "checkpoint.every=5", "train.exit_interval=5"]
+def test_cp2_ring_with_activation_checkpointing_matches_one_process_and_resumes_exactly(reference, tmp_path):
+    # the recomputed layers run their context attention (and its collectives) again in backward. Causal Ulysses at
+    # cp=2: the tp=2, MoE ep=2 and pp=2 tests below (and bf16, document attention), each against one process.
+    overrides = ["parallel.cp=2", "parallel.cp_attention=ring", "train.activation_checkpointing=true"]
+    overrides += ["checkpoint.every=5", "train.exit_interval=5"]
     first = pretrain(tmp_path, overrides, nproc=2)
     assert "stopped by train.exit_interval at step 5" in first.stdout
     second = pretrain(tmp_path, overrides, nproc=2)
@@ -110,18 +114,9 @@ def test_moe_at_cp2_matches_one_process(moe_reference, tmp_path, layout, nproc):
     assert_same_moe_stats(got, moe_reference)
 
 
-def test_pp2_cp2_four_processes(tmp_path):
-    # pipeline stages over context chunks: the activations between stages are this rank's tokens
-    pretrain(tmp_path / "one", ["model.num_hidden_layers=4", "train.max_steps=5"])
-    layout = ["parallel.pp=2", "parallel.cp=2", "parallel.cp_attention=ulysses"]
-    pretrain(tmp_path / "pp2cp2", ["model.num_hidden_layers=4", "train.max_steps=5", *layout], nproc=4)
-    assert_same_curve(metrics(tmp_path / "pp2cp2"), metrics(tmp_path / "one"), loss_tol=TOL)
-
-
-def test_cp2_with_activation_checkpointing(reference, tmp_path):
-    # the recomputed layers run their context attention (and its collectives) again in backward
-    overrides = ["parallel.cp=2", "parallel.cp_attention=ring", "train.activation_checkpointing=true"]
-    pretrain(tmp_path, overrides, nproc=2)
+def test_pp2_cp2_four_processes(reference, tmp_path):
+    # pipeline stages (one layer each) over context chunks: the activations between stages are this rank's tokens
+    pretrain(tmp_path, ["parallel.pp=2", "parallel.cp=2", "parallel.cp_attention=ulysses"], nproc=4)
     assert_same_curve(metrics(tmp_path), reference, loss_tol=TOL)
 
 

@@ -1,15 +1,42 @@
 """What a training run leaves behind: metrics.jsonl and the wandb offline log agree (read back by wandb's own
 `wandb leet inspect`), the loss curve PNG, and checkpoints that export to Hugging Face with the same logits in
-transformers as in this model -- also a ZeRO-3 checkpoint, consolidated from its partitions, and a tp=2 one."""
+transformers as in this model -- also a ZeRO-3 checkpoint, consolidated from its partitions; the ZeRO-3 run gives
+the one-process run's losses, gradient norms and weights. (A tp=2 checkpoint's export: test_vocab_padding.py, whose
+tp=2 export holds the one-process run's weights, and test_pretrain_pipeline.py exports a pp=2 one.)
+
+Two runs serve every test (one process and ZeRO-3 at dp=2, 4 steps each, a module fixture that starts each on
+first use); the inspector test reads a copy of the one-process run, which it damages."""
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.integration.train_utils import REPO_ROOT, env, losses, metrics, pretrain
+from tests.integration.train_utils import REPO_ROOT, assert_same_curve, env, metrics, pretrain
+
+LAYOUTS = {  # name: (overrides, processes)
+    "tp1": (["logging.wandb_mode=offline", "checkpoint.every=2"], 1),
+    "zero3": (["parallel.deepspeed_config=configs/deepspeed/zero3.json"], 2),
+}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """run(name): the directory of the 4-step run of LAYOUTS[name], trained on first use."""
+    done = {}
+
+    def run(name):
+        if name not in done:
+            overrides, nproc = LAYOUTS[name]
+            out = tmp_path_factory.mktemp(name) / "run"
+            pretrain(out, ["train.max_steps=4", *overrides], nproc=nproc)
+            done[name] = out  # only a finished run: a failed one fails every test that asks for it
+        return done[name]
+
+    return run
 
 
 def _wandb_history(out) -> dict[int, float]:
@@ -28,12 +55,12 @@ def _wandb_history(out) -> dict[int, float]:
     return {h["_step"]: h["loss"] for h in history if "loss" in h}
 
 
-def test_wandb_offline_history_equals_metrics_jsonl(tmp_path):
-    pretrain(tmp_path, ["logging.wandb_mode=offline", "train.max_steps=6"])
-    expected = {r["step"]: r["loss"] for r in metrics(tmp_path)}
-    assert list(expected) == [1, 2, 3, 4, 5, 6]
-    assert _wandb_history(tmp_path) == expected
-    png = (tmp_path / "loss_curve.png").read_bytes()
+def test_wandb_offline_history_equals_metrics_jsonl(trained):
+    run = trained("tp1")  # logging.wandb_mode=offline
+    expected = {r["step"]: r["loss"] for r in metrics(run)}
+    assert list(expected) == [1, 2, 3, 4]
+    assert _wandb_history(run) == expected
+    png = (run / "loss_curve.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -53,14 +80,9 @@ def _hf_logits(hf_dir, ids):
         return model(ids).logits
 
 
-@pytest.mark.parametrize(
-    "overrides, nproc",
-    [([], 1), (["parallel.tp=2"], 2), (["parallel.deepspeed_config=configs/deepspeed/zero3.json"], 2)],
-    ids=["tp1", "tp2", "zero3"],
-)
-def test_checkpoint_exports_to_hf_with_same_logits(tmp_path, overrides, nproc):
-    run = tmp_path / "run"
-    pretrain(run, ["train.max_steps=4", *overrides], nproc=nproc)
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_checkpoint_exports_to_hf_with_same_logits(trained, tmp_path, name):
+    run = trained(name)
     hf = tmp_path / "hf"
     subprocess.run(
         [sys.executable, "-m", "modeling.convert", "--to-hf", str(run), "--out", str(hf)],
@@ -75,15 +97,14 @@ def test_checkpoint_exports_to_hf_with_same_logits(tmp_path, overrides, nproc):
     assert (ours - theirs).abs().max().item() < 1e-4
 
 
-def test_zero3_checkpoint_holds_the_same_weights_as_one_process(tmp_path):
+def test_zero3_checkpoint_holds_the_same_weights_as_one_process(trained):
     # ZeRO-3 partitions every parameter over the data-parallel ranks; the saved checkpoint must be the whole model,
     # equal to a one-process run's after the same steps.
     from modeling.convert import load_checkpoint
 
-    single, zero3 = tmp_path / "single", tmp_path / "zero3"
-    pretrain(single, ["train.max_steps=4"])
-    pretrain(zero3, ["train.max_steps=4", "parallel.deepspeed_config=configs/deepspeed/zero3.json"], nproc=2)
-    assert losses(single) == pytest.approx(losses(zero3), abs=1e-5)
+    single, zero3 = trained("tp1"), trained("zero3")
+    assert len(metrics(single)) == 4
+    assert_same_curve(metrics(zero3), metrics(single), loss_tol=1e-5)
     _, a = load_checkpoint(single)
     _, b = load_checkpoint(zero3)
     assert a.keys() == b.keys()
@@ -93,8 +114,9 @@ def test_zero3_checkpoint_holds_the_same_weights_as_one_process(tmp_path):
     assert worst < 1e-4, worst
 
 
-def test_checkpoint_inspector_tells_complete_from_incomplete(tmp_path):
-    pretrain(tmp_path, ["train.max_steps=2", "checkpoint.every=1"])
+def test_checkpoint_inspector_tells_complete_from_incomplete(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained("tp1"), run)  # checkpoint.every=2: steps 2 and 4
 
     def inspect(path):
         proc = subprocess.run(
@@ -103,17 +125,17 @@ def test_checkpoint_inspector_tells_complete_from_incomplete(tmp_path):
         )  # fmt: skip
         return proc.returncode, proc.stdout + proc.stderr
 
-    rc, out = inspect(tmp_path)
+    rc, out = inspect(run)
     assert rc == 0, out
-    assert "2 step directories; a resume reads step-00000002" in out
-    assert "step 2, tokens seen 256, non-finite steps 0" in out  # 2 steps x global batch 4 x seq 32
+    assert "2 step directories; a resume reads step-00000004" in out
+    assert "step 4, tokens seen 512, non-finite steps 0" in out  # 4 steps x global batch 4 x seq 32
     assert "layout: world_size 1, tp 1, ep 1, pp 1, cp 1, dp 1, zero_stage 0" in out and "1 rank file(s)" in out
     # a rank file lost, a half-written step: both said, and the exit code says the resume target is not whole
-    (tmp_path / "step-00000001" / "rank-00000.pt").unlink()
-    (tmp_path / "step-00000002" / "trainer_state.json").unlink()
-    rc, out = inspect(tmp_path)
+    (run / "step-00000002" / "rank-00000.pt").unlink()
+    (run / "step-00000004" / "trainer_state.json").unlink()
+    rc, out = inspect(run)
     assert rc == 1, out
-    assert "step-00000002: incomplete" in out and "a resume reads step-00000001" in out
+    assert "step-00000004: incomplete" in out and "a resume reads step-00000002" in out
     assert "INCOMPLETE: 0 rank files for a world of 1" in out
-    rc, out = inspect(tmp_path / "step-00000002")
+    rc, out = inspect(run / "step-00000004")
     assert rc == 1 and "no readable trainer_state.json" in out, out

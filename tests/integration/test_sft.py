@@ -2,8 +2,9 @@
 
 - Full fine-tuning from a `transformers` save_pretrained directory: a tiny model answers held-out questions of a
   generated task far more often than before.
-- configs/sft_tiny.yaml runs, and a run from an HF directory starts from exactly its weights; at tp=2 it gives
-  tp=1's loss curve.
+- configs/sft_tiny.yaml runs, and a run from an HF directory starts from exactly its weights; at cp=2 it gives
+  cp=1's loss curve (full fine-tuning at tp=2: tests/integration/test_dpo.py, whose DPOTrainer is sft.py's; an HF
+  start at tp=2: tests/integration/test_vocab_padding.py; SFT data at tp=2: the LoRA test below).
 - LoRA from a native checkpoint: tp=2 gives tp=1's loss curve, as does a run stopped and resumed; the checkpoint
   holds only the adapter; merged, it gives the LoRA model's logits and greedy ids (generate.py --lora) in
   transformers.
@@ -175,14 +176,6 @@ def test_sft_tiny_config_runs_and_starts_from_the_hf_weights(task, tmp_path):
     assert (ours - ref).abs().max().item() < 1e-5
 
 
-def test_full_finetuning_from_hf_at_tp2_gives_tp1s_loss_curve(task, tmp_path):
-    short = ["train.max_steps=5", "train.eval_every=0", "train.sample_every=0"]
-    tp1 = _sft(task, tmp_path / "tp1", short, init_from="hf")
-    tp2 = _sft(task, tmp_path / "tp2", [*short, "parallel.tp=2"], nproc=2, init_from="hf")
-    assert len(tp1) == len(tp2) == 5 and tp1[-1] < tp1[0]
-    assert max(abs(a - b) for a, b in zip(tp1, tp2, strict=True)) < 1e-4, (tp1, tp2)
-
-
 def test_lora_pp2_matches_pp1_and_its_checkpoint_holds_every_stage(task, tmp_path):
     # two pipeline stages of one layer each; 2 micro-batches of 8 per step (1F1B needs at least pp of them)
     lora = ["lora.enabled=true", "lora.r=4", "lora.alpha=8", "train.micro_batch_size=8", "train.max_steps=4"]
@@ -198,12 +191,13 @@ def test_lora_pp2_matches_pp1_and_its_checkpoint_holds_every_stage(task, tmp_pat
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
 
 
-def test_full_finetuning_at_cp2_gives_cp1s_loss_curve(task, tmp_path):
+def test_full_finetuning_from_hf_at_cp2_gives_cp1s_loss_curve(task, tmp_path):
     # chunks of prompt-only tokens carry no loss: the loss is the whole sequences' mean over response tokens
     short = ["train.max_steps=3", "train.eval_every=0", "train.sample_tokens=4"]
-    cp1 = _sft(task, tmp_path / "cp1", short)
-    cp2 = _sft(task, tmp_path / "cp2", [*short, "parallel.cp=2", "parallel.cp_attention=ring"], nproc=2)
-    assert len(cp2) == 3 and max(abs(a - b) for a, b in zip(cp1, cp2, strict=True)) < 1e-5, (cp1, cp2)
+    cp1 = _sft(task, tmp_path / "cp1", short, init_from="hf")
+    cp2 = _sft(task, tmp_path / "cp2", [*short, "parallel.cp=2", "parallel.cp_attention=ring"], nproc=2, init_from="hf")
+    assert len(cp2) == 3 and cp1[-1] < cp1[0], cp1
+    assert max(abs(a - b) for a, b in zip(cp1, cp2, strict=True)) < 1e-5, (cp1, cp2)
 
 
 def test_lora_tp2_matches_tp1_resumes_exactly_and_checkpoint_holds_only_the_adapter(task, tmp_path):
