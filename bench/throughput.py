@@ -1,6 +1,7 @@
 """Training throughput of this Llama against transformers' LlamaForCausalLM (sdpa), in one process.
 
-Both models get the same weights, the same batch, dtype, threads and AdamW; their steps alternate in rounds so
+Both models get the same weights, the same batch, dtype and threads, and fused AdamW (ours the trainer's,
+training.optim.build_optimizer; transformers' as its Trainer builds it by default); their steps alternate in rounds so
 that machine noise hits both alike. Prints tokens/s of each, their ratio (of the median step times, and the median
 over same-round step pairs, which stays fair when other processes load the machine for part of the run), and model
 FLOPs utilisation as the trainer logs it (training.metrics.mfu: the GPU's dense datasheet peak for its exact part,
@@ -32,11 +33,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from configs.sections import OptimSection  # noqa: E402
 from modeling.compile import compile_layers  # noqa: E402
 from modeling.config import ModelConfig  # noqa: E402
 from modeling.llama import LlamaForCausalLM  # noqa: E402
 from training.distributed import set_fp32_matmul_precision  # noqa: E402
 from training.metrics import flops_per_token, gpu_peak, mfu, peak_flops  # noqa: E402
+from training.optim import build_optimizer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -80,7 +83,15 @@ def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
         hf_compiled.load_state_dict(ours.state_dict())
         hf_compiled.compile()  # transformers' model as a user would compile it: the whole forward
         models["hf-compiled"] = hf_compiled
-    opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
+    # ours: the trainer's optimizer (training.optim.build_optimizer: fused AdamW, decay on matrices only);
+    # transformers: what its Trainer builds by default (optim="adamw_torch_fused": torch's AdamW, fused=True)
+    optim_cfg = OptimSection(lr=1e-4, warmup_steps=0)
+    opts = {
+        name: build_optimizer(m, optim_cfg, max_steps=1)[0]
+        if name.startswith("ours")
+        else torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
+        for name, m in models.items()
+    }
     return cfg, models, opts
 
 

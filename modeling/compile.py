@@ -12,8 +12,13 @@ and the parts that do not trace well stay outside. What runs where:
   breaks the graph around its p2p (dynamo compiles no p2p by default), which stays correct;
 - a mixture-of-experts MLP runs eagerly (a graph break at the MoE call): dropless routing has data-dependent
   sizes (rows per expert, the all-to-all's splits), which would recompile or need unbacked symbols every step;
-- the fused head and vocab-parallel loss stay eager: a chunked autograd function that already fuses the matmul and
-  the loss (bench/README.md's figure: compiling it gained nothing on the CPU);
+- the head and its loss, without tensor parallelism (`_plain_head`: tp=1, no bias, LoRA or vocabulary padding):
+  compiled as plain ops (`_head_loss`: the logits' matmul, log-sum-exp and target gather), which inductor turns
+  into the matmul and one fused pass over the logits each way, the logits saved in the matmul dtype; in bf16 on a
+  (busy) 2-core CPU, head and loss forward and backward (2048 x 512 by 32000) took 0.6 s against 1.4 s for the
+  eager fused function (parallel.cross_entropy, whose fp32 max/exp/gradient passes run one by one; fp32: level;
+  bench/README.md). With tp > 1 the vocab-parallel fused function stays eager (its all-reduces sit between its
+  passes);
 - activation checkpointing wraps the compiled layer (`checkpoint(layer, ...)` in modeling.llama.run_layers): the
   recomputation in backward runs the same compiled forward;
 - only the training forward is compiled: with gradients off (eval) or with a KV cache (samples, generation) the
@@ -38,13 +43,18 @@ from pathlib import Path
 
 import torch
 import torch._inductor.config
+import torch.nn.functional as F
 from torch import nn
 
 from modeling.llama import DecoderLayer, LlamaForCausalLM
 from modeling.moe import MoEMLP
+from parallel.cross_entropy import REDUCTIONS, check_token_ids
+from parallel.layers import VocabParallelHead, cpu_has_native_bf16
 
 # One compiled function for every layer (and every model in the process): dynamo caches its graphs on this code.
 _compiled_layer_forward = None
+_compiled_head_loss = None
+IGNORE_INDEX = -100  # the targets' ignore index, as VocabParallelHead's loss
 
 
 def cache_dir() -> Path:
@@ -68,8 +78,56 @@ def _compiled() -> object:
     return _compiled_layer_forward
 
 
+def _head_loss(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Cross-entropy of the logits x W^T ((..., H) x, (V, H) W) against (N,) target ids, -100 ignored.
+
+    The loss of parallel.cross_entropy.vocab_parallel_linear_cross_entropy at tp=1, as plain ops for inductor:
+    the mean over the valid targets (0 when there is none), or with reduction="none" the (N,) per-token loss,
+    0 where ignored. The ids were checked against the vocabulary before (check_token_ids).
+    """
+    z = F.linear(x.reshape(-1, x.shape[-1]), weight).float()  # (N, V) in fp32, from the matmul dtype
+    valid = target != IGNORE_INDEX
+    z_t = z.gather(-1, torch.where(valid, target, 0).unsqueeze(-1)).squeeze(-1)  # (N,)
+    nll = torch.where(valid, torch.logsumexp(z, dim=-1) - z_t, 0.0)  # (N,)
+    return nll if reduction == "none" else nll.sum() / valid.sum().clamp(min=1)
+
+
+def _plain_head(head: VocabParallelHead, x: torch.Tensor) -> bool:
+    """Whether the head's loss is `_head_loss`: one rank's whole vocabulary, nothing added to the logits.
+
+    Not with tp > 1 or sequence parallelism (the vocab-parallel loss), a bias or a LoRA adapter, vocabulary
+    padding, a head whose backward may run twice (reuse_loss_buffers False), or bf16 on a CPU that emulates it
+    (the eager head multiplies in fp32 there).
+    """
+    state = head.state
+    if state.tp_size > 1 or state.sequence_parallel or head.bias is not None or head.lora_A is not None:
+        return False
+    if head.gather_output or not head.reuse_loss_buffers or head.weight.shape[0] != head.out_features:
+        return False
+    return not (x.device.type == "cpu" and x.dtype == torch.bfloat16 and not cpu_has_native_bf16())
+
+
+def _dispatch_head(head: VocabParallelHead):
+    """The head's forward: the loss through the compiled `_head_loss` when training a plain head, else eager."""
+    global _compiled_head_loss
+    if _compiled_head_loss is None:
+        _compiled_head_loss = torch.compile(_head_loss)
+    compiled = _compiled_head_loss
+
+    def forward(x: torch.Tensor, targets: torch.Tensor | None = None, *, reduction: str = "mean") -> torch.Tensor:
+        """VocabParallelHead.forward; given targets while training a plain head, its loss compiled."""
+        if targets is None or not torch.is_grad_enabled() or reduction not in REDUCTIONS or not _plain_head(head, x):
+            return VocabParallelHead.forward(head, x, targets, reduction=reduction)
+        check_token_ids(targets, head.out_features, "target", ignore_index=IGNORE_INDEX)
+        return compiled(x, head.weight, targets.reshape(-1), reduction)
+
+    return forward
+
+
 def compile_layers(model: LlamaForCausalLM) -> int:
     """Compile every decoder layer this rank holds (in place; the first training forward compiles); returns how many.
+
+    The head's loss is compiled too where it is a plain one (`_plain_head`).
 
     Sets TORCHINDUCTOR_CACHE_DIR to `cache_dir()` unless it is set, so that compiled graphs survive the run.
     """
@@ -83,6 +141,8 @@ def compile_layers(model: LlamaForCausalLM) -> int:
             # data-dependent sizes: a graph break here instead of a recompile per step (see the module docstring)
             layer.mlp.forward = torch.compiler.disable(layer.mlp.forward, recursive=True)
         layer.forward = _dispatch(layer, compiled)
+    if isinstance(model.lm_head, VocabParallelHead):  # None on a pipeline stage without the head
+        model.lm_head.forward = _dispatch_head(model.lm_head)
     return len(model.model.layers)
 
 

@@ -84,7 +84,7 @@ def _exp_and_loss(
     if real < v_local:
         for z in chunks:
             z[:, real:] = float("-inf")
-    m = torch.cat([z.max(dim=-1).values for z in chunks])  # (N,); -inf only on a rank of padding alone
+    m = torch.cat([z.amax(dim=-1) for z in chunks])  # (N,); -inf only on a rank of padding alone
     if group_size(group) > 1:
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
 

@@ -61,6 +61,7 @@ def build_optimizer(
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over param_groups(model) and its LambdaLR schedule.
 
+    torch's AdamW runs its fused kernel wherever it can (`fused_adamw_supported`: CPU and CUDA parameters).
     `offload` names the DeepSpeed config that offloads the optimizer (ZeRO-Offload; the trainer passes
     `parallel.deepspeed_config` where `parallel.deepspeed_engine.offloads_optimizer` says so). The optimizer is then
     DeepSpeed's CPU Adam (`deepspeed.ops.adam.DeepSpeedCPUAdam`: AdamW's update vectorised in C++, the same groups
@@ -72,9 +73,24 @@ def build_optimizer(
     """
     hyper = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     opt = _cpu_adam(param_groups(model, cfg.weight_decay), hyper, offload) if offload else None
-    if opt is None:
-        opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), **hyper)
+    if opt is None:  # fresh groups: an optimizer's constructor fills its defaults into the group dicts
+        groups = param_groups(model, cfg.weight_decay)
+        opt = torch.optim.AdamW(groups, **hyper, fused=fused_adamw_supported(groups))
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, max_steps))
+
+
+def fused_adamw_supported(groups: list[dict]) -> bool:
+    """Whether torch's fused AdamW (`fused=True`) takes these parameters: floating point, on the CPU or a CUDA GPU.
+
+    The fused kernel updates each parameter in one pass (moments, bias correction, decay and the update together),
+    where the default multi-tensor (foreach) AdamW makes about ten passes, each over every parameter: measured on a
+    2-core CPU for a 58M-parameter Llama (bench/throughput.py's), 260 ms -> 42 ms per step in bf16 and
+    167 ms -> 37 ms in fp32, and torch names it the fastest on CUDA. It computes in fp32 whatever the parameters'
+    dtype (bf16 weights round once), which matches the foreach step to fp32 rounding (1.5e-8 there in fp32).
+    transformers' Trainer uses it by default (optim="adamw_torch_fused").
+    """
+    params = [p for g in groups for p in g["params"]]
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
 def _cpu_adam(groups: list[dict], hyper: dict, offload: str) -> torch.optim.Optimizer | None:

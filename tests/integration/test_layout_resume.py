@@ -29,6 +29,10 @@ from tests.integration.train_utils import (
 
 # fp32 on gloo: the layouts differ in reduction order only. Measured: see the README's checkpoint section.
 TOL = 1e-5
+# dp=2 -> ZeRO-3: DeepSpeed steps its flat fp32 partitions. With fused AdamW (training.optim) step 20's gradient
+# norm differs from the one-process run's by 2.6e-5 relative (5.8e-6 with foreach AdamW): fp32 rounding grown over
+# 20 steps, where a gradient scaled wrongly (by dp or grad_accum) moves it by 1e-2 or more
+ZERO3_NORM_RTOL = 5e-5
 ZERO2 = "parallel.deepspeed_config=configs/deepspeed/zero2.json"
 ZERO3 = "parallel.deepspeed_config=configs/deepspeed/zero3.json"
 
@@ -129,7 +133,8 @@ def test_moe_ep2_first_steps_and_resume_at_ep1(runs):
 def test_resume_at_another_layout_continues_the_one_process_run(runs, run, first):
     root, out = runs
     ref = metrics(root / "ref")
-    assert_same_curve(metrics(root / run), ref[10:], loss_tol=TOL, norm_rtol=TOL)
+    norm_rtol = ZERO3_NORM_RTOL if "zero3" in run else TOL
+    assert_same_curve(metrics(root / run), ref[10:], loss_tol=TOL, norm_rtol=norm_rtol)
     assert "resuming at another layout (" in out["two"] + out["three"]
     # every sequence once, in the same global order: the rows of both halves are the one-process run's
     before = _ref_steps(root)[:10] if first is None else _global_rows(root / first)

@@ -1,0 +1,81 @@
+"""The compiled head loss of train.compile (modeling.compile._dispatch_head) and the trainer's fused AdamW.
+
+References are independent of the code under test: F.cross_entropy on float64 logits, and torch's single-tensor
+(for-loop) AdamW.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from configs.sections import OptimSection
+from modeling.compile import _dispatch_head, _plain_head
+from parallel.layers import VocabParallelHead
+from training.optim import build_optimizer
+
+N, H, V = 24, 16, 40
+
+
+def _head(dtype: torch.dtype = torch.float32) -> VocabParallelHead:
+    torch.manual_seed(0)
+    head = VocabParallelHead(H, V).to(dtype)
+    head.forward = _dispatch_head(head)
+    return head
+
+
+def _reference(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:
+    logits = x.double().reshape(-1, H) @ weight.double().t()  # (N, V)
+    return F.cross_entropy(logits, target.reshape(-1), ignore_index=-100, reduction=reduction)
+
+
+def test_compiled_head_loss_equals_float64_cross_entropy_mean_and_per_token():
+    head = _head()
+    assert _plain_head(head, torch.zeros(1, H))
+    x = torch.randn(2, N // 2, H, requires_grad=True)
+    target = torch.randint(0, V, (2, N // 2))
+    target[0, :3] = -100
+    for reduction in ("mean", "none"):
+        loss = head(x, target, reduction=reduction)
+        ref_x = x.detach().double().requires_grad_()
+        ref_w = head.weight.detach().double().requires_grad_()
+        ref = _reference(ref_x, ref_w, target, reduction)
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+        g = torch.randn_like(ref) if reduction == "none" else torch.ones_like(ref)
+        (loss * g.float()).sum().backward()
+        (ref * g).sum().backward()
+        torch.testing.assert_close(x.grad.double(), ref_x.grad, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(head.weight.grad.double(), ref_w.grad, rtol=1e-5, atol=1e-7)
+        x.grad = head.weight.grad = None
+
+
+def test_compiled_head_loss_is_zero_without_valid_targets_and_eager_without_grad():
+    head = _head()
+    x = torch.randn(1, 8, H, requires_grad=True)
+    loss = head(x, torch.full((1, 8), -100))
+    loss.backward()
+    assert loss.item() == 0.0 and x.grad.abs().max().item() == 0.0
+    target = torch.randint(0, V, (1, 8))
+    with torch.no_grad():  # evaluation takes the eager fused head: the same loss
+        eager = head(x, target)
+    torch.testing.assert_close(eager.double(), _reference(x, head.weight, target, "mean"), rtol=1e-5, atol=1e-6)
+
+
+def test_build_optimizer_is_fused_adamw_and_steps_like_the_loop_implementation():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    ref = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    ref.load_state_dict(model.state_dict())
+    cfg = OptimSection(lr=1e-2, warmup_steps=0, weight_decay=0.1)
+    opt, _ = build_optimizer(model, cfg, max_steps=10)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is True
+    ref_opt = torch.optim.AdamW(
+        [{"params": [ref[0].weight], "weight_decay": 0.1}, {"params": [ref[0].bias, *ref[1].parameters()]}],
+        lr=1e-2, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=0.0, foreach=False,
+    )  # fmt: skip
+    for _ in range(3):
+        x = torch.randn(4, 8)
+        for m, o in ((model, opt), (ref, ref_opt)):
+            m(x).square().sum().backward()
+            o.step()
+            o.zero_grad()
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
