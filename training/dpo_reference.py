@@ -36,7 +36,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dataset.preference import PreferenceDataset, iter_all_pairs
-from modeling.compile import compile_layers
 from modeling.llama import LlamaForCausalLM
 from parallel.deepspeed_engine import frozen_like_policy
 from parallel.lora import adapters_off
@@ -100,9 +99,7 @@ def frozen_reference(trainer: Any) -> TokenLogps:
     model.attention_backend = cfg.train.attention
     ckpt_io.load_model_weights(model, Path(trainer.init_source()), state)
     model.requires_grad_(False)
-    model.eval()
-    if cfg.train.compile:
-        compile_layers(model)
+    model.eval()  # no grad: train.compile's graphs would not run here (modeling.compile compiles training forwards)
     ds_config = cfg.deepspeed_json()
     if ds_config is not None and trainer.engine.zero_stage:
         model = frozen_like_policy(

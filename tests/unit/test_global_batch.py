@@ -16,7 +16,8 @@ from dataset.sft import SFTDataset
 from dataset.sources import DataSource
 from dataset.streaming import StreamingDataset
 from dataset.tokenizer import Tokenizer
-from tests.unit.test_sft_data import random_records, sentence, train_sp, write_records
+from tests.chat_utils import sentence, train_sp
+from tests.unit.test_sft_data import random_records, write_records
 from tests.unit.test_streaming import doc_text
 from training.data import SyntheticLoader
 

@@ -18,7 +18,7 @@ import torch
 from dataset.chat import install_chat_template, render
 from dataset.hf_tokenizer import write_hf_files
 from dataset.tokenizer import Tokenizer
-from tests.unit.test_sft_data import WORDS, msg, sentence, train_sp
+from tests.chat_utils import WORDS, msg, sentence, train_sp
 
 transformers = pytest.importorskip("transformers")
 
