@@ -16,7 +16,6 @@ are looked up, the padded logits are masked out of the loss (-inf) and sliced of
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -43,12 +42,22 @@ InitMethod = Callable[[torch.Tensor], object]
 SEQ_DIM = 1  # activations are (B, T, ...): sequence parallelism splits dim 1
 
 
-@functools.cache
+_native_bf16: bool | None = None  # cpu_has_native_bf16's answer, once asked
+
+
 @torch._dynamo.assume_constant_result  # a constant of the machine: no graph break where compiled code asks
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); without it torch emulates bf16 matmuls."""
-    cpu = torch.cpu
-    return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); without it torch emulates bf16 matmuls.
+
+    Cached in a module variable, not functools.cache: dynamo warns when compiled code calls a cached function.
+    """
+    global _native_bf16
+    if _native_bf16 is None:
+        cpu = torch.cpu
+        _native_bf16 = any(
+            getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        )
+    return _native_bf16
 
 
 class _Fp32Linear(torch.autograd.Function):
