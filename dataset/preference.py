@@ -40,7 +40,6 @@ seeded by (seed, epoch); the training loader's stream k of K takes `[k::K]` of i
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 from array import array
@@ -51,10 +50,9 @@ from typing import Any
 import torch
 
 from dataset.chat import ChatError, conversation_problem
-from dataset.files import FileRules
-from dataset.loader import GlobalBatchLoader, tokenizer_identity
+from dataset.loader import GlobalBatchLoader
 from dataset.packing import IGNORE_INDEX
-from dataset.sft import RENDER_CHUNK, ChatDataset, SFTDataError, SFTLoader
+from dataset.sft import RENDER_CHUNK, ChatDataset, SFTDataError, SFTLoader, chat_files
 from dataset.tokenizer import CHAT_TOKENS
 
 logger = logging.getLogger(__name__)
@@ -66,16 +64,7 @@ class PreferenceDataError(SFTDataError):
     """Preference data that cannot be used: a bad record, too few pairs, or a saved position of other data."""
 
 
-PREFERENCE_FILES = FileRules(
-    suffixes=(".jsonl", ".jsonl.zst"),
-    error=PreferenceDataError,
-    nothing="no preference data given: pass .jsonl or .jsonl.zst files or globs",
-    missing="{path}: no such file",
-    no_match="{item}: the glob matches no file",
-    unsupported="{path}: unsupported file type; preference data is .jsonl or .jsonl.zst",
-    directories=None,
-    others="report",
-)
+PREFERENCE_FILES = chat_files("preference data", PreferenceDataError)
 
 Messages = list[dict[str, str]]
 
@@ -251,19 +240,6 @@ class PreferenceDataset(ChatDataset):
         if position == len(order):
             epoch, position = epoch + 1, 0
         return row, epoch, position
-
-    def fingerprint(self) -> dict[str, Any]:
-        """What a stream's (epoch, position) depends on, without the layout (checked when a state is loaded)."""
-        names = "\n".join(p.name for p in self.files).encode()
-        return {
-            "files": hashlib.sha1(names).hexdigest()[:16] + f"x{len(self.files)}",
-            "pairs": len(self),
-            "tokens": len(self.tokens),
-            "seq_len": self.seq_len,
-            "truncation": self.truncation,
-            "seed": self.seed,
-            "tokenizer": tokenizer_identity(self.tokenizer),
-        }
 
     @staticmethod
     def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

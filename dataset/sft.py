@@ -58,17 +58,24 @@ class SFTDataError(DataError):
     """SFT data that cannot be used: a bad record, too few conversations, or a saved position of other data."""
 
 
-# Paths and globs of .jsonl(.zst) files; a file named twice is read once.
-SFT_FILES = FileRules(
-    suffixes=(".jsonl", ".jsonl.zst"),
-    error=SFTDataError,
-    nothing="no SFT data given: pass .jsonl or .jsonl.zst files or globs",
-    missing="{path}: no such file",
-    no_match="{item}: the glob matches no file",
-    unsupported="{path}: unsupported file type; SFT data is .jsonl or .jsonl.zst",
-    directories=None,
-    others="report",
-)
+def chat_files(what: str, error: type[DataError]) -> FileRules:
+    """The file rules of chat data sets: paths and globs of .jsonl(.zst) files, a file named twice read once.
+
+    `what` names the data in messages ("SFT data"), `error` is the DataError they raise.
+    """
+    return FileRules(
+        suffixes=(".jsonl", ".jsonl.zst"),
+        error=error,
+        nothing=f"no {what} given: pass .jsonl or .jsonl.zst files or globs",
+        missing="{path}: no such file",
+        no_match="{item}: the glob matches no file",
+        unsupported=f"{{path}}: unsupported file type; {what} is .jsonl or .jsonl.zst",
+        directories=None,
+        others="report",
+    )
+
+
+SFT_FILES = chat_files("SFT data", SFTDataError)
 
 
 class ChatDataset:
@@ -78,8 +85,8 @@ class ChatDataset:
 
     A subclass sets `kind`, `unit` (what a record becomes: "conversations", "pairs"), `error` (the `DataError` it
     raises) and `file_rules`, and defines `_parse(obj, path, line)` (a parsed record -> what `_load` renders; a
-    `ChatError` for a bad one), `_load()` (reads `_records` of each file into its buffers and sets the counts),
-    `__len__`, `next_row`, `collate` and `fingerprint`. The arguments are those of `SFTDataset`.
+    `ChatError` for a bad one), `_load()` (reads `_records` of each file into its buffers, `tokens` among them,
+    and sets the counts), `__len__`, `next_row` and `collate`. The arguments are those of `SFTDataset`.
     """
 
     kind: str
@@ -173,6 +180,22 @@ class ChatDataset:
     def stats(self) -> dict[str, int]:
         """Records kept (`unit`), dropped as too long, truncated, and skipped as bad records."""
         return dict(self.counts)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a stream's (epoch, position) depends on, without the layout (checked when a state is loaded).
+
+        The subclass's `_load` sets `tokens`, the kept records' token ids.
+        """
+        names = "\n".join(p.name for p in self.files).encode()
+        return {
+            "files": hashlib.sha1(names).hexdigest()[:16] + f"x{len(self.files)}",
+            self.unit: len(self),
+            "tokens": len(self.tokens),
+            "seq_len": self.seq_len,
+            "truncation": self.truncation,
+            "seed": self.seed,
+            "tokenizer": tokenizer_identity(self.tokenizer),
+        }
 
     def check_streams(self, num_streams: int) -> None:
         """Every stream needs a record in each epoch."""
@@ -303,18 +326,8 @@ class SFTDataset(ChatDataset):
         return {"tokens": tokens, "labels": labels, "document_ids": documents}, epoch, position
 
     def fingerprint(self) -> dict[str, Any]:
-        """What a stream's (epoch, position) depends on, without the layout (checked when a state is loaded)."""
-        names = "\n".join(p.name for p in self.files).encode()
-        return {
-            "files": hashlib.sha1(names).hexdigest()[:16] + f"x{len(self.files)}",
-            "conversations": len(self),
-            "tokens": len(self.tokens),
-            "seq_len": self.seq_len,
-            "pack": self.pack,
-            "truncation": self.truncation,
-            "seed": self.seed,
-            "tokenizer": tokenizer_identity(self.tokenizer),
-        }
+        """ChatDataset's, and whether rows are packed."""
+        return {**super().fingerprint(), "pack": self.pack}
 
     @staticmethod
     def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
