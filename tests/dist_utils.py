@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -163,3 +164,42 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 240) -> list:
             messages = [msg for _, msg in sorted(raised)] + other
             raise AssertionError(f"run_distributed({fn.__name__}) failed:\n" + "\n".join(messages))
         return results
+
+
+# A spawn is costly: a test module runs all its checks in one `run_distributed` call, grouped in sections whose
+# results come back as {"<section>: <check>": True or "failed: ..."} per rank, and one test asserts each section.
+
+
+def check(results: dict, name: str, ok: bool, detail: object = "") -> None:
+    """Record one check: True, or "failed: <detail>"."""
+    results[name] = True if ok else f"failed: {detail}"
+
+
+def run_sections(sections: list[tuple[str, Callable[[dict], None]]]) -> dict:
+    """Run each (section, fn(results)) into one dict of checks.
+
+    A section that raises is recorded as "<section>: raised" with its traceback, and the next one runs (one
+    failure does not hide the others).
+    """
+    results: dict = {}
+    for section, fn in sections:
+        try:
+            fn(results)
+        except Exception:
+            results[f"{section}: raised"] = traceback.format_exc()
+    return results
+
+
+def assert_sections(rank_results: list[dict], *sections: str, reports: tuple[str, ...] = ()) -> None:
+    """Every check of `sections` passed on every rank, and rank 0 ran at least one.
+
+    Keys that contain one of `reports` ("worst" error figures, say) carry numbers for the report, not checks.
+    """
+    failures = [
+        f"rank {r}: {k}: {v}"
+        for r, res in enumerate(rank_results)
+        for k, v in res.items()
+        if k.split(":")[0] in sections and v is not True and not any(word in k for word in reports)
+    ]
+    ran = [k for k in rank_results[0] if k.split(":")[0] in sections]
+    assert ran and not failures, "\n".join(failures) or f"no check of {sections} ran"

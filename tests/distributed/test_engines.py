@@ -20,7 +20,6 @@ One spawn of 2 processes (each spawn costs seconds) runs three sections; each ra
 
 import json
 import os
-import traceback
 
 import pytest
 import torch
@@ -34,7 +33,7 @@ from modeling.moe import MoEMLP
 from modeling.rope import inv_frequencies
 from parallel.engine import TorchEngine, build_engine
 from parallel.state import ParallelConfigError, ParallelState
-from tests.dist_utils import run_distributed
+from tests.dist_utils import assert_sections, check, run_distributed, run_sections
 from training.optim import build_optimizer
 
 RANKS = 2
@@ -42,10 +41,6 @@ B, T, H, E, K = 2, 5, 16, 4, 2
 RATE = 0.01
 BIAS = [0.1234567, -0.0101, 0.0333333, 1e-4]  # not bf16 numbers: a cast would change them
 TINY = dict(vocab_size=64, hidden_size=H, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-
-
-def _check(results: dict, name: str, ok: bool, detail: object = "") -> None:
-    results[name] = True if ok else f"failed: {detail}"
 
 
 def _ddp_moe_loads(results: dict) -> None:
@@ -72,7 +67,7 @@ def _ddp_moe_loads(results: dict) -> None:
             y = engine.forward(x)
             engine.backward(y.pow(2).mean() + moe.aux_loss)
     engine.step()
-    _check(
+    check(
         results,
         "ddp: expert_load holds this rank's own counts",
         torch.equal(moe.expert_load, counts),
@@ -80,10 +75,10 @@ def _ddp_moe_loads(results: dict) -> None:
     )
     total = counts.clone()
     dist.all_reduce(total)
-    _check(results, "ddp: every routed assignment counted", total.sum().item() == RANKS * 3 * B * T * K)
+    check(results, "ddp: every routed assignment counted", total.sum().item() == RANKS * 3 * B * T * K)
     moe.update_expert_bias()
     expected = bias0 + RATE * torch.sign(total.mean() - total)
-    _check(
+    check(
         results,
         "ddp: bias update from the counts summed over ranks",
         torch.equal(moe.expert_bias, expected),
@@ -115,17 +110,17 @@ def _zero1_partitions(results: dict) -> None:
     )
     zero = engine.ds.optimizer
     parts = zero.single_partition_of_fp32_groups
-    _check(results, "zero1: one fp32 partition per parameter group", len(parts) == len(groups), len(parts))
+    check(results, "zero1: one fp32 partition per parameter group", len(parts) == len(groups), len(parts))
     for i, (flat, part) in enumerate(zip(flats, parts, strict=True)):
         n = part.numel()
         padded = torch.cat([flat, flat.new_zeros(max(0, RANKS * n - flat.numel()))])
-        _check(
+        check(
             results,
             f"zero1: group {i} partition is 1/{RANKS} of the group plus alignment",
             0 <= RANKS * n - flat.numel() < 2 * RANKS,
             (n, flat.numel()),
         )
-        _check(
+        check(
             results,
             f"zero1: group {i} partition holds this rank's slice",
             torch.equal(part.detach(), padded[rank * n : (rank + 1) * n]),
@@ -137,11 +132,11 @@ def _zero1_partitions(results: dict) -> None:
     for i, (ps, part) in enumerate(zip(groups, parts, strict=True)):
         moments = zero.optimizer.state[part]
         sizes = [moments[key].numel() for key in ("exp_avg", "exp_avg_sq")]
-        _check(results, f"zero1: group {i} Adam moments only for the partition", sizes == [part.numel()] * 2, sizes)
+        check(results, f"zero1: group {i} Adam moments only for the partition", sizes == [part.numel()] * 2, sizes)
         gathered = [torch.empty_like(part) for _ in range(RANKS)]
         dist.all_gather(gathered, part.detach())
         model_flat = torch.cat([p.detach().reshape(-1) for p in ps])
-        _check(
+        check(
             results,
             f"zero1: group {i} partitions make up the stepped model",
             torch.equal(torch.cat(gathered)[: model_flat.numel()], model_flat),
@@ -162,9 +157,9 @@ def _bf16_buffers(results: dict) -> None:
     installed, deepspeed.__version__ = deepspeed.__version__, "0.18.9"  # the expert path checks before any work
     try:
         build_engine(model, optimizer, scheduler, state=state, grad_accum=1, grad_clip=1.0, ds_config=ds_config)
-        _check(results, "bf16: an untested DeepSpeed is refused at ep=2", False, "no error")
+        check(results, "bf16: an untested DeepSpeed is refused at ep=2", False, "no error")
     except ParallelConfigError as e:
-        _check(results, "bf16: an untested DeepSpeed is refused at ep=2", "DeepSpeed 0.18.9 is installed" in str(e), e)
+        check(results, "bf16: an untested DeepSpeed is refused at ep=2", "DeepSpeed 0.18.9 is installed" in str(e), e)
     finally:
         deepspeed.__version__ = installed
     engine = build_engine(
@@ -179,27 +174,27 @@ def _bf16_buffers(results: dict) -> None:
         bf16=True,
     )
     dtypes = {p.dtype for p in model.parameters()}
-    _check(results, "bf16: DeepSpeed cast the parameters", dtypes == {torch.bfloat16}, dtypes)
-    _check(
+    check(results, "bf16: DeepSpeed cast the parameters", dtypes == {torch.bfloat16}, dtypes)
+    check(
         results,
         "bf16: inv_freq fp32, exact",
         torch.equal(model.model.rotary_emb.inv_freq, inv_frequencies(config, config.max_position_embeddings)),
         model.model.rotary_emb.inv_freq.dtype,
     )
     for i, moe in model.moe_layers():
-        _check(
+        check(
             results,
             f"bf16: layer {i} expert_bias fp32, exact",
             torch.equal(moe.expert_bias, torch.tensor(BIAS)),
             moe.expert_bias.dtype,
         )
-        _check(results, f"bf16: layer {i} expert_load fp32", moe.expert_load.dtype == torch.float32)
+        check(results, f"bf16: layer {i} expert_load fp32", moe.expert_load.dtype == torch.float32)
     ids = torch.randint(TINY["vocab_size"], (1, 9), generator=torch.Generator().manual_seed(20 + dist.get_rank()))
     engine.backward(engine.forward(ids[:, :-1], targets=ids[:, 1:]).loss)
     engine.step()
     model.update_expert_bias()
     dtypes = {moe.expert_bias.dtype for _, moe in model.moe_layers()}
-    _check(results, "bf16: expert_bias fp32 after a step and an update", dtypes == {torch.float32}, dtypes)
+    check(results, "bf16: expert_bias fp32 after a step and an update", dtypes == {torch.float32}, dtypes)
 
 
 EXPERT_SHAPES = [(3, 7, 5), (4, 5), (3, 6), (30,)]  # buckets of 40: 105 alone (in place), 20 + 18, 30
@@ -241,20 +236,14 @@ def _expert_buckets(results: dict) -> None:
         torch.cat, parallel.engine.BUCKET_ELEMENTS = cat, bucket
     want = [b - (g0 + g1) / RANKS for b, g0, g1 in zip(before, grads(0), grads(1), strict=True)]
     got = [p.detach() for p in model.experts]
-    _check(results, "experts: the mean of the ranks' gradients", all(map(torch.equal, got, want)))
-    _check(results, "experts: buffers within the bucket", sizes == [38], sizes)  # 105 and 30 alone, in place
+    check(results, "experts: the mean of the ranks' gradients", all(map(torch.equal, got, want)))
+    check(results, "experts: buffers within the bucket", sizes == [38], sizes)  # 105 and 30 alone, in place
 
 
 def _all_checks(rank: int, world_size: int) -> dict:
     os.environ["DS_ACCELERATOR"] = "cpu"  # before this process first imports DeepSpeed
-    results: dict = {}
-    sections = (("ddp", _ddp_moe_loads), ("zero1", _zero1_partitions), ("bf16", _bf16_buffers))
-    for section, fn in (*sections, ("experts", _expert_buckets)):
-        try:
-            fn(results)
-        except Exception:
-            results[f"{section}: raised"] = traceback.format_exc()
-    return results
+    sections = [("ddp", _ddp_moe_loads), ("zero1", _zero1_partitions), ("bf16", _bf16_buffers)]
+    return run_sections([*sections, ("experts", _expert_buckets)])
 
 
 @pytest.fixture(scope="module")
@@ -262,28 +251,17 @@ def rank_results():
     return run_distributed(_all_checks, RANKS, timeout=120)
 
 
-def _assert_section(rank_results, section: str) -> None:
-    failures = [
-        f"rank {r}: {k}: {v}"
-        for r, res in enumerate(rank_results)
-        for k, v in res.items()
-        if k.startswith(f"{section}:") and v is not True
-    ]
-    ran = [k for k in rank_results[0] if k.startswith(f"{section}:")]
-    assert ran and not failures, "\n".join(failures) or f"no check of {section} ran"
-
-
 def test_ddp_keeps_each_ranks_expert_loads_for_the_bias_update(rank_results):
-    _assert_section(rank_results, "ddp")
+    assert_sections(rank_results, "ddp")
 
 
 def test_zero1_partitions_the_optimizer_state(rank_results):
-    _assert_section(rank_results, "zero1")
+    assert_sections(rank_results, "zero1")
 
 
 def test_deepspeed_bf16_keeps_fp32_buffers(rank_results):
-    _assert_section(rank_results, "bf16")
+    assert_sections(rank_results, "bf16")
 
 
 def test_expert_gradients_are_reduced_in_bounded_buckets(rank_results):
-    _assert_section(rank_results, "experts")
+    assert_sections(rank_results, "experts")

@@ -28,16 +28,12 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from parallel.engine import TorchEngine
 from parallel.state import ParallelState
-from tests.dist_utils import run_distributed
+from tests.dist_utils import assert_sections, check, run_distributed, run_sections
 from tests.host_syncs import HostSyncs
 from tests.integration.train_utils import SYNTHETIC
 
 RANKS, ACCUM, ROWS = 2, 4, 3
 LOOP_FILES = ("training/loop.py", "training/distributed.py")  # the step and the reductions behind its decisions
-
-
-def _check(results: dict, name: str, ok: bool, detail: object = "") -> None:
-    results[name] = True if ok else f"failed: {detail}"
 
 
 def _counting_hook(counts: list[int]):
@@ -66,13 +62,13 @@ def _engine_reduces_once(results: dict) -> None:
         with engine.micro_batch():
             engine.backward(engine.forward(xs[rank, i]).pow(2).mean())
     last_only = counts[:-1] == [0] * (ACCUM - 1) and counts[-1] > 0
-    _check(results, "engine: DDP reduces in the last micro-batch only", last_only, counts)
+    check(results, "engine: DDP reduces in the last micro-batch only", last_only, counts)
     # one process, no accumulation: the gradient of the mean loss over every rank's micro-batches
     torch.stack([ref(x).pow(2).mean() for x in xs.reshape(RANKS * ACCUM, ROWS, 8)]).mean().backward()
     diffs = [(p.grad - q.grad).abs().max().item() for p, q in zip(model.parameters(), ref.parameters(), strict=True)]
-    _check(results, "engine: reduced gradients equal the no-accumulation reference", max(diffs) < 1e-6, diffs)
+    check(results, "engine: reduced gradients equal the no-accumulation reference", max(diffs) < 1e-6, diffs)
     engine.step()
-    _check(results, "engine: the step leaves no gradients", all(p.grad is None for p in model.parameters()))
+    check(results, "engine: the step leaves no gradients", all(p.grad is None for p in model.parameters()))
 
 
 def _trainer_step_syncs(results: dict) -> None:
@@ -82,7 +78,7 @@ def _trainer_step_syncs(results: dict) -> None:
     with tempfile.TemporaryDirectory() as out:
         overrides = [*SYNTHETIC, f"checkpoint.dir={out}", "train.global_batch_size=8", "checkpoint.every=0"]
         trainer = Trainer(load_config(None, overrides), resume=False)
-        _check(results, "trainer: 4 micro-batches a step", trainer.grad_accum == ACCUM, trainer.grad_accum)
+        check(results, "trainer: 4 micro-batches a step", trainer.grad_accum == ACCUM, trainer.grad_accum)
         trainer.train_step()  # DDP's first step rebuilds its buckets: count from the second on
         buckets: list[int] = []
         trainer.engine._ddp.register_comm_hook(trainer.state.dp_cp_group, _counting_hook(buckets))
@@ -103,12 +99,12 @@ def _trainer_step_syncs(results: dict) -> None:
                 # on the CPU the batches' .to(device) are counted too: the device is the host here
                 reads = [c for c in syncs.calls if any(f in c for f in LOOP_FILES) and not c.startswith("to ")]
                 loop_reduces = [f for f in reduces if f.endswith(LOOP_FILES)]
-                _check(results, f"trainer: step {step} finite", not m["nonfinite"] and math.isfinite(m["loss"]), m)
-                _check(results, f"trainer: step {step} reads the device once in the loop", len(reads) == 1, reads)
-                _check(results, f"trainer: step {step} all-reduces twice in the loop", len(loop_reduces) == 2, reduces)
+                check(results, f"trainer: step {step} finite", not m["nonfinite"] and math.isfinite(m["loss"]), m)
+                check(results, f"trainer: step {step} reads the device once in the loop", len(reads) == 1, reads)
+                check(results, f"trainer: step {step} all-reduces twice in the loop", len(loop_reduces) == 2, reduces)
                 # the tiny model's ~0.4 MB of gradients fill one DDP bucket
-                _check(results, f"trainer: step {step} DDP reduces once", buckets[-1] == 1, buckets)
-                _check(results, f"trainer: step {step} tokens over dp", m["tokens"] == 8 * 32, m["tokens"])
+                check(results, f"trainer: step {step} DDP reduces once", buckets[-1] == 1, buckets)
+                check(results, f"trainer: step {step} tokens over dp", m["tokens"] == 8 * 32, m["tokens"])
         finally:
             dist.all_reduce = all_reduce
         _nonfinite_on_one_rank(results, trainer)
@@ -127,26 +123,20 @@ def _nonfinite_on_one_rank(results: dict, trainer) -> None:
     trainer._forward = nan_in_micro_batch_2_of_rank_1
     before = [p.detach().clone() for p in trainer.model.parameters()]
     m = trainer.train_step()
-    _check(results, "nonfinite: the step is skipped on every rank", m["nonfinite"] and math.isnan(m["loss"]), m)
+    check(results, "nonfinite: the step is skipped on every rank", m["nonfinite"] and math.isnan(m["loss"]), m)
     same = all(torch.equal(p, b) for p, b in zip(trainer.model.parameters(), before, strict=True))
-    _check(results, "nonfinite: weights unchanged", same)
-    _check(results, "nonfinite: gradients dropped", all(p.grad is None for p in trainer.model.parameters()))
-    _check(results, "nonfinite: all 4 micro-batches consumed", len(calls) == ACCUM, len(calls))
+    check(results, "nonfinite: weights unchanged", same)
+    check(results, "nonfinite: gradients dropped", all(p.grad is None for p in trainer.model.parameters()))
+    check(results, "nonfinite: all 4 micro-batches consumed", len(calls) == ACCUM, len(calls))
     trainer._forward = forward
     m = trainer.train_step()
     moved = not all(torch.equal(p, b) for p, b in zip(trainer.model.parameters(), before, strict=True))
-    _check(results, "nonfinite: the next step trains", not m["nonfinite"] and moved, m)
+    check(results, "nonfinite: the next step trains", not m["nonfinite"] and moved, m)
 
 
 def _all_checks(rank: int, world_size: int) -> dict:
     os.environ.pop("LOCAL_WORLD_SIZE", None)
-    results: dict = {}
-    for section, fn in (("engine", _engine_reduces_once), ("trainer", _trainer_step_syncs)):
-        try:
-            fn(results)
-        except Exception:
-            results[f"{section}: raised"] = traceback.format_exc()
-    return results
+    return run_sections([("engine", _engine_reduces_once), ("trainer", _trainer_step_syncs)])
 
 
 @pytest.fixture(scope="module")
@@ -154,24 +144,13 @@ def rank_results():
     return run_distributed(_all_checks, RANKS, timeout=120)
 
 
-def _assert_section(rank_results, *sections: str) -> None:
-    failures = [
-        f"rank {r}: {k}: {v}"
-        for r, res in enumerate(rank_results)
-        for k, v in res.items()
-        if k.split(":")[0] in sections and v is not True
-    ]
-    ran = [k for k in rank_results[0] if k.split(":")[0] in sections]
-    assert ran and not failures, "\n".join(failures) or f"no check of {sections} ran"
-
-
 def test_ddp_reduces_once_per_step_and_equals_the_reference(rank_results):
-    _assert_section(rank_results, "engine")
+    assert_sections(rank_results, "engine")
 
 
 def test_trainer_decides_on_nonfinite_losses_once_per_step(rank_results):
-    _assert_section(rank_results, "trainer")
+    assert_sections(rank_results, "trainer")
 
 
 def test_a_nan_on_one_rank_skips_the_step_everywhere(rank_results):
-    _assert_section(rank_results, "nonfinite")
+    assert_sections(rank_results, "nonfinite")

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.dist_utils import run_distributed
+from tests.dist_utils import assert_sections, check, run_distributed, run_sections
 
 
 def _all_reduce_sum(rank, world_size, offset):
@@ -50,3 +50,24 @@ def test_hanging_rank_is_killed_and_reported():
     with pytest.raises(AssertionError, match="rank 1 of 2 timed out"):
         run_distributed(_hang_on_rank_1, 2, timeout=5)
     assert time.monotonic() - start < 30
+
+
+def test_sections_record_checks_and_raise_on_a_failure_a_raise_or_nothing_run():
+    def good(results):
+        check(results, "a: one", True)
+        results["a: worst error"] = 0.5  # a figure, not a check
+
+    def bad(results):
+        check(results, "b: one", False, "detail")
+
+    def raises(results):
+        raise ValueError("boom")
+
+    results = run_sections([("a", good), ("b", bad), ("c", raises)])
+    assert results["b: one"] == "failed: detail" and "boom" in results["c: raised"]
+    assert_sections([results, results], "a", reports=("worst",))
+    for section, message in (("b", "rank 1: b: one: failed: detail"), ("c", "ValueError: boom"), ("d", "no check")):
+        with pytest.raises(AssertionError, match=message):
+            assert_sections([results, results], section)
+    with pytest.raises(AssertionError, match="worst error"):
+        assert_sections([results], "a")  # without reports, the figure counts as a failed check
