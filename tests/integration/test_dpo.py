@@ -24,7 +24,7 @@ import sys
 import pytest
 import torch
 
-from tests.integration.train_utils import REPO_ROOT, assert_same_curve, metrics, run_scenarios
+from tests.integration.train_utils import REPO_ROOT, assert_same_curve, eval_metrics, metrics, run_scenarios
 
 FIRST, SECOND = "abcdefghijk", "lmnoprstuvw"
 ARCH = dict(
@@ -190,16 +190,12 @@ def test_layouts_and_references_give_the_one_process_live_curve(runs, name, ref)
         assert row["rewards/margin"] == pytest.approx(base["rewards/margin"], abs=1e-5)
         assert row["rewards/accuracy"] == base["rewards/accuracy"]
     assert got[0]["loss"] == pytest.approx(0.6931472, abs=2e-6)  # log 2: policy == reference at step 1
-    evals, want_evals = _evals(runs / name), _evals(runs / ref)  # data.valid at the last step, valid table included
+    # data.valid at the last step, the precomputed valid table included
+    evals, want_evals = eval_metrics(runs / name), eval_metrics(runs / ref)
     assert len(evals) == len(want_evals) == 1
     if name in ("full_tp2", "full_pre", "lora_tp2"):  # dp=1: the same held-out pairs (each dp rank reads its own)
         for key, value in want_evals[0].items():
             assert evals[0][key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
-
-
-def _evals(out) -> list[dict]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "eval_loss" in r]
 
 
 def test_ipo_starts_at_its_margin_squared(runs):
@@ -226,7 +222,7 @@ def test_a_held_out_preference_is_learned(runs):
     table = load_file(str(runs / "learn" / "reference_logps.safetensors"))["valid"]  # (64, 2) base log-probs
     base_accuracy = (table[:, 0] > table[:, 1]).float().mean().item()
     assert 0.2 < base_accuracy < 0.8, base_accuracy  # about chance: the base has no preference
-    final = _evals(runs / "learn")[-1]
+    final = eval_metrics(runs / "learn")[-1]
     assert final["eval_rewards/accuracy"] > 0.9, final
     assert final["eval_rewards/margin"] > 0 and final["eval_loss"] < 0.5, final
 

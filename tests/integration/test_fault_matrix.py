@@ -13,7 +13,6 @@ which patches the trainer in its own process: production code has no test hooks.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -22,7 +21,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.train_utils import REPO_ROOT, SYNTHETIC, env, metrics, text_corpus, text_overrides
+from tests.integration.train_utils import (
+    REPO_ROOT,
+    SYNTHETIC,
+    env,
+    eval_metrics,
+    metrics,
+    text_corpus,
+    text_overrides,
+)
 from training.distributed import free_port
 
 TIMEOUT_MINUTES = 0.1  # parallel.timeout_minutes: 6 s, the longest a survivor may wait on a dead peer
@@ -176,13 +183,7 @@ def test_sigterm_during_eval(corpus, tmp_path):
     report("sigterm eval dp2", 1, ranks)
     assert [r.rc for r in ranks] == [0, 0], ranks[0].stderr[-2000:] + ranks[1].stderr[-2000:]
     assert f"stopped by a signal at step {FAULT_STEP}" in ranks[0].stdout, ranks[0].stdout[-2000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4]  # the interrupted eval finished and was logged
+    assert [r["step"] for r in eval_metrics(out)] == [2, 4]  # the interrupted eval finished and was logged
     resume_and_compare(out, overrides, curve(ref), from_step=FAULT_STEP)
-    evals = lambda d: [(r["step"], r["eval_loss"]) for r in metrics_rows(d) if "eval_loss" in r]  # noqa: E731
+    evals = lambda d: [(r["step"], r["eval_loss"]) for r in eval_metrics(d)]  # noqa: E731
     assert evals(out) == evals(ref)
-
-
-def metrics_rows(out: Path) -> list[dict]:
-    """Every row of metrics.jsonl (training and eval)."""
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]

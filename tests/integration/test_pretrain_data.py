@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.integration.train_utils import pretrain, text_corpus, text_overrides
+from tests.integration.train_utils import eval_metrics, pretrain, text_corpus, text_overrides
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +37,7 @@ def test_text_run_with_eval_and_samples_resumes_exactly(corpus, tmp_path):
     straight = tmp_path / "straight"
     proc = pretrain(straight, _args(corpus))
     assert "eval loss" in proc.stdout and "sample 0 @ step 12" in proc.stdout
-    rows = _rows(straight)
-    evals = [r for r in rows if "eval_loss" in r]
+    rows, evals = _rows(straight), eval_metrics(straight)
     assert [r["step"] for r in evals] == [6, 12]
     assert all(r["eval_bpb"] > 0 and r["eval_ppl"] > 1 for r in evals)
     assert (straight / "step-00000012" / "tokenizer.model").exists()  # the checkpoint carries its tokenizer

@@ -93,6 +93,12 @@ def metrics(out: Path) -> list[dict]:
     return [r for r in rows if "loss" in r]
 
 
+def eval_metrics(out: Path) -> list[dict]:
+    """Rows of metrics.jsonl that carry an eval loss, in step order."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if "eval_loss" in r]
+
+
 def losses(out: Path) -> list[float]:
     """Training loss per step."""
     return [r["loss"] for r in metrics(out)]
