@@ -5,7 +5,8 @@ training.optim.build_optimizer; transformers' as its Trainer builds it by defaul
 that machine noise hits both alike. Prints tokens/s of each, their ratio (of the median step times, and the median
 over same-round step pairs, which stays fair when other processes load the machine for part of the run), and model
 FLOPs utilisation as the trainer logs it (training.metrics.mfu: the GPU's dense datasheet peak for its exact part,
-TF32 for fp32 unless --no-tf32; on the CPU a 2048^3 matmul timed before and after the rounds, the larger).
+TF32 for fp32 unless --no-tf32; on the CPU a 2048^3 matmul timed before and after the rounds, the larger). On the CPU
+the process keeps freed memory mapped as the trainer does (train.keep_host_memory), for both models alike.
 
     python bench/throughput.py --dtype fp32
     python bench/throughput.py --dtype bf16
@@ -37,7 +38,7 @@ from configs.sections import OptimSection  # noqa: E402
 from modeling.compile import compile_layers  # noqa: E402
 from modeling.config import ModelConfig  # noqa: E402
 from modeling.llama import LlamaForCausalLM  # noqa: E402
-from training.distributed import set_fp32_matmul_precision  # noqa: E402
+from training.distributed import keep_host_memory, set_fp32_matmul_precision  # noqa: E402
 from training.metrics import flops_per_token, gpu_peak, mfu, peak_flops  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402
 
@@ -113,6 +114,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--compile", action="store_true", help="ours compiled; transformers eager and compiled")
     ap.add_argument("--no-tf32", action="store_true", help="CUDA: keep fp32 matmuls exact (as train.tf32=false)")
+    ap.add_argument(
+        "--no-keep-host-memory", action="store_true", help="CPU: glibc's malloc defaults (keep_host_memory=false)"
+    )
     args = ap.parse_args()
     if args.intermediate is None:
         args.intermediate = -(-(8 * args.dim // 3) // 256) * 256
@@ -120,6 +124,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     set_fp32_matmul_precision(device, tf32=not args.no_tf32)  # as the trainer does at start-up
+    kept = device.type == "cpu" and not args.no_keep_host_memory and keep_host_memory()  # both models, one process
 
     cfg, models, opts = build(args, device, dtype)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=device)
@@ -155,7 +160,7 @@ def main() -> None:
     print(
         f"config: dim {args.dim}, layers {args.layers}, heads {args.heads}, kv heads {args.kv_heads}, "
         f"intermediate {args.intermediate}, vocab {args.vocab}, seq {args.seq}, batch {args.batch}, {args.dtype}, "
-        f"{device}, threads {torch.get_num_threads()}, torch {torch.__version__}"
+        f"{device}, threads {torch.get_num_threads()}, torch {torch.__version__}, keep_host_memory {kept}"
     )
     source = "datasheet" if device.type == "cuda" and peak_is_listed(device) else "measured"
     print(f"peak ({source}): {peak / 1e9:.1f} GFLOP/s; model FLOPs/token {fpt / 1e6:.1f} M")

@@ -198,6 +198,7 @@ class TrainSection:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     tf32: bool = True  # CUDA: fp32 matmuls on TF32 tensor cores; false keeps them exact fp32 (IEEE)
+    keep_host_memory: bool = True  # CPU: freed host memory stays mapped (training.distributed.keep_host_memory)
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each decoder layer (modeling.compile; one graph reused by every layer)
     attention: str = "auto"  # auto (FlexAttention on CUDA for masked attention, else SDPA) | sdpa | flex
