@@ -16,14 +16,26 @@ CUDA: a (B, Hq, T, T) matrix per layer. `sdpa` repeats k and v up to the query h
 which makes the memory-efficient kernel eligible; the copies are (B, Hq, S, hd), T / hd times smaller than the
 scores they avoid. Causal attention without a mask keeps enable_gqa (flash takes it, no copies), and so does the
 CPU, whose flash kernel takes a mask with grouped heads (torch._fused_sdp_choice picks it there in torch 2.13).
+
+Compiled CPU training (train.compile) runs `CpuAttention` instead: the same flash kernel forward, and a backward
+written as plain ops that inductor fuses. torch's CPU flash backward is slow: 29 ms for one layer of
+bench/throughput.py's model in bf16 on 2 Xeon cores (AMX), 5.6x its forward, against 13 ms for the blocked
+backward (fp32: 28 -> 21 ms). The backward recomputes the probabilities from the forward's log-sum-exp one block of
+`BACKWARD_BLOCK` queries at a time, so it holds (B, Hq, block, S) scores, never (B, Hq, T, S); under a causal mask
+a block multiplies only with the keys up to its last query (5/8 of the work of full blocks at T = 4 blocks).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
 from parallel.layers import cpu_has_native_bf16
+
+BACKWARD_BLOCK = 128  # queries per block of CpuAttention's backward (at most MAX_BLOCKS blocks)
+MAX_BLOCKS = 16  # the backward's loop is unrolled into the compiled graph: longer sequences get larger blocks
 
 
 def repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -49,9 +61,14 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     `mask` (B or 1, 1, T, S) bool, True = attend; None = causal (T == S). Query head j uses kv head j // (Hq / Hkv).
     """
     dtype = q.dtype
-    if q.device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16():
+    compiled_cpu = q.device.type == "cpu" and torch.compiler.is_compiling() and torch.is_grad_enabled()
+    if compiled_cpu and torch.is_autocast_enabled("cpu"):  # autocast's cast of SDPA (CpuAttention's kernel has none)
+        q, k, v = (t.to(torch.get_autocast_dtype("cpu")) for t in (q, k, v))
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not cpu_has_native_bf16():
         # without bf16 hardware torch's CPU attention kernels run bf16 several times slower than fp32
         q, k, v = q.float(), k.float(), v.float()
+    if compiled_cpu:
+        return CpuAttention.apply(q, k, v, mask).to(dtype)
     n_heads = q.shape[1]
     if expands_kv(q.device, n_heads, k.shape[1], mask is not None):
         # the memory-efficient kernel takes the mask but not grouped heads (module docstring): without the copies
@@ -61,3 +78,68 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
         q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=n_heads != k.shape[1]
     )
     return y.to(dtype)
+
+
+class CpuAttention(torch.autograd.Function):
+    """`sdpa` on the CPU in a compiled layer: torch's flash kernel forward, a blocked backward for inductor to fuse.
+
+    Same arguments and result as `sdpa` (grouped heads, `mask` bool or None = causal, T == S when causal); the
+    forward keeps the kernel's output and log-sum-exp, as SDPA's own backward does.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask):
+        """(B, Hq, T, hd) q, (B, Hkv, S, hd) k, v -> (B, Hq, T, hd)."""
+        additive = None  # the kernel takes an additive mask in q's dtype
+        if mask is not None:
+            additive = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, -math.inf)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, mask is None, attn_mask=additive
+        )
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        """Gradients of q, k and v (and none for the mask) from `attention_backward`."""
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        return (*attention_backward(q, k, v, out, lse, grad_out, mask), None)
+
+
+def attention_backward(q, k, v, out, lse, grad_out, mask):
+    """dq, dk, dv of softmax(q k^T / sqrt(hd) + mask) v, given its output and (B, Hq, T) log-sum-exp (fp32).
+
+    Query head j uses kv head j // r (r = Hq / Hkv): a kv head's r query heads are stacked into one matrix, so the
+    sums over them are the matmuls' own. Per block of queries: P = exp(q k^T / sqrt(hd) - lse) where attended,
+    dV += P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO * O)) / sqrt(hd), dQ = dS K, dK += dS^T Q. The
+    probabilities and dS are rounded to q's dtype for their matmuls, as flash kernels do; dk and dv accumulate in
+    fp32.
+    """
+    B, Hq, T, hd = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    r, scale = Hq // Hkv, hd**-0.5
+    block = max(BACKWARD_BLOCK, -(-T // MAX_BLOCKS))
+    delta = (grad_out.float() * out.float()).sum(-1).view(B, Hkv, r, T, 1)  # rowsum(dO * O)
+    lse = lse.view(B, Hkv, r, T, 1)
+    q5, do5 = q.reshape(B, Hkv, r, T, hd), grad_out.reshape(B, Hkv, r, T, hd)
+    dk = torch.zeros(B, Hkv, S, hd, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(B, Hkv, S, hd, dtype=torch.float32, device=q.device)
+    dq = []
+    for i in range(0, T, block):
+        n_q = min(block, T - i)
+        n_k = min(i + n_q, S) if mask is None else S  # causal: no key after the block's last query
+        qb = q5[:, :, :, i : i + n_q].reshape(B, Hkv, r * n_q, hd)
+        dob = do5[:, :, :, i : i + n_q].reshape(B, Hkv, r * n_q, hd)
+        kb, vb = k[:, :, :n_k], v[:, :, :n_k]
+        if mask is None:
+            attend = torch.arange(i, i + n_q, device=q.device)[:, None] >= torch.arange(n_k, device=q.device)
+        else:
+            attend = mask[:, :, i : i + n_q].unsqueeze(2)  # (B or 1, 1, 1, n_q, S)
+        scores = (qb @ kb.transpose(-1, -2)).view(B, Hkv, r, n_q, n_k).float()
+        p = torch.where(attend, torch.exp(scores * scale - lse[:, :, :, i : i + n_q]), 0.0)
+        dp = (dob @ vb.transpose(-1, -2)).view(B, Hkv, r, n_q, n_k).float()
+        ds = (p * (dp - delta[:, :, :, i : i + n_q]) * scale).to(q.dtype).view(B, Hkv, r * n_q, n_k)
+        dv[:, :, :n_k] += p.to(q.dtype).view(B, Hkv, r * n_q, n_k).transpose(-1, -2) @ dob
+        dk[:, :, :n_k] += ds.transpose(-1, -2) @ qb
+        dq.append((ds @ kb).view(B, Hkv, r, n_q, hd))
+    return torch.cat(dq, dim=3).view(B, Hq, T, hd), dk.to(k.dtype), dv.to(v.dtype)
