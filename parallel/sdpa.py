@@ -17,12 +17,14 @@ which makes the memory-efficient kernel eligible; the copies are (B, Hq, S, hd),
 scores they avoid. Causal attention without a mask keeps enable_gqa (flash takes it, no copies), and so does the
 CPU, whose flash kernel takes a mask with grouped heads (torch._fused_sdp_choice picks it there in torch 2.13).
 
-Compiled CPU training (train.compile) runs `CpuAttention` instead: the same flash kernel forward, and a backward
-written as plain ops that inductor fuses. torch's CPU flash backward is slow: 29 ms for one layer of
-bench/throughput.py's model in bf16 on 2 Xeon cores (AMX), 5.6x its forward, against 13 ms for the blocked
-backward (fp32: 28 -> 21 ms). The backward recomputes the probabilities from the forward's log-sum-exp one block of
-`BACKWARD_BLOCK` queries at a time, so it holds (B, Hq, block, S) scores, never (B, Hq, T, S); under a causal mask
-a block multiplies only with the keys up to its last query (5/8 of the work of full blocks at T = 4 blocks).
+Compiled bf16 CPU training (train.compile) runs `CpuAttention` instead: the same flash kernel forward, and a
+backward written as plain ops that inductor fuses. torch's CPU flash backward is slow in bf16: 29 ms for one layer
+of bench/throughput.py's model on 2 Xeon cores (AMX), 5.6x its forward, against 13 ms for the blocked backward
+(bench/cpu_attention.py: forward + backward 1.42x faster causal, 1.17x with packed documents). In fp32 it is level
+with torch's (causal) or slower (documents), so fp32 keeps SDPA. The backward recomputes the probabilities from
+the forward's log-sum-exp one block of `BACKWARD_BLOCK` queries at a time, so it holds (B, Hq, block, S) scores,
+never (B, Hq, T, S); under the causal mask a block multiplies only with the keys up to its last query (5/8 of the
+work of full blocks at T = 4 blocks).
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not cpu_has_native_bf16():
         # without bf16 hardware torch's CPU attention kernels run bf16 several times slower than fp32
         q, k, v = q.float(), k.float(), v.float()
-    if compiled_cpu:
+    if compiled_cpu and q.dtype == torch.bfloat16:
         return CpuAttention.apply(q, k, v, mask).to(dtype)
     n_heads = q.shape[1]
     if expands_kv(q.device, n_heads, k.shape[1], mask is not None):

@@ -1,11 +1,12 @@
-"""parallel.sdpa.CpuAttention: compiled CPU training's attention (flash forward, blocked backward) against float64.
+"""parallel.sdpa.CpuAttention: compiled bf16 CPU training's attention (flash forward, blocked backward) vs float64.
 
 The reference is softmax(q k^T / sqrt(hd) + mask) v written out in float64 with the kv heads repeated
 (transformers' repeat_kv), differentiated by autograd. T = 200 with 64-query blocks gives four blocks, the last a
-partial one; grouped heads (4 query heads over 2 kv heads); causal, and documents with a sliding window; bf16, and
-fp32 inputs under bf16 autocast (the trainer's bf16, where RoPE leaves q and k fp32 and v bf16). A spy
-checks that the compiled function went through `attention_backward` (the reference alone would also pass on SDPA's
-own backward).
+partial one; grouped heads (4 query heads over 2 kv heads); causal, and documents with a sliding window. In fp32
+CpuAttention is called directly (compiled), which checks the backward's formulas to 1e-5; bf16, and fp32 inputs
+under bf16 autocast (the trainer's bf16, where RoPE leaves q and k fp32 and v bf16), go through `sdpa` as the
+compiled layer calls it, and a spy checks that they took `attention_backward` (the reference alone would also pass
+on SDPA's own backward).
 """
 
 import pytest
@@ -38,6 +39,7 @@ def _reference_grads(q, k, v, mask, grad_out):
     ],
 )
 def test_compiled_cpu_attention_equals_float64(monkeypatch, dtype, masked, autocast, tol):
+    fn = sdpa_mod.sdpa if dtype == torch.bfloat16 or autocast else sdpa_mod.CpuAttention.apply
     monkeypatch.setattr(sdpa_mod, "BACKWARD_BLOCK", 64)
     traced = []
     real = sdpa_mod.attention_backward
@@ -48,11 +50,11 @@ def test_compiled_cpu_attention_equals_float64(monkeypatch, dtype, masked, autoc
     grad_out = torch.randn(B, HQ, T, HD, generator=g, dtype=dtype)
     mask = document_causal_mask(DOCS, 40) if masked else None  # (B, 1, T, T): documents, window 40
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out = torch.compile(sdpa_mod.sdpa)(q, k, v.to(torch.bfloat16) if autocast else v, mask)
+        out = torch.compile(fn)(q, k, v.to(torch.bfloat16) if autocast else v, mask)
     out.backward(grad_out)
     want_mask = mask if masked else torch.ones(T, T, dtype=torch.bool).tril()
     want, want_grads = _reference_grads(q, k, v, want_mask, grad_out)
-    assert traced, "the compiled sdpa did not run CpuAttention's backward"
+    assert traced, "the compiled function did not run CpuAttention's backward"
     results = (out, q.grad, k.grad, v.grad)
     for name, got, ref in zip(("out", "dq", "dk", "dv"), results, (want, *want_grads), strict=True):
         err = ((got.double() - ref).norm() / ref.norm()).item()
