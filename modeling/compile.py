@@ -6,8 +6,8 @@ parameters are graph inputs, torch's default `inline_inbuilt_nn_modules`); compi
 and the parts that do not trace well stay outside. What runs where:
 
 - attention, norms, the dense SwiGLU MLP and the residual adds: compiled (inductor), forward and backward; bf16
-  attention on the CPU runs parallel.sdpa.CpuAttention (torch's flash forward, a blocked backward that inductor
-  fuses: less than half the time of torch's CPU flash backward);
+  attention on a CPU with bf16 hardware, up to 2048 tokens, runs parallel.sdpa.CpuAttention (torch's flash
+  forward, a blocked backward that inductor fuses, faster than torch's CPU flash backward);
 - tensor and sequence parallelism: parallel.mappings' autograd collectives call `dist.all_reduce` and friends,
   which dynamo rewrites into functional collectives inside the graph (no graph break; checked at tp=2 with
   sequence parallelism); Ulysses context attention (all-to-all) likewise; ring attention's `batch_isend_irecv`

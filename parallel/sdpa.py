@@ -17,14 +17,15 @@ which makes the memory-efficient kernel eligible; the copies are (B, Hq, S, hd),
 scores they avoid. Causal attention without a mask keeps enable_gqa (flash takes it, no copies), and so does the
 CPU, whose flash kernel takes a mask with grouped heads (torch._fused_sdp_choice picks it there in torch 2.13).
 
-Compiled bf16 CPU training (train.compile) runs `CpuAttention` instead: the same flash kernel forward, and a
-backward written as plain ops that inductor fuses. torch's CPU flash backward is slow in bf16: 29 ms for one layer
-of bench/throughput.py's model on 2 Xeon cores (AMX), 5.6x its forward, against 13 ms for the blocked backward
-(bench/cpu_attention.py: forward + backward 1.42x faster causal, 1.17x with packed documents). In fp32 it is level
-with torch's (causal) or slower (documents), so fp32 keeps SDPA. The backward recomputes the probabilities from
-the forward's log-sum-exp one block of `BACKWARD_BLOCK` queries at a time, so it holds (B, Hq, block, S) scores,
-never (B, Hq, T, S); under the causal mask a block multiplies only with the keys up to its last query (5/8 of the
-work of full blocks at T = 4 blocks).
+Compiled bf16 CPU training (train.compile) runs `CpuAttention` instead, for sequences up to
+MAX_BLOCKS x BACKWARD_BLOCK = 2048: the same flash kernel forward, and a backward written as plain ops that inductor
+fuses. torch's CPU flash backward is slow in bf16 (for one layer of bench/throughput.py's model on 2 Xeon cores
+with AMX, 5.6x its own forward); `python bench/cpu_attention.py` measures forward + backward against it. In fp32 the
+blocked backward is level with torch's (causal) or slower (documents), so fp32 keeps SDPA. The backward recomputes
+the probabilities from the forward's log-sum-exp one block of BACKWARD_BLOCK queries at a time, so it holds
+(B, Hq, block, S) scores, never (B, Hq, T, S); under the causal mask a block multiplies only with the keys up to
+its last query (5/8 of the work of full blocks at T = 4 blocks). Longer sequences keep torch's flash backward: the
+loop is unrolled into the compiled graph, and its blocks' scores grow with S.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ import torch.nn.functional as F
 
 from parallel.layers import cpu_has_native_bf16
 
-BACKWARD_BLOCK = 128  # queries per block of CpuAttention's backward (at most MAX_BLOCKS blocks)
-MAX_BLOCKS = 16  # the backward's loop is unrolled into the compiled graph: longer sequences get larger blocks
+BACKWARD_BLOCK = 128  # queries per block of CpuAttention's backward
+MAX_BLOCKS = 16  # blocks at most (the loop is unrolled into the compiled graph): longer sequences keep SDPA
 
 
 def repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -69,7 +70,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not cpu_has_native_bf16():
         # without bf16 hardware torch's CPU attention kernels run bf16 several times slower than fp32
         q, k, v = q.float(), k.float(), v.float()
-    if compiled_cpu and q.dtype == torch.bfloat16:
+    if compiled_cpu and q.dtype == torch.bfloat16 and q.shape[2] <= MAX_BLOCKS * BACKWARD_BLOCK:
         return CpuAttention.apply(q, k, v, mask).to(dtype)
     n_heads = q.shape[1]
     if expands_kv(q.device, n_heads, k.shape[1], mask is not None):
@@ -85,7 +86,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
 class CpuAttention(torch.autograd.Function):
     """`sdpa` on the CPU in a compiled layer: torch's flash kernel forward, a blocked backward for inductor to fuse.
 
-    Same arguments and result as `sdpa` (grouped heads, `mask` bool or None = causal, T == S when causal); the
+    Same arguments and result as `sdpa` (grouped heads, `mask` (B or 1, 1, T, S) bool or None = causal); the
     forward keeps the kernel's output and log-sum-exp, as SDPA's own backward does.
     """
 
@@ -103,9 +104,13 @@ class CpuAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        """Gradients of q, k and v (and none for the mask) from `attention_backward`."""
+        """Gradients of q, k and v (and none for the mask) from `attention_backward`, its dtypes its own.
+
+        A backward called inside an autocast region would otherwise run its fp32 products in bf16.
+        """
         q, k, v, out, lse, mask = ctx.saved_tensors
-        return (*attention_backward(q, k, v, out, lse, grad_out, mask), None)
+        with torch.autocast(q.device.type, enabled=False):
+            return (*attention_backward(q, k, v, out, lse, grad_out.to(q.dtype), mask), None)
 
 
 def attention_backward(q, k, v, out, lse, grad_out, mask):
@@ -114,13 +119,15 @@ def attention_backward(q, k, v, out, lse, grad_out, mask):
     Query head j uses kv head j // r (r = Hq / Hkv): a kv head's r query heads are stacked into one matrix, so the
     sums over them are the matmuls' own. Per block of queries: P = exp(q k^T / sqrt(hd) - lse) where attended,
     dV += P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO * O)) / sqrt(hd), dQ = dS K, dK += dS^T Q. The
-    probabilities and dS are rounded to q's dtype for their matmuls, as flash kernels do; dk and dv accumulate in
-    fp32.
+    scores are recomputed in fp32 (from bf16 they would carry |s| 2^-8 absolute error into exp(s - lse), which grows
+    with sharp attention); the probabilities and dS are rounded to q's dtype for their matmuls, as flash kernels
+    do; each block's dk and dv products, in q's dtype, are summed in fp32.
     """
     B, Hq, T, hd = q.shape
     Hkv, S = k.shape[1], k.shape[2]
+    assert mask is None or mask.shape[1] == 1, f"mask {tuple(mask.shape)}: one mask for all heads, (B or 1, 1, T, S)"
     r, scale = Hq // Hkv, hd**-0.5
-    block = max(BACKWARD_BLOCK, -(-T // MAX_BLOCKS))
+    block = BACKWARD_BLOCK
     delta = (grad_out.float() * out.float()).sum(-1).view(B, Hkv, r, T, 1)  # rowsum(dO * O)
     lse = lse.view(B, Hkv, r, T, 1)
     q5, do5 = q.reshape(B, Hkv, r, T, hd), grad_out.reshape(B, Hkv, r, T, hd)
@@ -137,7 +144,7 @@ def attention_backward(q, k, v, out, lse, grad_out, mask):
             attend = torch.arange(i, i + n_q, device=q.device)[:, None] >= torch.arange(n_k, device=q.device)
         else:
             attend = mask[:, :, i : i + n_q].unsqueeze(2)  # (B or 1, 1, 1, n_q, S)
-        scores = (qb @ kb.transpose(-1, -2)).view(B, Hkv, r, n_q, n_k).float()
+        scores = (qb.float() @ kb.float().transpose(-1, -2)).view(B, Hkv, r, n_q, n_k)  # fp32 (see above)
         p = torch.where(attend, torch.exp(scores * scale - lse[:, :, :, i : i + n_q]), 0.0)
         dp = (dob @ vb.transpose(-1, -2)).view(B, Hkv, r, n_q, n_k).float()
         ds = (p * (dp - delta[:, :, :, i : i + n_q]) * scale).to(q.dtype).view(B, Hkv, r * n_q, n_k)

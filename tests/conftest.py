@@ -3,6 +3,7 @@
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -11,3 +12,15 @@ if str(REPO_ROOT) not in sys.path:
 
 # CI machines have 2 cores; more intra-op threads only oversubscribe them.
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(autouse=True)
+def _pytest_process_keeps_glibc_defaults(monkeypatch):
+    """Trainers built inside the pytest process leave its allocator alone (keep_host_memory is process-wide).
+
+    Trainers launched as subprocesses keep their memory as a run does; tests/unit/test_host_memory.py checks the
+    setting itself in a fresh interpreter.
+    """
+    import training.distributed
+
+    monkeypatch.setattr(training.distributed, "keep_host_memory", lambda: False)

@@ -71,14 +71,18 @@ def keep_host_memory() -> bool:
     (about 0.2 ms per MiB on the 2-core VMs, against 0.03 ms to rewrite memory already mapped). Training allocates
     the same large tensors every step (the (N, vocab) logits, activations), so this costs a bf16 step on 2 Xeon
     cores about 13% (bench/README.md). With mmap off (M_MMAP_MAX 0) and trimming off (M_TRIM_THRESHOLD at its
-    maximum) freed blocks stay in the heap for the next allocation: the process keeps its peak host memory until it
-    exits, which a training step reaches again anyway. Returns whether the settings took (False on another libc).
+    maximum) freed blocks stay in the heap for the next allocation. Costs and limits: the process keeps the highest
+    host memory it ever used (checkpoint saves and loads, evaluation included) until it exits; threads other than
+    the main one still map blocks over 64 MiB afresh (glibc's secondary arenas); forked DataLoader workers inherit
+    the setting; under an LD_PRELOADed allocator (jemalloc, tcmalloc) the call changes nothing. Returns whether both
+    settings took (False on another libc).
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL("libc.so.6")
     m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    took = [libc.mallopt(m_mmap_max, 0), libc.mallopt(m_trim_threshold, 2**31 - 1)]  # both, whatever the first gave
+    return all(took)
 
 
 def adopt_accelerate_deepspeed_config(cfg: TrainConfig) -> None:

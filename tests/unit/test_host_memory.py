@@ -12,6 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from configs.schema import load_config
+from training import distributed
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CODE = """
@@ -35,3 +39,14 @@ def test_kept_memory_is_reused_without_page_faults():
     default, kept = map(int, p.stdout.split()[-2:])
     assert default >= 32, default  # 64 MiB mapped afresh: at least one fault per 2 MiB huge page
     assert kept <= 4, kept
+
+
+def test_train_keep_host_memory_key_reaches_the_cpu_start_up(monkeypatch):
+    calls = []
+    monkeypatch.setattr(distributed, "keep_host_memory", lambda: calls.append(1) or True)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    base = ["model.preset=tiny", "data.synthetic=true", "model.vocab_size=64", "train.device=cpu"]
+    assert distributed.init_distributed(load_config(None, base)) == torch.device("cpu")
+    assert calls == [1]
+    distributed.init_distributed(load_config(None, [*base, "train.keep_host_memory=false"]))
+    assert calls == [1]
