@@ -2,8 +2,9 @@
 
 Counted, not timed: the process's minor page faults (getrusage) while a 64 MiB tensor is allocated and written, in
 a fresh interpreter (mallopt is process-wide), first with glibc's defaults, where every allocation maps fresh pages
-(one fault per 4 KiB page, 16384; fewer with transparent huge pages), then kept, where the allocations after the
-first fault none.
+(one fault per 4 KiB page, 16384; fewer with transparent huge pages), then kept. Kept, the heap settles within the
+first allocations (one of them may still grow the heap, when a small allocation has taken the start of the freed
+block): most of seven allocations fault none.
 """
 
 import platform
@@ -25,10 +26,10 @@ def faults():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-default = max(faults() for _ in range(3))
+default = min(faults() for _ in range(3))
 assert keep_host_memory()
-faults()  # the first allocation after the switch maps its pages
-print(default, max(faults() for _ in range(3)))
+faults(), faults()  # the first allocations after the switch map their pages
+print(default, sorted(faults() for _ in range(7))[3])  # the median
 """
 
 
@@ -36,7 +37,7 @@ print(default, max(faults() for _ in range(3)))
 def test_kept_memory_is_reused_without_page_faults():
     p = subprocess.run([sys.executable, "-c", CODE], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
-    default, kept = map(int, p.stdout.split()[-2:])
+    default, kept = map(int, p.stdout.split()[-2:])  # the fewest faults with the defaults, the median kept
     assert default >= 32, default  # 64 MiB mapped afresh: at least one fault per 2 MiB huge page
     assert kept <= 4, kept
 
