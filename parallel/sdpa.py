@@ -127,15 +127,14 @@ def attention_backward(q, k, v, out, lse, grad_out, mask):
     Hkv, S = k.shape[1], k.shape[2]
     assert mask is None or mask.shape[1] == 1, f"mask {tuple(mask.shape)}: one mask for all heads, (B or 1, 1, T, S)"
     r, scale = Hq // Hkv, hd**-0.5
-    block = BACKWARD_BLOCK
     delta = (grad_out.float() * out.float()).sum(-1).view(B, Hkv, r, T, 1)  # rowsum(dO * O)
     lse = lse.view(B, Hkv, r, T, 1)
     q5, do5 = q.reshape(B, Hkv, r, T, hd), grad_out.reshape(B, Hkv, r, T, hd)
     dk = torch.zeros(B, Hkv, S, hd, dtype=torch.float32, device=q.device)
     dv = torch.zeros(B, Hkv, S, hd, dtype=torch.float32, device=q.device)
     dq = []
-    for i in range(0, T, block):
-        n_q = min(block, T - i)
+    for i in range(0, T, BACKWARD_BLOCK):
+        n_q = min(BACKWARD_BLOCK, T - i)
         n_k = min(i + n_q, S) if mask is None else S  # causal: no key after the block's last query
         qb = q5[:, :, :, i : i + n_q].reshape(B, Hkv, r * n_q, hd)
         dob = do5[:, :, :, i : i + n_q].reshape(B, Hkv, r * n_q, hd)
