@@ -50,13 +50,12 @@ from torch import nn
 
 from modeling.llama import DecoderLayer, LlamaForCausalLM
 from modeling.moe import MoEMLP
-from parallel.cross_entropy import REDUCTIONS, check_token_ids
+from parallel.cross_entropy import IGNORE_INDEX, REDUCTIONS, check_token_ids
 from parallel.layers import VocabParallelHead, cpu_has_native_bf16
 
 # One compiled function for every layer (and every model in the process): dynamo caches its graphs on this code.
 _compiled_layer_forward = None
 _compiled_head_loss = None
-IGNORE_INDEX = -100  # the targets' ignore index, as VocabParallelHead's loss
 
 
 def cache_dir() -> Path:

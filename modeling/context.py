@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from parallel.context import context_attention, gather_sequence, sequence_index, shard_sequence
+from parallel.cross_entropy import IGNORE_INDEX
 from parallel.mappings import group_size
 from parallel.state import ParallelState
 
@@ -73,7 +74,7 @@ def loss_share(
     share = ce x n_local / N (+ `aux`, this chunk's shares of the MoE aux losses); the objective is cp x share (see
     the module docstring); the logged mean is the sum of the cross-entropy shares over the cp group.
     """
-    n_local = (targets != -100).sum().to(torch.float32)
+    n_local = (targets != IGNORE_INDEX).sum().to(torch.float32)
     n_all = n_local.clone()
     cp_group = state.cp_group
     if group_size(cp_group) > 1:

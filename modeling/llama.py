@@ -33,6 +33,7 @@ from modeling.mlp import SwiGLUMLP
 from modeling.moe import MoEMLP
 from modeling.norm import RMSNorm
 from modeling.rope import RotaryEmbedding
+from parallel.cross_entropy import IGNORE_INDEX
 from parallel.layers import VocabParallelEmbedding, VocabParallelHead
 from parallel.mappings import gather_from_region
 from parallel.state import ParallelState
@@ -369,7 +370,7 @@ class LlamaForCausalLM(nn.Module):
             # (B*T,) on every tensor rank: under sequence parallelism the head gathers the sequence first
             nll = self.lm_head(x, targets, reduction="none")
             token_logps = -nll.view(targets.shape)  # (B, T)
-            ce = nll.sum() / (targets != -100).sum().clamp(min=1)
+            ce = nll.sum() / (targets != IGNORE_INDEX).sum().clamp(min=1)
             return CausalLMOutput(ce_loss=ce, aux_loss=aux, token_logps=token_logps)
         if targets is not None:
             ce = self.lm_head(x, targets)  # fused head + vocab-parallel loss: logits neither gathered nor kept

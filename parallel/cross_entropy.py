@@ -37,6 +37,8 @@ import torch.nn.functional as F
 
 from parallel.mappings import Group, group_rank, group_size
 
+IGNORE_INDEX = -100  # a target the loss skips (PyTorch's and transformers' convention; dataset.packing pads with it)
+
 
 class TokenIdError(ValueError):
     """A token id (model input or loss target) outside the model's vocabulary."""
@@ -234,7 +236,7 @@ def vocab_parallel_cross_entropy(
     target: torch.Tensor,
     group: Group = None,
     *,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     vocab_size: int | None = None,
     reuse_buffers: bool = True,
     reduction: str = "mean",
@@ -264,7 +266,7 @@ def vocab_parallel_linear_cross_entropy(
     target: torch.Tensor,
     group: Group = None,
     *,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     vocab_size: int | None = None,
     matmul_dtype: torch.dtype | None = None,
     reuse_buffers: bool = True,

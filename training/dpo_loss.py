@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from configs.sections import DPO_LOSSES
+from parallel.cross_entropy import IGNORE_INDEX
 
 LOSSES = DPO_LOSSES  # configs.sections checks dpo.loss against the same names
-IGNORE_INDEX = -100
 
 
 @dataclass

@@ -29,6 +29,7 @@ from modeling.generation import generate
 from modeling.llama import CausalLMOutput, LlamaForCausalLM
 from modeling.native_format import save_native
 from modeling.pipeline import PipelinedCausalLM, PipelinePlan, StageModule
+from parallel.cross_entropy import IGNORE_INDEX
 from parallel.deepspeed_engine import offloads_optimizer
 from parallel.engine import Engine, build_engine
 from parallel.pipeline import PipelineSchedule
@@ -349,7 +350,7 @@ class Trainer:
         for batch in self.eval_batches():
             loss = self._forward(batch).ce_loss.double()
             targets = batch["targets"].to(self.device)
-            valid = targets != -100
+            valid = targets != IGNORE_INDEX
             n = valid.sum()
             totals += torch.stack([loss * n, n.double(), byte_len[targets[valid]].sum()])
         if self.state.dp_size > 1:
