@@ -4,12 +4,14 @@ References are independent of the code under test: F.cross_entropy on float64 lo
 (for-loop) AdamW.
 """
 
+import pytest
 import torch
 import torch.nn.functional as F
+from torch.profiler import profile
 
 from configs.sections import OptimSection
-from modeling.compile import _dispatch_head, _plain_head
-from parallel.layers import VocabParallelHead
+from modeling.compile import _CpuBf16HeadMatmul, _dispatch_head, _plain_head
+from parallel.layers import VocabParallelHead, cpu_has_native_bf16
 from training.optim import build_optimizer
 
 N, H, V = 24, 16, 40
@@ -57,6 +59,43 @@ def test_compiled_head_loss_is_zero_without_valid_targets_and_eager_without_grad
     with torch.no_grad():  # evaluation takes the eager fused head: the same loss
         eager = head(x, target)
     torch.testing.assert_close(eager.double(), _reference(x, head.weight, target, "mean"), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="the compiled head keeps bf16 only on a CPU with bf16 hardware")
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16-weights", "fp32-weights-autocast"])
+def test_compiled_bf16_head_gradients_through_the_transposed_weight_product(autocast):
+    head = _head(torch.float32 if autocast else torch.bfloat16)
+    x = torch.randn(2, N // 2, H, dtype=head.weight.dtype, requires_grad=True)
+    target = torch.randint(0, V, (2, N // 2))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), profile(record_shapes=True) as prof:
+        loss = head(x, target)
+        loss.backward()
+    # the reference multiplies the bf16-rounded operands (what the bf16 matmuls see) in float64
+    ref_x = x.detach().bfloat16().double().requires_grad_()
+    ref_w = head.weight.detach().bfloat16().double().requires_grad_()
+    ref = _reference(ref_x, ref_w, target, "mean")
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-2, atol=1e-2)
+    for got, want in ((x.grad, ref_x.grad), (head.weight.grad, ref_w.grad)):
+        assert got.dtype == head.weight.dtype
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-2 * want.abs().max().item())
+    # the weight gradient was multiplied as x^T (H, N) by dZ (N, V), not as dZ^T (V, N) by x
+    products = [e.input_shapes[:2] for e in prof.events() if e.name == "aten::mm"]
+    assert [[H, N], [N, V]] in products and [[V, N], [N, H]] not in products, products
+
+
+def test_cpu_bf16_head_matmul_gradients_are_exact_on_small_integers():
+    # integers in [-3, 3] and sums of 24 of their products are exact in bf16: the compiled forced-layout products
+    # and their transposes must give dZ W and dZ^T x to the last bit (a wrong transpose or scale cannot hide)
+    g = torch.Generator().manual_seed(1)
+    x, w, dz = (torch.randint(-3, 4, shape, generator=g).to(torch.bfloat16) for shape in ((N, H), (V, H), (N, V)))
+    x.requires_grad_(), w.requires_grad_()
+    z = torch.compile(_CpuBf16HeadMatmul.apply, fullgraph=True)(x, w)
+    z.backward(dz)
+    x64, w64, dz64 = x.detach().double(), w.detach().double(), dz.double()
+    assert torch.equal(z.double(), x64 @ w64.t())
+    assert torch.equal(x.grad.double(), dz64 @ w64) and torch.equal(w.grad.double(), dz64.t() @ x64)
+    assert w.grad.is_contiguous()
 
 
 def test_build_optimizer_is_fused_adamw_and_steps_like_the_loop_implementation():
