@@ -107,10 +107,17 @@ class _CpuBf16HeadMatmul(torch.autograd.Function):
 
 
 def _head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The logits x W^T of (N, H) x: _CpuBf16HeadMatmul when they multiply in bf16 on the CPU, else F.linear."""
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-    if x.device.type == "cpu" and dtype == torch.bfloat16:
-        return _CpuBf16HeadMatmul.apply(x.to(dtype), weight.to(dtype))
+    """The logits x W^T of (N, H) x: _CpuBf16HeadMatmul when they multiply in bf16 on the CPU, else F.linear.
+
+    In bf16 means both operands bf16, or fp32/bf16 under bf16 autocast (which casts them as F.linear's would be).
+    """
+    if torch.is_autocast_enabled("cpu"):
+        cast = (torch.float32, torch.bfloat16)
+        bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in cast and weight.dtype in cast
+    else:
+        bf16 = x.dtype == weight.dtype == torch.bfloat16
+    if x.device.type == "cpu" and bf16:
+        return _CpuBf16HeadMatmul.apply(x.to(torch.bfloat16), weight.to(torch.bfloat16))
     return F.linear(x, weight)
 
 
