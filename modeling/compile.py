@@ -109,7 +109,7 @@ class _CpuBf16HeadMatmul(torch.autograd.Function):
 def _head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The logits x W^T of (N, H) x: _CpuBf16HeadMatmul when they multiply in bf16 on the CPU, else F.linear.
 
-    In bf16 means both operands bf16, or fp32/bf16 under bf16 autocast (which casts them as F.linear's would be).
+    That is: both operands bf16, or each fp32 or bf16 under bf16 autocast (cast here, as autocast casts F.linear's).
     """
     if torch.is_autocast_enabled("cpu"):
         cast = (torch.float32, torch.bfloat16)
