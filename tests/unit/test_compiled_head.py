@@ -93,8 +93,8 @@ def test_compiled_bf16_head_gradients_through_the_transposed_weight_product(auto
     for got, want in ((x.grad, ref_x.grad), (head.weight.grad, ref_w.grad)):
         assert got.dtype == head.weight.dtype
         torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-2 * want.abs().max().item())
-    # the weight gradient was multiplied as x^T (H, N) by dZ (N, V), x^T row-major (oneDNN's fast layout), not as
-    # dZ^T (V, N) by x nor with x^T a transposed view
+    # the weight gradient was multiplied as x^T (H, N) by dZ (N, V) with x^T row-major (oneDNN's fast layout): no
+    # (V, N) or (H, N) left operand is a transposed view
     assert ((H, N), (N, 1), (N, V)) in products.log, products.log
     assert not [p for p in products.log if p[0] in ((V, N), (H, N)) and p[1] != (p[0][1], 1)], products.log
 
