@@ -7,7 +7,8 @@ and the parts that do not trace well stay outside. What runs where:
 
 - attention, norms, the dense SwiGLU MLP and the residual adds: compiled (inductor), forward and backward; bf16
   attention on a CPU with bf16 hardware, up to 2048 tokens, runs parallel.sdpa.CpuAttention (torch's flash
-  forward, a blocked backward that inductor fuses, faster than torch's CPU flash backward);
+  forward, a blocked backward that inductor fuses, faster than torch's CPU flash backward), and there the layers
+  that widen (q/k/v, gate/up) multiply their weight gradients with row-major operands (parallel.layers.linear);
 - tensor and sequence parallelism: parallel.mappings' autograd collectives call `dist.all_reduce` and friends,
   which dynamo rewrites into functional collectives inside the graph (no graph break; checked at tp=2 with
   sequence parallelism); Ulysses context attention (all-to-all) likewise; ring attention's `batch_isend_irecv`
@@ -19,9 +20,9 @@ and the parts that do not trace well stay outside. What runs where:
   into the matmul and one fused pass over the logits each way, the logits saved in the matmul dtype; in bf16 on a
   (busy) 2-core CPU, head and loss forward and backward (2048 x 512 by 32000) took 0.6 s against 1.4 s for the
   eager fused function (parallel.cross_entropy, whose fp32 max/exp/gradient passes run one by one; fp32: level;
-  bench/README.md); in bf16 on the CPU the weight's gradient is multiplied as (x^T dZ)^T (`_CpuBf16HeadMatmul`:
-  oneDNN runs a transposed left operand at about half speed). With tp > 1 the vocab-parallel fused function stays
-  eager (its all-reduces sit between its passes);
+  bench/README.md); in bf16 on the CPU the weight's gradient is multiplied as (x^T dZ)^T (parallel.layers.linear's
+  `CpuBf16Matmul`, as for q/k/v and gate/up: oneDNN runs a transposed left operand at about half speed). With
+  tp > 1 the vocab-parallel fused function stays eager (its all-reduces sit between its passes);
 - activation checkpointing wraps the compiled layer (`checkpoint(layer, ...)` in modeling.llama.run_layers): the
   recomputation in backward runs the same compiled forward;
 - only the training forward is compiled: with gradients off (eval) or with a KV cache (samples, generation) the
@@ -46,14 +47,12 @@ from pathlib import Path
 
 import torch
 import torch._inductor.config
-import torch.nn.functional as F
 from torch import nn
-from torch._inductor.inductor_prims import force_stride_order
 
 from modeling.llama import DecoderLayer, LlamaForCausalLM
 from modeling.moe import MoEMLP
 from parallel.cross_entropy import IGNORE_INDEX, REDUCTIONS, check_token_ids
-from parallel.layers import VocabParallelHead, cpu_has_native_bf16
+from parallel.layers import VocabParallelHead, cpu_has_native_bf16, linear
 
 # One compiled function for every layer (and every model in the process): dynamo caches its graphs on this code.
 _compiled_layer_forward = None
@@ -81,46 +80,6 @@ def _compiled() -> object:
     return _compiled_layer_forward
 
 
-class _CpuBf16HeadMatmul(torch.autograd.Function):
-    """The logits x W^T of bf16 (N, H) x and (V, H) W on the CPU, with W's gradient computed as (x^T dZ)^T.
-
-    autograd's dW = dZ^T x hands oneDNN a transposed (V, N) left operand: for the head's shapes (2048 x 32000 by
-    2048 x 512 on 2 Xeon cores with AMX) it ran at 860 GFLOP/s, against 1530 for x^T dZ with x^T copied contiguous
-    (a 2 MB copy); the (H, V) product is then transposed by inductor into W's layout, which also casts it when W is
-    fp32 under autocast. The layouts are forced (inductor's force_stride_order) or inductor would pick the
-    transposed ones back. In fp32 both layouts run alike, so fp32 keeps F.linear (bench/README.md).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight):
-        """(N, H) x, (V, H) W -> (N, V) logits."""
-        ctx.save_for_backward(x, weight)
-        return x @ weight.t()
-
-    @staticmethod
-    def backward(ctx, grad):
-        """The gradients dZ W of x and (x^T dZ)^T of W, each product with a row-major left operand."""
-        x, weight = ctx.saved_tensors
-        x_t = force_stride_order(x.t(), (x.shape[0], 1))  # (H, N) row-major
-        dw_t = force_stride_order(x_t @ grad, (grad.shape[1], 1))  # (H, V) row-major
-        return grad @ weight, force_stride_order(dw_t.t(), (x.shape[1], 1))  # dW (V, H) row-major
-
-
-def _head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The logits x W^T of (N, H) x: _CpuBf16HeadMatmul when they multiply in bf16 on the CPU, else F.linear.
-
-    That is: both operands bf16, or each fp32 or bf16 under bf16 autocast (cast here, as autocast casts F.linear's).
-    """
-    if torch.is_autocast_enabled("cpu"):
-        cast = (torch.float32, torch.bfloat16)
-        bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in cast and weight.dtype in cast
-    else:
-        bf16 = x.dtype == weight.dtype == torch.bfloat16
-    if x.device.type == "cpu" and bf16:
-        return _CpuBf16HeadMatmul.apply(x.to(torch.bfloat16), weight.to(torch.bfloat16))
-    return F.linear(x, weight)
-
-
 def _head_loss(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:
     """Cross-entropy of the logits x W^T ((..., H) x, (V, H) W) against (N,) target ids, -100 ignored.
 
@@ -128,7 +87,7 @@ def _head_loss(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, redu
     the mean over the valid targets (0 when there is none), or with reduction="none" the (N,) per-token loss,
     0 where ignored. The ids were checked against the vocabulary before (check_token_ids).
     """
-    z = _head_logits(x.reshape(-1, x.shape[-1]), weight).float()  # (N, V) in fp32, from the matmul dtype
+    z = linear(x.reshape(-1, x.shape[-1]), weight).float()  # (N, V) in fp32, from the matmul dtype
     valid = target != IGNORE_INDEX
     z_t = z.gather(-1, torch.where(valid, target, 0).unsqueeze(-1)).squeeze(-1)  # (N,)
     nll = torch.where(valid, torch.logsumexp(z, dim=-1) - z_t, 0.0)  # (N,)

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._inductor.inductor_prims import force_stride_order
 
 from parallel.cross_entropy import (
     check_token_ids,
@@ -83,14 +84,64 @@ def _emulated_bf16(x: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not cpu_has_native_bf16()
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except bf16 on a CPU without bf16 hardware, which multiplies in fp32 and stores bf16.
+def native_bf16_cpu_matmul(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x W^T multiplies in bf16 on a CPU with bf16 hardware.
 
-    Emulated bf16 matmuls run hundreds of times slower than fp32 there (bench/README.md); the fp32 product is
-    also the more accurate one. Activations and weights stay bf16 in memory.
+    That is: both operands bf16, or each fp32 or bf16 under bf16 autocast (which casts F.linear's operands).
+    """
+    if x.device.type != "cpu" or not cpu_has_native_bf16():
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        cast = (torch.float32, torch.bfloat16)
+        return torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in cast and weight.dtype in cast
+    return x.dtype == weight.dtype == torch.bfloat16
+
+
+class CpuBf16Matmul(torch.autograd.Function):
+    """x W^T of bf16 (N, in) x and (out, in) W on the CPU, with W's gradient computed as (x^T dY)^T.
+
+    autograd's dW = dY^T x hands oneDNN a transposed (out, N) left operand, which it multiplies at about half
+    speed on a Xeon with AMX: for the head (2048 x 32000 by 2048 x 512 on 2 cores) 860 GFLOP/s against 1530 for
+    x^T dY with x^T copied contiguous, the (in, out) product then transposed into W's layout (bench/README.md).
+    The layouts are forced (inductor's force_stride_order): inductor would pick the transposed ones back. For
+    compiled code; eagerly, force_stride_order copies even a row-major tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        """(N, in) x, (out, in) W -> (N, out)."""
+        ctx.save_for_backward(x, weight)
+        return x @ weight.t()
+
+    @staticmethod
+    def backward(ctx, grad):
+        """The gradients dY W of x and (x^T dY)^T of W, each product with a row-major left operand.
+
+        Compiled, a gradient nobody needs (a frozen weight: LoRA's base layers) is dropped from the graph.
+        """
+        x, weight = ctx.saved_tensors
+        x_t = force_stride_order(x.t(), (x.shape[0], 1))  # (in, N) row-major
+        dw_t = force_stride_order(x_t @ grad, (grad.shape[1], 1))  # (in, out) row-major
+        return grad @ weight, force_stride_order(dw_t.t(), (x.shape[1], 1))  # dW (out, in) row-major
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except for two bf16 cases on the CPU.
+
+    - Without bf16 hardware it multiplies in fp32 and stores bf16: emulated bf16 matmuls run hundreds of times
+      slower than fp32 there (bench/README.md), and the fp32 product is also the more accurate one. Activations
+      and weights stay bf16 in memory.
+    - With it, in compiled code (train.compile), a layer that widens (in < out: q/k/v, gate/up, the head) runs
+      `CpuBf16Matmul`, whose weight gradient multiplies row-major operands: the x^T it copies (N x in) and the
+      product it transposes (in x out) are small next to the product. Where in >= out (o, down) the copies cost
+      what the faster product saves (bench/README.md), so those keep F.linear, as does a layer with a bias.
     """
     if _emulated_bf16(x):
         return _Fp32Linear.apply(x, weight, bias)
+    if torch.compiler.is_compiling() and bias is None and weight.shape[1] < weight.shape[0]:
+        if native_bf16_cpu_matmul(x, weight):
+            y = CpuBf16Matmul.apply(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), weight.to(torch.bfloat16))
+            return y.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
 

@@ -1,4 +1,5 @@
-"""The compiled head loss of train.compile (modeling.compile._dispatch_head) and the trainer's fused AdamW.
+"""The compiled head loss of train.compile (modeling.compile._dispatch_head), the compiled bf16 CPU linear of
+parallel.layers.linear, and the trainer's fused AdamW.
 
 References are independent of the code under test: F.cross_entropy on float64 logits, and torch's single-tensor
 (for-loop) AdamW.
@@ -10,8 +11,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from configs.sections import OptimSection
-from modeling.compile import _CpuBf16HeadMatmul, _dispatch_head, _plain_head
-from parallel.layers import VocabParallelHead, cpu_has_native_bf16
+from modeling.compile import _dispatch_head, _plain_head
+from parallel.layers import CpuBf16Matmul, VocabParallelHead, cpu_has_native_bf16, linear
 from training.optim import build_optimizer
 
 N, H, V = 24, 16, 40
@@ -105,11 +106,48 @@ def test_cpu_bf16_head_matmul_gradients_are_exact_on_small_integers():
     g = torch.Generator().manual_seed(1)
     x, w, dz = (torch.randint(-1, 2, shape, generator=g).to(torch.bfloat16) for shape in ((N, H), (V, H), (N, V)))
     x.requires_grad_(), w.requires_grad_()
-    z = torch.compile(_CpuBf16HeadMatmul.apply, fullgraph=True)(x, w)
+    z = torch.compile(CpuBf16Matmul.apply, fullgraph=True)(x, w)
     z.backward(dz)
     x64, w64, dz64 = x.detach().double(), w.detach().double(), dz.double()
     assert torch.equal(z.double(), x64 @ w64.t())
     assert torch.equal(x.grad.double(), dz64 @ w64) and torch.equal(w.grad.double(), dz64.t() @ x64)
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="the row-major weight gradient is for bf16 hardware")
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16-weights", "fp32-weights-autocast"])
+def test_compiled_bf16_linear_multiplies_a_widening_layers_weight_gradient_row_major(autocast):
+    g = torch.Generator().manual_seed(2)
+    dtype = torch.float32 if autocast else torch.bfloat16
+    # a layer that widens (in 16 < out 40: q/k/v, gate/up) and one that narrows (40 -> 8: o, down)
+    x, wide, narrow = (torch.randn(s, generator=g).to(dtype).requires_grad_() for s in ((2, 12, H), (V, H), (8, V)))
+    dy = torch.randn(2, 12, 8, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = torch.compile(lambda x, a, b: linear(linear(x, a), b), fullgraph=True)(x, wide, narrow)
+        with _MatmulLog() as products:
+            y.backward(dy.to(y.dtype))
+    refs = [t.detach().bfloat16().double().requires_grad_() for t in (x, wide, narrow)]
+    ref = (refs[0] @ refs[1].t()).bfloat16().double() @ refs[2].t()  # the compiled hidden is rounded to bf16
+    ref.backward(dy.double())
+    torch.testing.assert_close(y.double(), ref, rtol=0, atol=2e-2 * ref.abs().max().item())
+    for got, want in zip((x.grad, wide.grad, narrow.grad), (r.grad for r in refs), strict=True):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-2 * want.abs().max().item())
+    # the widening layer's weight gradient: x^T (H, N) row-major by dY (N, V); the narrowing one keeps F.linear's
+    assert ((H, N), (N, 1), (N, V)) in products.log, products.log
+    assert not [p for p in products.log if p[0] == (V, N) and p[1] == (N, 1)], products.log
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="the row-major weight gradient is for bf16 hardware")
+def test_compiled_bf16_linear_computes_no_gradient_for_a_frozen_weight():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(N, H, generator=g).bfloat16().requires_grad_()
+    w = torch.randn(V, H, generator=g).bfloat16()  # frozen, as LoRA's base layers are
+    dy = torch.randn(N, V, generator=g).bfloat16()
+    y = torch.compile(linear, fullgraph=True)(x, w)
+    with _MatmulLog() as products:
+        y.backward(dy)
+    assert products.log == [((N, V), (V, 1), (V, H))], products.log  # dY W only
+    torch.testing.assert_close(x.grad.double(), dy.double() @ w.double(), rtol=0, atol=1e-2 * x.grad.abs().max())
 
 
 def test_build_optimizer_is_fused_adamw_and_steps_like_the_loop_implementation():

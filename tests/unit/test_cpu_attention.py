@@ -101,7 +101,7 @@ def test_compiled_bf16_model_with_documents_and_checkpointing_matches_eager():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(ids[:, :-1], targets=ids[:, 1:], document_ids=docs).loss
         loss.backward()
-        return loss.item(), {n: p.grad for n, p in model.named_parameters() if "self_attn" in n}
+        return loss.item(), {n: p.grad for n, p in model.named_parameters()}  # q/k/v, gate/up: CpuBf16Matmul
 
     want_loss, want = run(eager)
     with torch.profiler.profile() as prof:
