@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from configs.sections import OptimSection
-from modeling.compile import _dispatch_head, _plain_head
+from modeling.compile import _dispatch_head, _plain_head, _TokenNll
 from parallel.layers import CpuBf16Matmul, VocabParallelHead, cpu_has_native_bf16, linear
 from training.optim import build_optimizer
 
@@ -148,6 +148,27 @@ def test_compiled_bf16_linear_computes_no_gradient_for_a_frozen_weight():
         y.backward(dy)
     assert products.log == [((N, V), (V, 1), (V, H))], products.log  # dY W only
     torch.testing.assert_close(x.grad.double(), dy.double() @ w.double(), rtol=0, atol=1e-2 * x.grad.abs().max())
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_token_nll_gradient_at_a_confident_target_is_computed_before_rounding(compiled):
+    # p_t = 0.987: the target's gradient (p_t - 1) g = -0.013 g must come from fp32, not bf16(p_t g) - g (whose
+    # bf16 rounding of p_t g alone is up to 0.002 g, 15% of it; inductor keeps fp32 between its ops, so the
+    # eager run is the one that shows it)
+    z = torch.zeros(N, V, dtype=torch.bfloat16)
+    target = torch.arange(N) % V
+    z[torch.arange(N), target] = 8.0
+    target[0] = -100
+    z.requires_grad_()
+    g = torch.linspace(0.5, 2.0, N)
+    (torch.compile(_TokenNll.apply, fullgraph=True) if compiled else _TokenNll.apply)(z, target).backward(g)
+    ref_z = z.detach().double().requires_grad_()
+    ref = F.cross_entropy(ref_z, target, ignore_index=-100, reduction="none")
+    ref.backward(g.double())
+    rows = torch.arange(1, N)
+    got, want = z.grad[rows, target[1:]].double(), ref_z.grad[rows, target[1:]]
+    torch.testing.assert_close(got, want, rtol=4e-3, atol=0)  # bf16's own rounding: 2^-9
+    assert z.grad[0].abs().max() == 0  # the ignored row
 
 
 def test_build_optimizer_is_fused_adamw_and_steps_like_the_loop_implementation():
