@@ -8,7 +8,8 @@ and the parts that do not trace well stay outside. What runs where:
 - attention, norms, the dense SwiGLU MLP and the residual adds: compiled (inductor), forward and backward; bf16
   attention on a CPU with bf16 hardware, up to 2048 tokens, runs parallel.sdpa.CpuAttention (torch's flash
   forward, a blocked backward that inductor fuses, faster than torch's CPU flash backward), and there the layers
-  that widen (q/k/v, gate/up) multiply their weight gradients with row-major operands (parallel.layers.linear);
+  whose local shard widens (at tp=1 q/k/v and gate/up) multiply their weight gradients with row-major operands
+  (parallel.layers.linear);
 - tensor and sequence parallelism: parallel.mappings' autograd collectives call `dist.all_reduce` and friends,
   which dynamo rewrites into functional collectives inside the graph (no graph break; checked at tp=2 with
   sequence parallelism); Ulysses context attention (all-to-all) likewise; ring attention's `batch_isend_irecv`
@@ -21,7 +22,7 @@ and the parts that do not trace well stay outside. What runs where:
   (busy) 2-core CPU, head and loss forward and backward (2048 x 512 by 32000) took 0.6 s against 1.4 s for the
   eager fused function (parallel.cross_entropy, whose fp32 max/exp/gradient passes run one by one; fp32: level;
   bench/README.md); in bf16 on the CPU the weight's gradient is multiplied as (x^T dZ)^T (parallel.layers.linear's
-  `CpuBf16Matmul`, as for q/k/v and gate/up: oneDNN runs a transposed left operand at about half speed). With
+  `CpuBf16Matmul`, as for the layers that widen: oneDNN runs a transposed left operand at about half speed). With
   tp > 1 the vocab-parallel fused function stays eager (its all-reduces sit between its passes);
 - activation checkpointing wraps the compiled layer (`checkpoint(layer, ...)` in modeling.llama.run_layers): the
   recomputation in backward runs the same compiled forward;
@@ -81,12 +82,12 @@ def _compiled() -> object:
 
 
 class _TokenNll(torch.autograd.Function):
-    """Per-token cross-entropy of (N, V) logits against (N,) target ids (IGNORE_INDEX: 0), computed in fp32.
+    """Per-token cross-entropy of (N, V) logits against (N,) target ids, computed in fp32 (0 where ignored).
 
     Written out for its backward: the logits' gradient is softmax times the upstream gradient, one pass over the
     logits, with the target column then overwritten by (p_t - 1) g (an in-place write of N values). autograd's
     gradient of a target gather is an (N, V) fp32 zero tensor with -g scattered in, which the softmax pass then
-    reads: two more passes over logits-sized memory (compiled bf16 step 1-1.6% faster, fp32 0.7%;
+    reads: two more passes over logits-sized memory (compiled bf16 step 0.9-1.6% faster, fp32 0.7%;
     bench/README.md).
     """
 
@@ -109,7 +110,7 @@ class _TokenNll(torch.autograd.Function):
         dz = (torch.exp(z.float() - lse.unsqueeze(-1)) * g.unsqueeze(-1)).to(z.dtype)
         at_target = ((torch.exp(z_t - lse) - 1.0) * g).to(z.dtype)  # in fp32 before rounding: p_t may be near 1
         rows = torch.arange(z.shape[0], device=z.device)
-        return dz.index_put((rows, safe), at_target), None
+        return dz.index_put_((rows, safe), at_target), None  # dz is this function's own
 
 
 def _head_loss(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:

@@ -131,10 +131,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     - Without bf16 hardware it multiplies in fp32 and stores bf16: emulated bf16 matmuls run hundreds of times
       slower than fp32 there (bench/README.md), and the fp32 product is also the more accurate one. Activations
       and weights stay bf16 in memory.
-    - With it, in compiled code (train.compile), a layer that widens (in < out: q/k/v, gate/up, the head) runs
-      `CpuBf16Matmul`, whose weight gradient multiplies row-major operands: the x^T it copies (N x in) and the
-      product it transposes (in x out) are small next to the product. Where in >= out (o, down) the copies cost
-      what the faster product saves (bench/README.md), so those keep F.linear, as does a layer with a bias.
+    - With it, in compiled code (train.compile), a layer whose local weight widens (in < out; at tp=1 q/k/v,
+      gate/up and the head) runs `CpuBf16Matmul`, whose weight gradient multiplies row-major operands: the x^T it
+      copies (N x in) and the product it transposes (in x out) are small next to the product. Where in >= out (o,
+      down) the copies cost what the faster product saves (bench/README.md), so those keep F.linear, as does a
+      layer with a bias.
     """
     if _emulated_bf16(x):
         return _Fp32Linear.apply(x, weight, bias)

@@ -124,7 +124,8 @@ def attention_backward(q, k, v, out, lse, grad_out, mask):
     do; each block's dk and dv products, in q's dtype, are summed in fp32: as one sum of the blocks' products
     zero-padded to all S keys, which inductor fuses into one masked pass (adding each into a slice of a running
     total chained the slices' masks into a kernel that took 2.6 ms per layer of bench/throughput.py's model, 1.5
-    with the sum).
+    with the sum; the blocks' products, T / BACKWARD_BLOCK / 2 + 1/2 times dk's size in all under the causal mask,
+    are then alive together).
     """
     B, Hq, T, hd = q.shape
     Hkv, S = k.shape[1], k.shape[2]

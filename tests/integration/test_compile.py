@@ -6,8 +6,8 @@ shared, so the suite pays the start-up once): tensor parallelism (tp=2 with sequ
 DeepSpeed at tp=1, DDP with activation checkpointing, MoE at ep=2 and LoRA adapters, each eager and compiled on the
 same synthetic data. fp32: the compiled kernels reorder some sums, so the figures agree to 1e-5, not exactly. tp=2
 with sequence parallelism runs once more in bf16 (fp32 weights under autocast; on a CPU with bf16 hardware the
-compiled layers then take the bf16 paths of parallel.layers.linear and parallel.sdpa), agreeing to 4e-3, about one
-bf16 rounding.
+compiled layers then take the bf16 paths of parallel.layers.linear, for gate/up's local shard, and of
+parallel.sdpa), agreeing to 4e-3, about one bf16 rounding.
 Every compiled run must have compiled graphs (`compile/graphs` > 0: the layers did run through torch.compile) and
 none after its first step (`compile/recompiles` = 0 on every row).
 """

@@ -133,6 +133,7 @@ def test_compiled_bf16_linear_multiplies_a_widening_layers_weight_gradient_row_m
         assert got.dtype == dtype
         torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-2 * want.abs().max().item())
     # the widening layer's weight gradient: x^T (H, N) row-major by dY (N, V); the narrowing one keeps F.linear's
+    # (in the x^T form its left operand would be the hidden's (V, N) transpose, row-major)
     assert ((H, N), (N, 1), (N, V)) in products.log, products.log
     assert not [p for p in products.log if p[0] == (V, N) and p[1] == (N, 1)], products.log
 
