@@ -13,7 +13,7 @@ from parallel.layers import (
     ColumnParallelLinear,
     InitMethod,
     RowParallelLinear,
-    cpu_has_native_bf16,
+    emulated_bf16,
     fused_column_parallel,
 )
 from parallel.sdpa import sdpa
@@ -73,14 +73,19 @@ class Attention(nn.Module):
             v_buf[:, :, start : start + T] = v
             k, v = k_buf[:, :, : start + T], v_buf[:, :, : start + T]  # (B, nkv, S, hd)
         dtype = q.dtype
-        if q.device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16():
-            # without bf16 hardware torch's CPU attention kernels run bf16 several times slower than fp32
-            q, k, v = q.float(), k.float(), v.float()
-        if isinstance(mask, ContextMask):  # the sequence is split over the context group (modeling.context)
-            y = mask.attend(q, k, v).to(dtype)  # (B, nh, T/cp, hd)
-        elif isinstance(mask, FlexMask):  # one block mask per batch, no (T, T) tensor (modeling.flex)
-            y = mask.attend(q, k, v).to(dtype)  # (B, nh, T, hd)
-        else:  # on CUDA, k and v are repeated to the query heads under a mask (parallel.sdpa: kernel eligibility)
-            y = sdpa(q, k, v, mask).to(dtype)  # (B, nh, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh * hd)
+        if emulated_bf16(q):  # without bf16 hardware torch's CPU attention runs bf16 several times slower than fp32
+            with torch.autocast("cpu", enabled=False):  # autocast would cast the fp32 inputs back to bf16
+                y = self._attend(q.float(), k.float(), v.float(), mask)
+        else:
+            y = self._attend(q, k, v, mask)
+        y = y.to(dtype).transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh * hd)
         return self.o_proj(y)
+
+    @staticmethod
+    def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+        """(B, nh, T, hd) q, (B, nkv, S, hd) k and v -> (B, nh, T or T/cp, hd) through the mask's kernel."""
+        if isinstance(mask, ContextMask):  # the sequence is split over the context group (modeling.context)
+            return mask.attend(q, k, v)  # (B, nh, T/cp, hd)
+        if isinstance(mask, FlexMask):  # one block mask per batch, no (T, T) tensor (modeling.flex)
+            return mask.attend(q, k, v)  # (B, nh, T, hd)
+        return sdpa(q, k, v, mask)  # on CUDA, k and v are repeated to the query heads under a mask (parallel.sdpa)

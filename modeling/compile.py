@@ -53,7 +53,7 @@ from torch import nn
 from modeling.llama import DecoderLayer, LlamaForCausalLM
 from modeling.moe import MoEMLP
 from parallel.cross_entropy import IGNORE_INDEX, REDUCTIONS, check_token_ids
-from parallel.layers import VocabParallelHead, cpu_has_native_bf16, linear
+from parallel.layers import VocabParallelHead, emulated_bf16, linear
 
 # One compiled function for every layer (and every model in the process): dynamo caches its graphs on this code.
 _compiled_layer_forward = None
@@ -136,7 +136,7 @@ def _plain_head(head: VocabParallelHead, x: torch.Tensor) -> bool:
         return False
     if head.gather_output or not head.reuse_loss_buffers or head.weight.shape[0] != head.out_features:
         return False
-    return not (x.device.type == "cpu" and x.dtype == torch.bfloat16 and not cpu_has_native_bf16())
+    return not emulated_bf16(x)
 
 
 def _dispatch_head(head: VocabParallelHead):

@@ -194,7 +194,8 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         reduction: str = "mean",
     ):
         x2 = x.reshape(-1, x.shape[-1])  # (N, H)
-        z = x2.to(matmul_dtype) @ weight.to(matmul_dtype).t()  # (N, V/tp)
+        with torch.autocast(x.device.type, enabled=False):  # matmul_dtype decides (autocast would cast fp32 back)
+            z = x2.to(matmul_dtype) @ weight.to(matmul_dtype).t()  # (N, V/tp)
         if z.dtype == torch.float32:
             chunks, kept = [z], None
         else:

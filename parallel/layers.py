@@ -62,26 +62,41 @@ def cpu_has_native_bf16() -> bool:
 
 
 class _Fp32Linear(torch.autograd.Function):
-    """fwd: y = bf16(x32 W32^T + b32) / bwd: dX, dW, db in fp32 from the saved bf16 x and W, cast back to bf16."""
+    """fwd: y = bf16(x32 W32^T + b32) / bwd: dX, dW, db in fp32 from the saved x and W, cast back to their dtypes.
+
+    Autocast is off inside (it would cast the fp32 products back to bf16); the output is bf16 as autocast's is.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return F.linear(x.float(), weight.float(), bias.float() if bias is not None else None).to(x.dtype)
+        with torch.autocast("cpu", enabled=False):
+            y = F.linear(x.float(), weight.float(), bias.float() if bias is not None else None)
+        return y.to(torch.bfloat16)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        g = grad.float().reshape(-1, grad.shape[-1])  # (N, out)
-        dx = (g @ weight.float()).to(x.dtype).view_as(x) if ctx.needs_input_grad[0] else None
-        dw = (g.t() @ x.float().reshape(-1, x.shape[-1])).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        with torch.autocast("cpu", enabled=False):
+            g = grad.float().reshape(-1, grad.shape[-1])  # (N, out)
+            dx = (g @ weight.float()).to(x.dtype).view_as(x) if ctx.needs_input_grad[0] else None
+            dw = (g.t() @ x.float().reshape(-1, x.shape[-1])).to(weight.dtype) if ctx.needs_input_grad[1] else None
         db = g.sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db
 
 
-def _emulated_bf16(x: torch.Tensor) -> bool:
-    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not cpu_has_native_bf16()
+def emulated_bf16(x: torch.Tensor) -> bool:
+    """Whether a matmul of x would run in bf16 on a CPU that emulates it (no AVX512-BF16 or AMX).
+
+    That is: x bf16, or fp32 or bf16 under bf16 autocast (the trainer's bf16 on the torch engine: fp32 weights).
+    The matmuls then run in fp32 instead (`linear`, the head, attention).
+    """
+    if x.device.type != "cpu" or cpu_has_native_bf16():
+        return False
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+        return x.dtype in (torch.float32, torch.bfloat16)
+    return x.dtype == torch.bfloat16
 
 
 def native_bf16_cpu_matmul(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -128,16 +143,16 @@ class CpuBf16Matmul(torch.autograd.Function):
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, except for two bf16 cases on the CPU.
 
-    - Without bf16 hardware it multiplies in fp32 and stores bf16: emulated bf16 matmuls run hundreds of times
-      slower than fp32 there (bench/README.md), and the fp32 product is also the more accurate one. Activations
-      and weights stay bf16 in memory.
+    - Without bf16 hardware it multiplies in fp32 and stores bf16, for bf16 x and under bf16 autocast alike
+      (`emulated_bf16`): emulated bf16 matmuls run hundreds of times slower than fp32 there (bench/README.md),
+      and the fp32 product is also the more accurate one. Activations stay bf16 in memory.
     - With it, in compiled code (train.compile), a layer whose local weight widens (in < out; at tp=1 q/k/v,
       gate/up and the head) runs `CpuBf16Matmul`, whose weight gradient multiplies row-major operands: the x^T it
       copies (N x in) and the product it transposes (in x out) are small next to the product. Where in >= out (o,
       down) the copies cost what the faster product saves (bench/README.md), so those keep F.linear, as does a
       layer with a bias.
     """
-    if _emulated_bf16(x):
+    if emulated_bf16(x):
         return _Fp32Linear.apply(x, weight, bias)
     if torch.compiler.is_compiling() and bias is None and weight.shape[1] < weight.shape[0]:
         if native_bf16_cpu_matmul(x, weight):
@@ -293,7 +308,7 @@ class VocabParallelHead(ColumnParallelLinear):
                 logits, targets, group, vocab_size=vocab, reuse_buffers=reuse, reduction=reduction
             )
         x = _enter_column_region(x, self.state)
-        matmul_dtype = torch.float32 if _emulated_bf16(x) else None
+        matmul_dtype = torch.float32 if emulated_bf16(x) else None
         return vocab_parallel_linear_cross_entropy(
             x,
             self.weight,
