@@ -83,7 +83,7 @@ class Attention(nn.Module):
 
     @staticmethod
     def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
-        """(B, nh, T, hd) q, (B, nkv, S, hd) k and v -> (B, nh, T or T/cp, hd) through the mask's kernel."""
+        """(B, nh, Tq, hd) q, (B, nkv, S, hd) k, v -> (B, nh, Tq, hd) by the mask's kernel (Tq = T/cp under cp)."""
         if isinstance(mask, ContextMask):  # the sequence is split over the context group (modeling.context)
             return mask.attend(q, k, v)  # (B, nh, T/cp, hd)
         if isinstance(mask, FlexMask):  # one block mask per batch, no (T, T) tensor (modeling.flex)

@@ -62,7 +62,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 class _Fp32Linear(torch.autograd.Function):
-    """fwd: y = bf16(x32 W32^T + b32) / bwd: dX, dW, db in fp32 from the saved x and W, cast back to their dtypes.
+    """fwd: y = bf16(x32 W32^T + b32) / bwd: dX, dW, db in fp32 from the saved x and W, cast to x's and W's dtypes.
 
     Autocast is off inside (it would cast the fp32 products back to bf16); the output is bf16 as autocast's is.
     """

@@ -35,8 +35,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from parallel.layers import cpu_has_native_bf16
-
 BACKWARD_BLOCK = 128  # queries per block of CpuAttention's backward
 MAX_BLOCKS = 16  # blocks at most (the loop is unrolled into the compiled graph): longer sequences keep SDPA
 
@@ -67,9 +65,6 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     compiled_cpu = q.device.type == "cpu" and torch.compiler.is_compiling() and torch.is_grad_enabled()
     if compiled_cpu and torch.is_autocast_enabled("cpu"):  # autocast's cast of SDPA (CpuAttention's kernel has none)
         q, k, v = (t.to(torch.get_autocast_dtype("cpu")) for t in (q, k, v))
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not cpu_has_native_bf16():
-        # without bf16 hardware torch's CPU attention kernels run bf16 several times slower than fp32
-        q, k, v = q.float(), k.float(), v.float()
     if compiled_cpu and q.dtype == torch.bfloat16 and q.shape[2] <= MAX_BLOCKS * BACKWARD_BLOCK:
         return CpuAttention.apply(q, k, v, mask).to(dtype)
     n_heads = q.shape[1]
