@@ -86,30 +86,27 @@ class _Fp32Linear(torch.autograd.Function):
         return dx, dw, db
 
 
+def bf16_cpu_matmul(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
+    """Whether a matmul of x (by weight, when given) runs in bf16 on the CPU.
+
+    That is: the operands bf16, or each fp32 or bf16 under bf16 autocast (which casts F.linear's operands).
+    """
+    if x.device.type != "cpu":
+        return False
+    operands = (x,) if weight is None else (x, weight)
+    if torch.is_autocast_enabled("cpu"):
+        cast = (torch.float32, torch.bfloat16)
+        return torch.get_autocast_dtype("cpu") == torch.bfloat16 and all(t.dtype in cast for t in operands)
+    return all(t.dtype == torch.bfloat16 for t in operands)
+
+
 def emulated_bf16(x: torch.Tensor) -> bool:
     """Whether a matmul of x would run in bf16 on a CPU that emulates it (no AVX512-BF16 or AMX).
 
     That is: x bf16, or fp32 or bf16 under bf16 autocast (the trainer's bf16 on the torch engine: fp32 weights).
     The matmuls then run in fp32 instead (`linear`, the head, attention).
     """
-    if x.device.type != "cpu" or cpu_has_native_bf16():
-        return False
-    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
-        return x.dtype in (torch.float32, torch.bfloat16)
-    return x.dtype == torch.bfloat16
-
-
-def native_bf16_cpu_matmul(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether x W^T multiplies in bf16 on a CPU with bf16 hardware.
-
-    That is: both operands bf16, or each fp32 or bf16 under bf16 autocast (which casts F.linear's operands).
-    """
-    if x.device.type != "cpu" or not cpu_has_native_bf16():
-        return False
-    if torch.is_autocast_enabled("cpu"):
-        cast = (torch.float32, torch.bfloat16)
-        return torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in cast and weight.dtype in cast
-    return x.dtype == weight.dtype == torch.bfloat16
+    return bf16_cpu_matmul(x) and not cpu_has_native_bf16()
 
 
 class CpuBf16Matmul(torch.autograd.Function):
@@ -155,7 +152,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if emulated_bf16(x):
         return _Fp32Linear.apply(x, weight, bias)
     if torch.compiler.is_compiling() and bias is None and weight.shape[1] < weight.shape[0]:
-        if native_bf16_cpu_matmul(x, weight):
+        if bf16_cpu_matmul(x, weight) and cpu_has_native_bf16():
             y = CpuBf16Matmul.apply(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), weight.to(torch.bfloat16))
             return y.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
