@@ -17,15 +17,23 @@ which makes the memory-efficient kernel eligible; the copies are (B, Hq, S, hd),
 scores they avoid. Causal attention without a mask keeps enable_gqa (flash takes it, no copies), and so does the
 CPU, whose flash kernel takes a mask with grouped heads (torch._fused_sdp_choice picks it there in torch 2.13).
 
-Compiled bf16 CPU training (train.compile) runs `CpuAttention` instead, for sequences up to
-MAX_BLOCKS x BACKWARD_BLOCK = 2048: the same flash kernel forward, and a backward written as plain ops that inductor
-fuses. torch's CPU flash backward is slow in bf16 (for one layer of bench/throughput.py's model on 2 Xeon cores
-with AMX, 5.6x its own forward); `python bench/cpu_attention.py` measures forward + backward against it. In fp32 the
-blocked backward is level with torch's (causal) or slower (documents), so fp32 keeps SDPA. The backward recomputes
-the probabilities from the forward's log-sum-exp one block of BACKWARD_BLOCK queries at a time, so it holds
-(B, Hq, block, S) scores, never (B, Hq, T, S); under the causal mask a block multiplies only with the keys up to
-its last query (5/8 of the work of full blocks at T = 4 blocks). Longer sequences keep torch's flash backward: the
-loop is unrolled into the compiled graph, and its blocks' scores grow with S.
+Compiled CPU training (train.compile) runs `CpuAttention` instead, in two forms (`cpu_attention_block`):
+
+    bf16, any mask, up to MAX_BLOCKS x BACKWARD_BLOCK = 2048 tokens: the same flash kernel forward, and a backward
+        written as plain ops that inductor fuses. torch's CPU flash backward is slow in bf16 (for one layer of
+        bench/throughput.py's model on 2 Xeon cores with AMX, 5.6x its own forward). The backward recomputes the
+        probabilities from the forward's log-sum-exp one block of BACKWARD_BLOCK queries at a time, so it holds
+        (B, Hq, block, S) scores, never (B, Hq, T, S).
+    fp32, causal, up to MAX_BLOCKS x PROBS_BLOCK = 1024 tokens: the forward too is plain ops over blocks of
+        PROBS_BLOCK queries, and it keeps each block's probabilities for the backward, which then skips the
+        recomputation (a product and an exp per block). That costs memory: (T + PROBS_BLOCK) / 2 fp32 values per
+        query and head, (T + 64) / (2 hd) times q's size (4.5x for bench/throughput.py's T = 512, hd = 64), where
+        the flash kernel keeps one log-sum-exp. In fp32 the recomputing form is only level with torch's kernels
+        (causal) or slower (documents), so fp32 with a mask keeps SDPA.
+
+Under the causal mask a block multiplies only with the keys up to its last query (5/8 of the work of full blocks at
+T = 4 blocks). `python bench/cpu_attention.py` measures forward + backward against torch's SDPA. Longer sequences
+keep torch's flash kernels: the loop is unrolled into the compiled graph, and its blocks' scores grow with S.
 """
 
 from __future__ import annotations
@@ -35,7 +43,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-BACKWARD_BLOCK = 128  # queries per block of CpuAttention's backward
+BACKWARD_BLOCK = 128  # queries per block of CpuAttention's bf16 backward
+PROBS_BLOCK = 64  # queries per block of CpuAttention's fp32 causal forward and backward (it keeps the probabilities)
 MAX_BLOCKS = 16  # blocks at most (the loop is unrolled into the compiled graph): longer sequences keep SDPA
 
 
@@ -65,7 +74,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     compiled_cpu = q.device.type == "cpu" and torch.compiler.is_compiling() and torch.is_grad_enabled()
     if compiled_cpu and torch.is_autocast_enabled("cpu"):  # autocast's cast of SDPA (CpuAttention's kernel has none)
         q, k, v = (t.to(torch.get_autocast_dtype("cpu")) for t in (q, k, v))
-    if compiled_cpu and q.dtype == torch.bfloat16 and q.shape[2] <= MAX_BLOCKS * BACKWARD_BLOCK:
+    if compiled_cpu and cpu_attention_block(q, mask):
         return CpuAttention.apply(q, k, v, mask).to(dtype)
     n_heads = q.shape[1]
     if expands_kv(q.device, n_heads, k.shape[1], mask is not None):
@@ -78,16 +87,42 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     return y.to(dtype)
 
 
-class CpuAttention(torch.autograd.Function):
-    """`sdpa` on the CPU in a compiled layer: torch's flash kernel forward, a blocked backward for inductor to fuse.
+def cpu_attention_block(q: torch.Tensor, mask: torch.Tensor | None) -> int | None:
+    """Queries per block of CpuAttention for q (B, Hq, T, hd) under `mask`, or None where SDPA stays (module docstring).
 
-    Same arguments and result as `sdpa` (grouped heads, `mask` (B or 1, 1, T, S) bool or None = causal); the
-    forward keeps the kernel's output and log-sum-exp, as SDPA's own backward does.
+    bf16: BACKWARD_BLOCK (flash forward, blocked backward); fp32 and causal: PROBS_BLOCK (blocked both ways, the
+    probabilities kept); either up to MAX_BLOCKS blocks.
+    """
+    if q.dtype == torch.bfloat16:
+        block = BACKWARD_BLOCK
+    elif q.dtype == torch.float32 and mask is None:
+        block = PROBS_BLOCK
+    else:
+        return None
+    return block if q.shape[2] <= MAX_BLOCKS * block else None
+
+
+def _causal(i: int, n_q: int, n_k: int, device: torch.device) -> torch.Tensor:
+    """(n_q, n_k) bool: query i + a attends to key b <= i + a (a block of the causal mask)."""
+    return torch.arange(i, i + n_q, device=device)[:, None] >= torch.arange(n_k, device=device)
+
+
+class CpuAttention(torch.autograd.Function):
+    """`sdpa` on the CPU in a compiled layer, in plain ops that inductor fuses (the two forms: module docstring).
+
+    Same arguments and result as `sdpa` (grouped heads, `mask` (B or 1, 1, T, S) bool or None = causal). bf16
+    (and fp32 with a mask): torch's flash kernel forward, which keeps its output and log-sum-exp as SDPA's own
+    backward does, and `attention_backward` recomputes the probabilities. fp32 causal: `causal_attention_probs`
+    forward, whose probabilities `attention_backward` reuses.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, mask):
         """(B, Hq, T, hd) q, (B, Hkv, S, hd) k, v -> (B, Hq, T, hd)."""
+        if q.dtype == torch.float32 and mask is None:
+            out, probs = causal_attention_probs(q, k, v)
+            ctx.save_for_backward(q, k, v, out, None, None, *probs)
+            return out
         additive = None  # the kernel takes an additive mask in q's dtype
         if mask is not None:
             additive = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, -math.inf)
@@ -103,12 +138,34 @@ class CpuAttention(torch.autograd.Function):
 
         A backward called inside an autocast region would otherwise run its fp32 products in bf16.
         """
-        q, k, v, out, lse, mask = ctx.saved_tensors
+        q, k, v, out, lse, mask, *probs = ctx.saved_tensors
         with torch.autocast(q.device.type, enabled=False):
-            return (*attention_backward(q, k, v, out, lse, grad_out.to(q.dtype), mask), None)
+            return (*attention_backward(q, k, v, out, lse, grad_out.to(q.dtype), mask, probs or None), None)
 
 
-def attention_backward(q, k, v, out, lse, grad_out, mask):
+def causal_attention_probs(q, k, v) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Causal softmax(q k^T / sqrt(hd)) v for (B, Hq, T, hd) q over (B, Hkv, T, hd) k, v, and its probabilities.
+
+    Per block of PROBS_BLOCK queries, over the keys up to the block's last query: a kv head's r query heads stacked
+    into one matrix as in `attention_backward`, whose `probs` the returned (B, Hkv, r, n_q, n_k) blocks are.
+    """
+    B, Hq, T, hd = q.shape
+    Hkv = k.shape[1]
+    r = Hq // Hkv
+    q5 = q.reshape(B, Hkv, r, T, hd)
+    out, probs = [], []
+    for i in range(0, T, PROBS_BLOCK):
+        n_q = min(PROBS_BLOCK, T - i)
+        n_k = i + n_q
+        qb = q5[:, :, :, i : i + n_q].reshape(B, Hkv, r * n_q, hd)
+        scores = (qb @ k[:, :, :n_k].transpose(-1, -2)).view(B, Hkv, r, n_q, n_k) * hd**-0.5
+        p = scores.masked_fill(~_causal(i, n_q, n_k, q.device), -math.inf).softmax(-1)
+        probs.append(p)
+        out.append((p.view(B, Hkv, r * n_q, n_k) @ v[:, :, :n_k]).view(B, Hkv, r, n_q, hd))
+    return torch.cat(out, dim=3).view(B, Hq, T, hd), probs
+
+
+def attention_backward(q, k, v, out, lse, grad_out, mask, probs=None):
     """dq, dk, dv of softmax(q k^T / sqrt(hd) + mask) v, given its output and (B, Hq, T) log-sum-exp (fp32).
 
     Query head j uses kv head j // r (r = Hq / Hkv): a kv head's r query heads are stacked into one matrix, so the
@@ -121,27 +178,31 @@ def attention_backward(q, k, v, out, lse, grad_out, mask):
     total chained the slices' masks into a kernel that took 2.6 ms per layer of bench/throughput.py's model, 1.5
     with the sum; the blocks' products, T / BACKWARD_BLOCK / 2 + 1/2 times dk's size in all under the causal mask,
     are then alive together).
+
+    `probs`, the forward's probabilities (`causal_attention_probs`, fp32, causal): P per block of PROBS_BLOCK
+    queries is taken from them instead of recomputed (`lse` is then unused).
     """
     B, Hq, T, hd = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     assert mask is None or mask.shape[1] == 1, f"mask {tuple(mask.shape)}: one mask for all heads, (B or 1, 1, T, S)"
     r, scale = Hq // Hkv, hd**-0.5
     delta = (grad_out.float() * out.float()).sum(-1).view(B, Hkv, r, T, 1)  # rowsum(dO * O)
-    lse = lse.view(B, Hkv, r, T, 1)
     q5, do5 = q.reshape(B, Hkv, r, T, hd), grad_out.reshape(B, Hkv, r, T, hd)
+    block = BACKWARD_BLOCK if probs is None else PROBS_BLOCK
     dq, dk, dv = [], [], []  # per block: (B, Hkv, r, n_q, hd) dq; fp32 dk and dv padded to S keys
-    for i in range(0, T, BACKWARD_BLOCK):
-        n_q = min(BACKWARD_BLOCK, T - i)
+    for j, i in enumerate(range(0, T, block)):
+        n_q = min(block, T - i)
         n_k = min(i + n_q, S) if mask is None else S  # causal: no key after the block's last query
         qb = q5[:, :, :, i : i + n_q].reshape(B, Hkv, r * n_q, hd)
         dob = do5[:, :, :, i : i + n_q].reshape(B, Hkv, r * n_q, hd)
         kb, vb = k[:, :, :n_k], v[:, :, :n_k]
-        if mask is None:
-            attend = torch.arange(i, i + n_q, device=q.device)[:, None] >= torch.arange(n_k, device=q.device)
+        if probs is not None:
+            p = probs[j]
         else:
-            attend = mask[:, :, i : i + n_q].unsqueeze(2)  # (B or 1, 1, 1, n_q, S)
-        scores = (qb.float() @ kb.float().transpose(-1, -2)).view(B, Hkv, r, n_q, n_k)  # fp32 (see above)
-        p = torch.where(attend, torch.exp(scores * scale - lse[:, :, :, i : i + n_q]), 0.0)
+            attend = _causal(i, n_q, n_k, q.device) if mask is None else mask[:, :, i : i + n_q].unsqueeze(2)
+            scores = (qb.float() @ kb.float().transpose(-1, -2)).view(B, Hkv, r, n_q, n_k)  # fp32 (see above)
+            lse_b = lse.view(B, Hkv, r, T, 1)[:, :, :, i : i + n_q]
+            p = torch.where(attend, torch.exp(scores * scale - lse_b), 0.0)
         dp = (dob @ vb.transpose(-1, -2)).view(B, Hkv, r, n_q, n_k).float()
         ds = (p * (dp - delta[:, :, :, i : i + n_q]) * scale).to(q.dtype).view(B, Hkv, r * n_q, n_k)
         pad = (0, 0, 0, S - n_k)  # keys n_k .. S - 1 get nothing from this block

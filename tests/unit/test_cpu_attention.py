@@ -1,13 +1,17 @@
-"""parallel.sdpa.CpuAttention: compiled bf16 CPU training's attention (flash forward, blocked backward) vs float64.
+"""parallel.sdpa.CpuAttention: compiled CPU training's attention (bf16: flash forward, blocked backward; fp32 causal:
+blocked both ways, the probabilities kept) vs float64.
 
 The reference is softmax(q k^T / sqrt(hd) + mask) v written out in float64 with the kv heads repeated
 (transformers' repeat_kv), differentiated by autograd. T = 200 with 64-query blocks gives four blocks, the last a
 partial one; grouped heads (4 query heads over 2 kv heads); causal, and documents with a sliding window.
 
-- The backward's formulas: CpuAttention in fp32 (eager: the same Python ops inductor compiles), to 1e-5.
+- The formulas in fp32 (eager: the same Python ops inductor compiles), to 1e-5: the fp32 causal form; the
+  recomputing backward after torch's flash forward, causal (bf16's form) and with documents.
 - Its precision in bf16 with sharp attention (logits of standard deviation about 9, where scores rounded to bf16
   before the exp were 8x less accurate): the gradients must be within 2x of the error of torch's own bf16 SDPA on
   the same inputs.
+- A compiled fp32 model with activation checkpointing against the same model eager (torch's SDPA), to 1e-5,
+  and no flash kernel ran in it.
 - The model as the trainer's bf16 runs it (fp32 weights under bf16 autocast, where RoPE leaves q and k fp32),
   compiled (train.compile) with packed documents and activation checkpointing, against the same model eager (torch's
   SDPA): the loss and every attention weight's gradient agree to bf16's tolerance.
@@ -61,14 +65,77 @@ def _run(fn, q, k, v, mask, grad_out):
     return [out, q.grad, k.grad, v.grad]
 
 
-@pytest.mark.parametrize("masked", [False, True])
-def test_backward_formulas_equal_float64(monkeypatch, masked):
+def _recomputing(q, k, v, mask):
+    """torch's flash forward and attention_backward recomputing the probabilities (CpuAttention's bf16 form)."""
+
+    class Recomputing(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
+            ctx.save_for_backward(q, k, v, out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            q, k, v, out, lse = ctx.saved_tensors
+            return sdpa_mod.attention_backward(q, k, v, out, lse, grad_out, None)
+
+    assert mask is None
+    return Recomputing.apply(q, k, v)
+
+
+@pytest.mark.parametrize("form", ["fp32 causal", "recomputing causal", "recomputing documents"])
+def test_formulas_equal_float64(monkeypatch, form):
     monkeypatch.setattr(sdpa_mod, "BACKWARD_BLOCK", 64)
+    assert sdpa_mod.PROBS_BLOCK == 64
     (q, k, v), grad_out = _inputs(torch.float32)
-    mask = document_causal_mask(DOCS, 40) if masked else None  # (B, 1, T, T): documents, window 40
-    got = _run(sdpa_mod.CpuAttention.apply, q, k, v, mask, grad_out)
+    mask = document_causal_mask(DOCS, 40) if form.endswith("documents") else None  # (B, 1, T, T), window 40
+    fn = _recomputing if form == "recomputing causal" else sdpa_mod.CpuAttention.apply
+    got = _run(fn, q, k, v, mask, grad_out)
     for name, err in zip(("out", "dq", "dk", "dv"), _errors(got, _float64(q, k, v, mask, grad_out)), strict=True):
         assert err < 1e-5, (name, err)
+
+
+def test_compiled_fp32_model_with_checkpointing_matches_eager():
+    cfg = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+    torch.manual_seed(0)
+    eager = LlamaForCausalLM(cfg)
+    compiled = copy.deepcopy(eager)
+    compile_layers(compiled)
+    ids = torch.randint(0, 128, (2, 161))  # 160 queries: blocks of 64, 64 and 32
+
+    def run(model):
+        model.activation_checkpointing = True
+        loss = model(ids[:, :-1], targets=ids[:, 1:]).loss
+        loss.backward()
+        return loss.item(), {n: p.grad for n, p in model.named_parameters()}
+
+    want_loss, want = run(eager)
+    with torch.profiler.profile() as prof:
+        loss, got = run(compiled)
+    ran = {e.name for e in prof.events()}
+    assert not {n for n in ran if "flash_attention" in n}, "the compiled fp32 model ran torch's flash kernels"
+    assert loss == pytest.approx(want_loss, rel=1e-6)
+    for name, grad in got.items():
+        err = ((grad - want[name]).norm() / want[name].norm()).item()
+        assert err < 1e-5, (name, err)
+
+
+def test_which_form_runs():
+    """fp32 takes the blocked form only causal and up to MAX_BLOCKS x PROBS_BLOCK tokens, bf16 up to 2048."""
+
+    def block(dtype, T, masked=False):
+        q = torch.empty(1, 1, T, HD, dtype=dtype)
+        return sdpa_mod.cpu_attention_block(q, torch.ones(1, 1, T, T, dtype=torch.bool) if masked else None)
+
+    assert (block(torch.float32, 1024), block(torch.float32, 1025), block(torch.float32, 64, True)) == (64, None, None)
+    assert (block(torch.bfloat16, 2048), block(torch.bfloat16, 2049), block(torch.bfloat16, 64, True)) == (
+        128,
+        None,
+        128,
+    )
+    assert block(torch.float16, 64) is None
 
 
 def test_bf16_backward_is_as_accurate_as_torch_under_sharp_attention(monkeypatch):
