@@ -1,11 +1,12 @@
 """CPU attention, forward + backward: torch's SDPA (flash kernel both ways) against parallel.sdpa.CpuAttention.
 
-CpuAttention is what compiled bf16 CPU training runs (train.compile; fp32 keeps SDPA, where this script shows it
-no faster): the same flash forward, and a backward written as plain ops in blocks of queries that inductor fuses,
-here compiled alone. Both run on the same q, k, v and output gradient, in one process, alternating; the script
-prints milliseconds per forward + backward (median of --iters), the speed-up, and the largest relative difference
-of dq, dk, dv between the two (as a check, not a reference: tests/unit/test_cpu_attention.py holds that against
-float64).
+CpuAttention is what compiled CPU training runs (train.compile), here compiled alone: in bf16 the same flash forward
+and a backward written as plain ops in blocks of queries that inductor fuses; in fp32 causal, plain ops both ways,
+the forward's probabilities kept for the backward. fp32 with documents shows the recomputing form, slower than
+torch's there, which is why fp32 with a mask keeps SDPA. Both run on the same q, k, v and output gradient, in one
+process, alternating; the script prints milliseconds per forward + backward (median of --iters), the speed-up, and
+the largest relative difference of dq, dk, dv between the two (as a check, not a reference:
+tests/unit/test_cpu_attention.py holds that against float64).
 
     python bench/cpu_attention.py                                  # bench/throughput.py's layer: B 4, T 512
     python bench/cpu_attention.py --seq 2048 --batch 1 --heads 16 --kv-heads 4

@@ -5,9 +5,10 @@ As torchtitan does, the unit of compilation is the decoder layer, not the model:
 parameters are graph inputs, torch's default `inline_inbuilt_nn_modules`); compile time does not grow with depth,
 and the parts that do not trace well stay outside. What runs where:
 
-- attention, norms, the dense SwiGLU MLP and the residual adds: compiled (inductor), forward and backward; bf16
-  attention on a CPU with bf16 hardware, up to 2048 tokens, runs parallel.sdpa.CpuAttention (torch's flash
-  forward, a blocked backward that inductor fuses, faster than torch's CPU flash backward), and there the layers
+- attention, norms, the dense SwiGLU MLP and the residual adds: compiled (inductor), forward and backward; on the
+  CPU attention runs parallel.sdpa.CpuAttention, faster than torch's CPU flash kernels: bf16 (bf16 hardware), up to
+  2048 tokens, torch's flash forward and a blocked backward that inductor fuses; fp32 causal, up to 1024 tokens,
+  blocked both ways with the forward's probabilities kept for the backward. With bf16 hardware the layers
   whose local shard widens (at tp=1 q/k/v and gate/up) multiply their weight gradients with row-major operands
   (parallel.layers.linear);
 - tensor and sequence parallelism: parallel.mappings' autograd collectives call `dist.all_reduce` and friends,
