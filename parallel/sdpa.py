@@ -33,7 +33,10 @@ Compiled CPU training (train.compile) runs `CpuAttention` instead, in two forms 
 
 Under the causal mask a block multiplies only with the keys up to its last query (5/8 of the work of full blocks at
 T = 4 blocks). `python bench/cpu_attention.py` measures forward + backward against torch's SDPA. Longer sequences
-keep torch's flash kernels: the loop is unrolled into the compiled graph, and its blocks' scores grow with S.
+keep torch's flash kernels: the loop is unrolled into the compiled graph, and its blocks' scores grow with S. The
+loop's length makes T part of the graph: each sequence length compiles its own (training's rows all have seq_len
+tokens; a run that keeps changing T would reach dynamo's recompile_limit and run its layers eagerly). Both forms run
+only where there is a backward: grad mode on and q, k or v requiring grad.
 """
 
 from __future__ import annotations
@@ -72,9 +75,10 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     """
     dtype = q.dtype
     compiled_cpu = q.device.type == "cpu" and torch.compiler.is_compiling() and torch.is_grad_enabled()
+    compiled_cpu = compiled_cpu and (q.requires_grad or k.requires_grad or v.requires_grad)  # a backward to run
     if compiled_cpu and torch.is_autocast_enabled("cpu"):  # autocast's cast of SDPA (CpuAttention's kernel has none)
         q, k, v = (t.to(torch.get_autocast_dtype("cpu")) for t in (q, k, v))
-    if compiled_cpu and cpu_attention_block(q, mask):
+    if compiled_cpu and k.dtype == v.dtype == q.dtype and cpu_attention_block(q, mask):
         return CpuAttention.apply(q, k, v, mask).to(dtype)
     n_heads = q.shape[1]
     if expands_kv(q.device, n_heads, k.shape[1], mask is not None):
@@ -111,9 +115,10 @@ class CpuAttention(torch.autograd.Function):
     """`sdpa` on the CPU in a compiled layer, in plain ops that inductor fuses (the two forms: module docstring).
 
     Same arguments and result as `sdpa` (grouped heads, `mask` (B or 1, 1, T, S) bool or None = causal). bf16
-    (and fp32 with a mask): torch's flash kernel forward, which keeps its output and log-sum-exp as SDPA's own
-    backward does, and `attention_backward` recomputes the probabilities. fp32 causal: `causal_attention_probs`
-    forward, whose probabilities `attention_backward` reuses.
+    (and fp32 with a mask, which `sdpa` leaves to SDPA; bench/cpu_attention.py and the tests call it directly):
+    torch's flash kernel forward, which keeps its output and log-sum-exp as SDPA's own backward does, and
+    `attention_backward` recomputes the probabilities. fp32 causal (S == T): `causal_attention_probs` forward, whose
+    probabilities `attention_backward` reuses. The length limits are `sdpa`'s (`cpu_attention_block`).
     """
 
     @staticmethod
@@ -176,8 +181,8 @@ def attention_backward(q, k, v, out, lse, grad_out, mask, probs=None):
     do; each block's dk and dv products, in q's dtype, are summed in fp32: as one sum of the blocks' products
     zero-padded to all S keys, which inductor fuses into one masked pass (adding each into a slice of a running
     total chained the slices' masks into a kernel that took 2.6 ms per layer of bench/throughput.py's model, 1.5
-    with the sum; the blocks' products, T / BACKWARD_BLOCK / 2 + 1/2 times dk's size in all under the causal mask,
-    are then alive together).
+    with the sum; the blocks' products, T / block / 2 + 1/2 times dk's size in all under the causal mask, are then
+    alive together).
 
     `probs`, the forward's probabilities (`causal_attention_probs`, fp32, causal): P per block of PROBS_BLOCK
     queries is taken from them instead of recomputed (`lse` is then unused).

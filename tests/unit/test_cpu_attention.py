@@ -34,20 +34,22 @@ DOCS = torch.tensor([[0] * 50 + [1] * 150, [3] * 120 + [4] * 80])
 FLASH_BACKWARD = "aten::_scaled_dot_product_flash_attention_for_cpu_backward"
 
 
-def _inputs(dtype: torch.dtype, sharpness: float = 1.0):
+def _inputs(dtype: torch.dtype, sharpness: float = 1.0, shape=(B, HQ, HKV, T, HD)):
+    b, hq, hkv, t, hd = shape
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, h, T, HD, generator=g) for h in (HQ, HKV, HKV))
+    q, k, v = (torch.randn(b, h, t, hd, generator=g) for h in (hq, hkv, hkv))
     q, k = q * sharpness, k * sharpness
-    grad_out = torch.randn(B, HQ, T, HD, generator=g).to(dtype)
+    grad_out = torch.randn(b, hq, t, hd, generator=g).to(dtype)
     return [t.to(dtype).requires_grad_() for t in (q, k, v)], grad_out
 
 
 def _float64(q, k, v, mask, grad_out):
     """Output and (dq, dk, dv) of masked softmax attention in float64 (mask True = attend; None = causal)."""
     q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
-    mask = torch.ones(T, T, dtype=torch.bool).tril() if mask is None else mask
-    r = HQ // HKV
-    scores = q @ k.repeat_interleave(r, dim=1).transpose(-1, -2) / HD**0.5
+    t, hd = q.shape[2:]
+    mask = torch.ones(t, t, dtype=torch.bool).tril() if mask is None else mask
+    r = q.shape[1] // k.shape[1]
+    scores = q @ k.repeat_interleave(r, dim=1).transpose(-1, -2) / hd**0.5
     out = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v.repeat_interleave(r, dim=1)
     out.backward(grad_out.double())
     return [out.detach(), q.grad, k.grad, v.grad]
@@ -93,6 +95,17 @@ def test_formulas_equal_float64(monkeypatch, form):
     fn = _recomputing if form == "recomputing causal" else sdpa_mod.CpuAttention.apply
     got = _run(fn, q, k, v, mask, grad_out)
     for name, err in zip(("out", "dq", "dk", "dv"), _errors(got, _float64(q, k, v, mask, grad_out)), strict=True):
+        assert err < 1e-5, (name, err)
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 2, 1, 16), (3, 4, 4, 63, 16), (1, 8, 2, 65, 32)], ids=str)
+def test_fp32_causal_form_at_other_shapes(shape):
+    """One query; a block short of full, one over; no grouping and 4 query heads per kv head; B 1 and 3."""
+    (q, k, v), grad_out = _inputs(torch.float32, shape=shape)
+    got = _run(sdpa_mod.CpuAttention.apply, q, k, v, None, grad_out)
+    want = _float64(q, k, v, None, grad_out)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        err = ((a.double() - b).norm() / b.norm().clamp_min(1.0)).item()  # dq, dk of one query are 0
         assert err < 1e-5, (name, err)
 
 
@@ -189,3 +202,11 @@ def test_eager_and_no_grad_keep_sdpa(monkeypatch):
     sdpa_mod.sdpa(q.requires_grad_(), k, v, None).sum().backward()
     with torch.no_grad():
         sdpa_mod.sdpa(q, k, v, None)
+
+
+def test_compiled_without_a_backward_keeps_sdpa():
+    """Compiled fp32 attention whose inputs need no gradient runs torch's kernel, not the slower blocked forward."""
+    q, k, v = (torch.randn(1, h, 8, HD) for h in (HQ, HKV, HKV))
+    with torch.profiler.profile() as prof:
+        torch.compile(sdpa_mod.sdpa)(q, k, v, None)
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in {e.name for e in prof.events()}
