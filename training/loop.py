@@ -28,11 +28,9 @@ from modeling.compile import CompileWatch, compile_layers
 from modeling.generation import generate
 from modeling.llama import CausalLMOutput, LlamaForCausalLM
 from modeling.native_format import save_native
-from modeling.pipeline import PipelinedCausalLM, PipelinePlan, StageModule
 from parallel.cross_entropy import IGNORE_INDEX
 from parallel.deepspeed_engine import offloads_optimizer
 from parallel.engine import Engine, build_engine
-from parallel.pipeline import PipelineSchedule
 from parallel.state import ParallelState
 from training import checkpoint as ckpt_io
 from training.data import TrainData, build_eval_batches, build_train_loader, token_byte_lengths
@@ -40,6 +38,7 @@ from training.distributed import adopt_accelerate_deepspeed_config, any_rank, in
 from training.metrics import MetricsLogger, StepTimer, data_skipped, flops_per_token, memory_bytes, mfu, peak_flops
 from training.moe_metrics import MoEStepStats
 from training.optim import build_optimizer, schedule_state
+from training.pipeline_run import TrainingPipeline
 
 
 class TrainingError(RuntimeError):
@@ -69,23 +68,9 @@ class Trainer:
         self.model_cfg = resolve_model_config(
             cfg, self.tokenizer, grad_accum=self.grad_accum, resumed_vocab=resumed_vocab
         )
-        self.plan = None
+        self.pipeline = None
         if p.pp > 1:
-            self.plan = PipelinePlan.build(
-                self.model_cfg,
-                pp=p.pp,
-                schedule=p.pp_schedule,
-                stages_per_rank=p.pp_stages_per_rank,
-                pp_layers=p.pp_layers,
-                microbatches=self.grad_accum,
-            )
-            if self.grad_accum < p.pp and self.is_main:
-                print(
-                    f"warning: {self.grad_accum} micro-batches per step for parallel.pp={p.pp} stages: the pipeline "
-                    f"bubble ({p.pp - 1} of {self.grad_accum + p.pp - 1} slots) dominates the step; raise "
-                    f"train.global_batch_size or lower train.micro_batch_size",
-                    flush=True,
-                )
+            self.pipeline = TrainingPipeline(self.model_cfg, p, self.state, self.grad_accum, say=self._say)
         if not resume and self.is_main and ckpt_io.complete_checkpoints(self.out):
             print(f"--no-resume: starting fresh; existing checkpoints in {self.out} will be replaced", flush=True)
 
@@ -107,26 +92,15 @@ class Trainer:
             bf16=self.dtype == torch.bfloat16,
         )
         self.forward_model: nn.Module = self.model  # eval and samples (the whole pipeline under pp)
-        self.pipeline = None
-        if self.plan is not None:
-            self.stages = [
-                StageModule(self.model, self.plan, s, microbatches=self.grad_accum)
-                for s in self.plan.rank_stages(self.state.pp_rank)
-            ]
-            for stage in self.stages:
-                stage.on_forward = self.moe_stats.add_stage
-                stage.autocast_dtype = self.dtype if self._autocast() else None
-            dtype = next(self.model.parameters()).dtype  # the residual stream's (bf16 where DeepSpeed cast it)
-            self.pipeline = PipelineSchedule(
-                self.stages,
-                [stage.stage for stage in self.stages],
-                [stage.io_meta(cfg.train.micro_batch_size, cfg.data.seq_len, dtype) for stage in self.stages],
-                state=self.state,
-                schedule=p.pp_schedule,
-                microbatches=self.grad_accum,
+        if self.pipeline is not None:
+            self.forward_model = self.pipeline.attach(
+                self.model,
+                on_forward=self.moe_stats.add_stage,
+                autocast_dtype=self.dtype if self._autocast() else None,
+                micro_batch_size=cfg.train.micro_batch_size,
+                seq_len=cfg.data.seq_len,
                 device=self.device,
             )
-            self.forward_model = PipelinedCausalLM(self.model, self.plan)
         self.loader = self.build_data()
         self._batches = None
         self.timer = StepTimer()  # step time and the part of it spent waiting for data
@@ -146,7 +120,7 @@ class Trainer:
     def build_model(self) -> LlamaForCausalLM:
         """The model on this rank's device, its weights loaded from weights_source()."""
         # fp32 master weights: the torch engine autocasts to bf16, DeepSpeed keeps its own bf16 copy
-        part = self.plan.part(self.state.pp_rank) if self.plan is not None else None
+        part = None if self.pipeline is None else self.pipeline.part()
         model = LlamaForCausalLM(self.model_cfg, self.state, device=self.device, dtype=torch.float32, part=part)
         model.activation_checkpointing = self.cfg.train.activation_checkpointing
         if self.cfg.train.compile:
@@ -179,17 +153,16 @@ class Trainer:
 
     # ---- setup helpers ----
 
+    def _say(self, text: str) -> None:
+        """Print on the main rank (other ranks stay quiet)."""
+        if self.is_main:
+            print(text, flush=True)
+
     def _dtype(self) -> torch.dtype:
         d = self.cfg.train.dtype
         if d == "auto":
             return torch.bfloat16 if self.device.type == "cuda" else torch.float32
         return torch.bfloat16 if d == "bf16" else torch.float32
-
-    def _pipeline_stages(self) -> list[list[int]] | None:
-        """[pipeline rank, first layer, layers] per stage, recorded in checkpoints (None without a pipeline)."""
-        if self.plan is None:
-            return None
-        return [[self.plan.owner(s), layers[0], len(layers)] for s, layers in enumerate(self.plan.layers)]
 
     def _layout(self) -> dict[str, Any]:
         """The layout and batch split this run trains at (recorded in checkpoints; any of it may change on resume)."""
@@ -204,9 +177,14 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         """Continue from a checkpoint written at any layout (training.checkpoint.resume says what changed)."""
-        say = (lambda s: print(s, flush=True)) if self.is_main else (lambda s: None)
         meta = ckpt_io.resume(
-            path, self.cfg.to_dict(), self._layout(), engine=self.engine, loader=self.loader, state=self.state, say=say
+            path,
+            self.cfg.to_dict(),
+            self._layout(),
+            engine=self.engine,
+            loader=self.loader,
+            state=self.state,
+            say=self._say,
         )
         self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
         self.nonfinite_total = meta.get("nonfinite_steps", 0)
@@ -224,7 +202,7 @@ class Trainer:
             trainer_state={
                 "tokens_seen": self.tokens_seen,
                 "nonfinite_steps": self.nonfinite_total,
-                "pipeline": self._pipeline_stages(),
+                "pipeline": None if self.pipeline is None else self.pipeline.record(),
                 "schedule": schedule_state(self.engine.scheduler),
                 "layout": self._layout(),
             },
@@ -261,8 +239,12 @@ class Trainer:
         """
         if self._batches is None:
             self._batches = self.timer.batches(iter(self.loader))  # after any load_state_dict
-        accumulate = self._accumulate if self.pipeline is None else self._accumulate_pipeline
-        nonfinite, loss, tokens, metrics = step_values(*accumulate(), self.state)
+        if self.pipeline is None:
+            accumulated = self._accumulate()
+        else:
+            batches = [next(self._batches) for _ in range(self.grad_accum)]
+            accumulated = self.pipeline.accumulate(batches, self._to_device, self.cfg.data.document_attention)
+        nonfinite, loss, tokens, metrics = step_values(*accumulated, self.state)
         if nonfinite:
             if self.engine.zero_stage:
                 raise TrainingError(
@@ -320,26 +302,6 @@ class Trainer:
         nonfinite = ~torch.isfinite(torch.stack(objective)).all()
         means = {k: torch.stack([m[k] for m in metrics]).mean() for k in metrics[0]}
         return torch.stack(reported).mean(), nonfinite, tokens, means
-
-    def _accumulate_pipeline(self) -> tuple[torch.Tensor, torch.Tensor, int, dict[str, torch.Tensor]]:
-        """The step's micro-batches as the pipeline's microbatches, through the schedule (forward and backward).
-
-        Every stage of a pipeline reads the same batches; the last stage's mean cross-entropy reaches every stage.
-        A non-finite loss is seen after the backward: the step is then skipped on every rank.
-        """
-        batches = [next(self._batches) for _ in range(self.grad_accum)]
-        tokens = sum(b["input_ids"].numel() for b in batches)
-        whole = {k: self._to_device(torch.cat([b[k] for b in batches])) for k in batches[0]}  # (accum x B, T)
-        kwargs = {}
-        if "document_ids" in whole and self.cfg.data.document_attention:
-            kwargs["document_ids"] = whole["document_ids"]
-        self.pipeline.step(whole["input_ids"], whole["targets"], **kwargs)  # the stages autocast their forwards
-        ce = [loss for stage in self.stages for loss in stage.ce_losses]
-        for stage in self.stages:
-            stage.ce_losses.clear()
-        loss = torch.stack(ce).mean() if ce else torch.zeros((), device=self.device)
-        dist.all_reduce(loss, group=self.state.pp_group)  # only the last stage's is not zero
-        return loss, ~torch.isfinite(loss), tokens, {}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from configs.schema import ConfigError, load_config
+from configs.sections import ParallelSection
 from modeling.config import ModelConfig
 from modeling.llama import LlamaForCausalLM
 from modeling.pipeline import PipelinePlan, StageModule
 from parallel.pipeline import rank_stages, stage_layer_counts, stage_rank
 from parallel.state import ParallelConfigError
+from training.pipeline_run import TrainingPipeline
 
 TINY = ["model.preset=tiny", "model.vocab_size=256", "data.synthetic=true", "data.seq_len=32"]
 TINY += ["train.micro_batch_size=1", "train.global_batch_size=4"]
@@ -35,6 +37,19 @@ def test_stage_ranks_loop_and_v_orders():
     assert [stage_rank(s, 2, "zbv") for s in range(4)] == [0, 1, 1, 0]  # the V: rank 0 holds first and last
     assert rank_stages(0, 4, 2, "zbv") == [0, 7] and rank_stages(3, 4, 2, "zbv") == [3, 4]
     assert rank_stages(1, 4, 2, "interleaved_1f1b") == [1, 5]
+
+
+def test_training_pipeline_records_its_stages_and_warns_when_the_bubble_dominates():
+    cfg = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=8, num_attention_heads=2)
+    said: list[str] = []
+    pipe = TrainingPipeline(cfg, ParallelSection(pp=4, pp_schedule="gpipe"), None, 2, say=said.append)
+    assert pipe.record() == [[0, 0, 2], [1, 2, 3], [2, 5, 2], [3, 7, 1]]  # [rank, first layer, layers] per stage
+    assert len(said) == 1 and "2 micro-batches" in said[0] and "parallel.pp=4" in said[0] and "3 of 5" in said[0]
+    said.clear()
+    pipe = TrainingPipeline(
+        cfg, ParallelSection(pp=2, pp_schedule="zbv", pp_stages_per_rank=2), None, 4, say=said.append
+    )
+    assert pipe.record() == [[0, 0, 2], [1, 2, 3], [1, 5, 2], [0, 7, 1]] and said == []  # the V: rank 0 first and last
 
 
 @pytest.mark.parametrize(
