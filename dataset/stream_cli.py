@@ -3,8 +3,10 @@
     python -m dataset.stream_cli --data 'shards/*.jsonl.zst' --tokenizer tok --seq-len 64 --max-seqs 4 --decode
     python -m dataset.stream_cli --data shards --tokenizer tok --seq-len 2048 --max-seqs 100 --dump-ids ids.jsonl
 
-The sequences come from dataset/streaming.py through dataset/loader.py, exactly as in training; the loader's
-stats() go to stderr.
+The sequences come from dataset/streaming.py through dataset/rank_loader.py, packed as in training; the loader's
+stats() go to stderr. The order is the rank's own streams' (stream `dp_rank * W + w` of `dp_size * W`, W workers):
+training's loader (dataset/loader.py) reads as many streams as its global batch has sequences, so a run's order is
+this one only at one sequence per step on one rank.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from dataset.jsonl_zst import ON_ERROR
 from dataset.lines import DataError
-from dataset.loader import build_dataloader
+from dataset.rank_loader import build_dataloader
 from dataset.streaming import StreamingDataset
 from dataset.tokenizer import Tokenizer, TokenizerError
 

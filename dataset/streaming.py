@@ -7,7 +7,7 @@
 
 How the data is split. The data is read as N disjoint streams; stream s of N is `open_stream(s, N, state)`. The
 training loader (dataset/loader.py) reads a fixed N for the whole run (the global batch size at its start) whatever
-the layout; evaluation and inspection (`batches`, `build_dataloader`) read stream `dp_rank * W + w` of
+the layout; evaluation and inspection (`batches`, dataset/rank_loader.py) read stream `dp_rank * W + w` of
 `dp_size * W` per rank and worker. Per source and epoch the file list is shuffled with (seed, source, epoch).
 Stream s reads whole files s, s + N, ... of that order, `F // N` of them, so it decodes only its own data; the last
 `F % N` files (all of them when F < N) are shared line by line: file `F // N * N + s % r` is read by the streams

@@ -176,7 +176,7 @@ def build_eval_batches(
     cfg: TrainConfig, tokenizer: Tokenizer, *, dp_rank: int, dp_size: int
 ) -> Iterator[dict[str, torch.Tensor]]:
     """The first cfg.train.eval_batches batches of data.valid in file order (the same at every eval)."""
-    from dataset.loader import build_dataloader
+    from dataset.rank_loader import build_dataloader
     from dataset.streaming import StreamingDataset
 
     d = cfg.data

@@ -1,4 +1,5 @@
-"""dataset/streaming.py, loader.py, packing.py, stream_cli.py: sharding, order, exact resume, mixtures, bad input.
+"""dataset/streaming.py, loader.py, rank_loader.py, packing.py, stream_cli.py: sharding, order, exact resume,
+mixtures, bad input.
 
 Layouts (the same global batch at any dp, resume at another dp or global batch size): tests/unit/test_global_batch.py.
 """
@@ -16,8 +17,9 @@ import zstandard
 
 from dataset.jsonl_zst import DataWarning
 from dataset.lines import DataError
-from dataset.loader import GlobalBatchLoader, build_dataloader
+from dataset.loader import GlobalBatchLoader
 from dataset.packing import IGNORE_INDEX, boundaries_in_window, cut_windows, document_ids, make_batch, pad_window
+from dataset.rank_loader import build_dataloader
 from dataset.sources import DataSource, epoch_order, plan_units
 from dataset.stream_cli import main
 from dataset.streaming import StreamingDataset
@@ -368,6 +370,11 @@ def test_cli_dump_ids_and_decode(tmp_path, tok, capsys):
     assert rows == [b["input_ids"][0].tolist() + b["targets"][0, -1:].tolist() for b in expected]
     shown = capsys.readouterr()
     assert shown.out.count("--- sequence") == 5 and "</s><s>doc-a-" in shown.out
+    main(args + ["--max-seqs", "6", "--dump-ids", str(out)])  # one rank: a run of one sequence per step
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    trained = take(train_loader(StreamingDataset(str(tmp_path / "d" / "*"), tok, 12), 1), 6)
+    assert rows == [b["input_ids"][0].tolist() + b["targets"][0, -1:].tolist() for b in trained]
+    capsys.readouterr()
     assert '"documents":' in shown.err
     with pytest.raises(SystemExit, match=r"error: .*No such file or directory: .*missing"):
         main(args + ["--max-seqs", "1", "--dump-ids", str(tmp_path / "missing" / "ids.jsonl")])
