@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataset.jsonl_zst import iter_texts, resolve_paths  # noqa: E402
-from dataset.loader import build_dataloader  # noqa: E402
+from dataset.rank_loader import build_dataloader  # noqa: E402
 from dataset.streaming import StreamingDataset  # noqa: E402
 from dataset.tokenizer import Tokenizer  # noqa: E402
 
