@@ -47,23 +47,46 @@ class TrainData(Protocol):
 
 
 class SyntheticLoader:
-    """Batches of (input_ids, targets) for one rank: global sequence n is `sequence(n)`; state = sequences consumed."""
+    """Batches of (input_ids, targets) for one rank: global sequence n is `sequence(n)`; state = sequences consumed.
+
+    With `documents` (data.document_attention) each batch also has `document_ids`: every sequence is cut into one
+    to four documents at positions drawn from its own generator after its ids, so the tokens are the same with
+    documents or without and only the attention mask (and the positions, which restart per document) differs.
+    """
 
     def __init__(
-        self, *, vocab_size: int, seq_len: int, micro_batch: int, grad_accum: int, dp_rank: int, dp_size: int, seed: int
+        self,
+        *,
+        vocab_size: int,
+        seq_len: int,
+        micro_batch: int,
+        grad_accum: int,
+        dp_rank: int,
+        dp_size: int,
+        seed: int,
+        documents: bool = False,
     ) -> None:
-        self.vocab, self.seq_len, self.seed = vocab_size, seq_len, seed
+        self.vocab, self.seq_len, self.seed, self.documents = vocab_size, seq_len, seed, documents
         self.layout = Layout(micro_batch, grad_accum, dp_rank, dp_size)
         self.layout.check()
         self.consumed = 0  # C: global sequences consumed before the current step
         self.handed = 0  # micro-batches of the current step handed out
 
-    def sequence(self, index: int) -> torch.Tensor:
-        """Global sequence `index`: seq_len + 1 ids."""
+    def sequence(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global sequence `index`: seq_len + 1 ids, and the document index of each of its seq_len input positions.
+
+        The ids are an arithmetic progression modulo the vocabulary (learnable: the loss falls). Documents start at
+        position 0 and at 0 to 3 positions drawn from [1, seq_len) (a position drawn twice starts one document).
+        """
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         start = torch.randint(self.vocab, (1,), generator=g)
         stride = torch.randint(1, 8, (1,), generator=g)
-        return (start + stride * torch.arange(self.seq_len + 1)) % self.vocab
+        ids = (start + stride * torch.arange(self.seq_len + 1)) % self.vocab
+        starts = torch.zeros(self.seq_len, dtype=torch.long)  # (T,): 1 where a document starts after position 0
+        if self.seq_len > 1:
+            cuts = int(torch.randint(4, (1,), generator=g))
+            starts[torch.randint(1, self.seq_len, (cuts,), generator=g)] = 1
+        return ids, starts.cumsum(0)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self
@@ -71,11 +94,15 @@ class SyntheticLoader:
     def __next__(self) -> dict[str, torch.Tensor]:
         B = self.layout.micro_batch
         first = self.layout.rows(self.consumed)[self.handed * B]
-        windows = torch.stack([self.sequence(first + i) for i in range(B)])  # (B, T+1)
+        ids, docs = zip(*(self.sequence(first + i) for i in range(B)), strict=True)
+        windows = torch.stack(ids)  # (B, T+1)
         self.handed = (self.handed + 1) % self.layout.grad_accum
         if self.handed == 0:
             self.consumed += self.layout.global_batch
-        return {"input_ids": windows[:, :-1], "targets": windows[:, 1:]}
+        batch = {"input_ids": windows[:, :-1], "targets": windows[:, 1:]}
+        if self.documents:
+            batch["document_ids"] = torch.stack(docs)  # (B, T)
+        return batch
 
     def _fingerprint(self) -> dict[str, Any]:
         return {"seed": self.seed, "seq_len": self.seq_len, "vocab_size": self.vocab}
@@ -148,6 +175,7 @@ def build_train_loader(
             dp_rank=dp_rank,
             dp_size=dp_size,
             seed=t.seed,
+            documents=d.document_attention,
         )
     from dataset.streaming import StreamingDataset
 
