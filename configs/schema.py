@@ -115,6 +115,11 @@ class TrainConfig:
                 f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size "
                 f"({t.micro_batch_size}) x data-parallel ranks ({dp}) = {per_step}"
             )
+        if t.exit_interval and not self.checkpoint.save:
+            raise ConfigError(
+                f"train.exit_interval={t.exit_interval} saves a checkpoint and exits, and checkpoint.save=false writes "
+                f"none: set checkpoint.save=true, or train.exit_interval=0 (a run that ends at train.max_steps)"
+            )
         if p.sequence_parallel and d.seq_len % p.tp:
             raise ConfigError(f"data.seq_len={d.seq_len} must divide by parallel.tp={p.tp} under sequence_parallel")
         if p.cp > 1:

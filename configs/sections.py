@@ -228,6 +228,7 @@ class CheckpointSection:
     every: int = 500  # steps; 0 = only at the end
     keep_last: int = 3
     resume: bool = True
+    save: bool = True  # false: no checkpoint is written (benchmarks); a signal then stops the run unsaved
 
     def validate(self) -> None:
         """Keep at least one checkpoint; a non-negative interval."""

@@ -427,14 +427,18 @@ class Trainer:
                         logger.log_text(self.step, f"sample_{i}", text)
             signalled = any_rank(self.stop_signal is not None, self.device)  # any rank's: a scheduler may signal one
             stop = signalled or bool(t.exit_interval and self.step % t.exit_interval == 0 and not last)
-            if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or last or stop:
+            due = (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or last or stop
+            if due and cfg.checkpoint.save:
                 path = self.save()
                 if self.is_main and (stop or last):
                     say(f"checkpoint: {path}")
             if stop:
                 if self.is_main:
                     why = "a signal" if signalled else "train.exit_interval"
-                    print(f"stopped by {why} at step {self.step}; rerun the same command to resume", flush=True)
+                    then = (
+                        "rerun the same command to resume" if cfg.checkpoint.save else "checkpoint.save=false: unsaved"
+                    )
+                    print(f"stopped by {why} at step {self.step}; {then}", flush=True)
                 break
         if bar is not None:
             bar.close()

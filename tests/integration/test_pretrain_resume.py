@@ -94,6 +94,12 @@ def test_sigterm_saves_and_exits_then_resumes(straight, tmp_path):
     assert _curve(tmp_path) == straight  # bitwise (checkpoint.every=5 there changes no number)
 
 
+def test_checkpoint_save_false_writes_no_checkpoint(straight, tmp_path):
+    pretrain(tmp_path, [*STEPS, "checkpoint.every=5", "checkpoint.save=false"])
+    assert _curve(tmp_path) == straight  # the same run, every step logged
+    assert not list(tmp_path.glob("step-*")) and not (tmp_path / "latest").exists()
+
+
 def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     # In-process: the trainer runs 5 steps and checkpoints; the next save dies half-way (torch.save raises).
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

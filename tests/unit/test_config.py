@@ -64,6 +64,7 @@ def test_yaml_and_overrides(tmp_path):
         (["parallel.ep=3"], 2, "parallel.ep=3 does not divide the data-parallel degree 2"),
         (["parallel.tp=0"], 1, "parallel.tp=0 must be positive"),
         (["checkpoint.keep_last=0"], 1, "checkpoint.keep_last=0 must be positive"),
+        (["checkpoint.save=false", "train.exit_interval=5"], 1, "train.exit_interval=5 saves a checkpoint and exits"),
         (["logging.wandb_mode=loud"], 1, "logging.wandb_mode='loud'; choose one of"),
         (["lora.enabled=true", "lora.targets=[q_proj, lm_head]"], 1, "lora.targets=['q_proj', 'lm_head']; choose"),
         (["data.synthetic=true"], 1, "data.synthetic needs model.overrides.vocab_size"),
