@@ -2,16 +2,20 @@
 
     python bench/gpu_mfu.py                          # 1b preset, 20 steps, micro-batch 4, one GPU
     python bench/gpu_mfu.py --micro-batch 8 --steps 30 parallel.deepspeed_config=configs/deepspeed/zero0.json
+    python bench/gpu_mfu.py --documents train.compile=true   # compiled, attention masked to synthetic documents
     python bench/gpu_mfu.py --smoke                  # a tiny model on the CPU: checks the pipeline, not the GPU
 
 It runs `python pretrain_llama.py` in a subprocess (one process, train.device=cuda, train.dtype=bf16, synthetic
-tokens, logging every step, a checkpoint only at the end, in a temporary directory) and reads metrics.jsonl:
+tokens, logging every step, no checkpoint (checkpoint.save=false), in a temporary directory) and reads metrics.jsonl:
 tokens/s and `mfu` per step. That MFU is training.metrics.mfu, the one definition the benchmarks share: tokens/s x
 training FLOPs per token (flops_per_token: 6 x matmul parameters, the embedding's gather left out, + 12 x layers x
 heads x head_dim x seq for attention) over the GPU's dense bf16 peak for its exact part (training.metrics.gpu_peak:
 H100 SXM 989.4, H100 PCIe 756.5, H100 NVL 835.5 TFLOP/s, ...; a timed 8192^3 matmul for an unlisted part). The
-first --skip steps (warm-up, allocator growth) are left out of the means. Extra arguments are dotted overrides
-passed to pretrain_llama.py (the trainer enables TF32 for fp32 matmuls on CUDA; train.tf32=false keeps them exact).
+first --skip steps (warm-up, allocator growth) are left out of the means, as is the loader's `data_wait_frac` (time
+waiting for data / step time). `--documents` cuts each synthetic sequence into one to four documents
+(data.document_attention: FlexAttention's block mask on CUDA). Extra arguments are dotted overrides passed to
+pretrain_llama.py (the trainer enables TF32 for fp32 matmuls on CUDA; train.tf32=false keeps them exact); real text
+instead of synthetic tokens: `data.synthetic=false data.train=GLOB data.tokenizer=DIR`.
 
 Without a CUDA device it says so and exits 0 (nothing is measured); --smoke runs a tiny config on the CPU instead.
 """
@@ -52,12 +56,14 @@ def overrides(args: argparse.Namespace, out: Path) -> list[str]:
         f"train.global_batch_size={args.micro_batch}",
         f"train.max_steps={args.steps}",
         "optim.warmup_steps=2",
-        "checkpoint.every=0",
+        "checkpoint.save=false",  # a 1B run would write 13 GB at its end, a 7B one over 100
         f"checkpoint.dir={out}",
         "logging.log_every=1",
         "logging.wandb_mode=disabled",
         "logging.progress_bar=false",
     ]
+    if args.documents:
+        common.append("data.document_attention=true")
     if args.smoke:
         return common + SMOKE + args.overrides
     model = ["model.preset=1b", f"model.vocab_size={args.vocab}", f"data.seq_len={args.seq}"]
@@ -65,7 +71,7 @@ def overrides(args: argparse.Namespace, out: Path) -> list[str]:
 
 
 def summarize(rows: list[dict], skip: int) -> dict:
-    """Means of tokens/s and MFU over the steps after the first `skip`, and the peak memory."""
+    """Means of tokens/s, MFU and data wait over the steps after the first `skip`, and the peak memory."""
     timed = [r for r in rows if r.get("loss") is not None and r["step"] > skip]
     if not timed:
         raise SystemExit(f"error: no steps after the first {skip} in metrics.jsonl: raise --steps or lower --skip")
@@ -74,6 +80,7 @@ def summarize(rows: list[dict], skip: int) -> dict:
         "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in timed),
         "mfu": statistics.mean(r["mfu"] for r in timed),
         "step_time_s": statistics.mean(r["step_time_s"] for r in timed),
+        "data_wait_frac": statistics.mean(r["data_wait_frac"] for r in timed),
         "memory_gb": max(r["memory_gb"] for r in timed),
         "final_loss": timed[-1]["loss"],
     }
@@ -97,6 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--micro-batch", type=int, default=4, help="sequences per step (one GPU, no accumulation)")
     ap.add_argument("--seq", type=int, default=2048, help="sequence length (the 1b preset allows up to 2048)")
     ap.add_argument("--vocab", type=int, default=32000, help="vocabulary size of the synthetic tokens")
+    ap.add_argument("--documents", action="store_true", help="attention within synthetic documents (1-4 a row)")
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU (no GPU needed)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds before the run is stopped")
     ap.add_argument("overrides", nargs="*", help="more dotted overrides for pretrain_llama.py")
@@ -134,12 +142,12 @@ def main(argv: list[str] | None = None) -> None:
     s = summarize(rows, args.skip)
     print(
         f"\n{device}: {s['tokens_per_s']:,.0f} tokens/s, MFU {100 * s['mfu']:.1f}%, {s['step_time_s']:.3f} s/step, "
-        f"peak memory {s['memory_gb']:.1f} GB (mean over steps {args.skip + 1}-{args.steps}; "
-        f"final loss {s['final_loss']:.3f})"
+        f"peak memory {s['memory_gb']:.1f} GB, data wait {100 * s['data_wait_frac']:.1f}% of the step (mean over "
+        f"steps {args.skip + 1}-{args.steps}; final loss {s['final_loss']:.3f})"
     )
     print(
         f"| {device} | `python bench/gpu_mfu.py {' '.join(argv if argv is not None else sys.argv[1:])}` | "
-        f"{s['tokens_per_s']:,.0f} | {100 * s['mfu']:.1f}% | {s['memory_gb']:.1f} |"
+        f"{s['tokens_per_s']:,.0f} | {100 * s['mfu']:.1f}% | {s['memory_gb']:.1f} | {100 * s['data_wait_frac']:.1f}% |"
     )
 
 
