@@ -60,7 +60,7 @@ def install(phase: str, step: int, rank: int) -> None:
             return opt_step()
 
         engine.backward, engine.step = faulty_backward, faulty_step
-        for stage in getattr(self, "stages", []):  # pipeline parallelism: the schedule calls the stages
+        for stage in [] if self.pipeline is None else self.pipeline.stages:  # pp: the schedule calls the stages
             stage.forward = faulty_stage_forward(self, stage.forward)
 
     def faulty_stage_forward(self: Trainer, stage_forward):
