@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Issue 15's GPU figures in one run, for a session that is lent a GPU (at most $BUDGET s, default 560):
-# the 1B preset eager and compiled, with attention masked to documents and without, then the 7B preset with
-# activation checkpointing where the GPU holds it. Each run's output goes to $OUT (else ./gpu_check_out), and the
-# table rows of bench/README.md are printed at the end.
+# Issue 15's GPU figures in one run, for a session that is lent a GPU (at most $BUDGET s, default 560): the 1B preset
+# compiled and eager, with attention masked to documents and without, then the 7B preset with activation
+# checkpointing where the GPU holds it. Each run's output goes to $OUT (else ./gpu_check_out), and the table rows of
+# bench/README.md are printed at the end. Exits 1 when a run failed or there is no GPU.
 #
 #   bash bench/gpu_check.sh              # on the GPU machine
 #   SMOKE=1 bash bench/gpu_check.sh      # the same sequence with a tiny model on the CPU: checks the script only
@@ -13,41 +13,50 @@ set -u
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_check_out}
 mkdir -p "$out"
+rm -f "$out"/*.txt  # no rows of an earlier run in this one's table
 export PYTHONUNBUFFERED=1
 smoke=()
 [ "${SMOKE:-0}" = 1 ] && smoke=(--smoke)
-if [ ${#smoke[@]} -eq 0 ] && compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+gib=$(python3 -c "import torch; print(torch.cuda.get_device_properties(0).total_memory >> 30 if torch.cuda.is_available() else 0)")
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee "$out/gpu.txt"
+if [ ${#smoke[@]} -eq 0 ]; then
+    if [ "$gib" -eq 0 ]; then
+        echo "no CUDA device: nothing measured (SMOKE=1 checks the script on the CPU)"
+        exit 1
+    fi
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$out/gpu.txt"
+    if compgen -G ".whl/*.whl" >/dev/null; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    fi
 fi
 
 budget=${BUDGET:-560}  # seconds for the whole script (the device tool allows 600 a command)
-run() {  # name, seconds allowed, gpu_mfu.py arguments; skipped when the budget has less than a minute left
+failed=0
+run() {  # name, seconds allowed, gpu_mfu.py arguments
+    # a run gets at most what is left of the budget (less 30 s for start-up); with under 90 s left it is skipped.
+    # gpu_mfu.py stops the training at its --timeout and reports the steps logged by then
     local name=$1 limit=$2 left=$((budget - SECONDS))
     shift 2
-    if [ "$left" -lt 60 ]; then
+    if [ "$left" -lt 90 ]; then
         echo "== $name skipped: ${left}s of the ${budget}s budget left"
         return
     fi
-    [ "$limit" -gt "$left" ] && limit=$left
-    echo "== $name"
-    timeout "$limit" python3 bench/gpu_mfu.py "${smoke[@]}" --timeout $((limit - 5)) "$@" >"$out/$name.txt" 2>&1
-    echo "exit $? (output: $out/$name.txt)"
+    [ "$limit" -gt $((left - 30)) ] && limit=$((left - 30))
+    echo "== $name (at most ${limit}s)"
+    timeout -k 10 $((limit + 30)) python3 bench/gpu_mfu.py "${smoke[@]}" --timeout "$limit" "$@" >"$out/$name.txt" 2>&1
+    local rc=$?
+    [ "$rc" -eq 0 ] || failed=1
+    echo "exit $rc (output: $out/$name.txt)"
     grep -E '^[A-Za-z].*tokens/s|^error' "$out/$name.txt" | tail -n 2
 }
 
-if [ ${#smoke[@]} -eq 0 ]; then
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-fi
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$out/gpu.txt"
-
-run 1b_eager 120 --steps 12 --skip 4
-run 1b_compiled 210 --steps 12 --skip 4 train.compile=true
-run 1b_documents_eager 120 --steps 12 --skip 4 --documents
-run 1b_documents_compiled 210 --steps 12 --skip 4 --documents train.compile=true
+run 1b_compiled 200 --steps 12 --skip 4 train.compile=true
+run 1b_eager 100 --steps 12 --skip 4
+run 1b_documents_compiled 200 --steps 12 --skip 4 --documents train.compile=true
+run 1b_documents_eager 100 --steps 12 --skip 4 --documents
 
 # 7B: fp32 master weights, gradients and AdamW's two moments are 16 bytes a parameter (about 110 GB): an H200 only
-gib=$(python3 -c "import torch; print(torch.cuda.get_device_properties(0).total_memory >> 30 if torch.cuda.is_available() else 0)")
 if [ ${#smoke[@]} -eq 1 ] || [ "$gib" -ge 130 ]; then
     run 7b_checkpointed 180 --steps 6 --skip 3 --micro-batch 1 model.preset=7b train.activation_checkpointing=true
 else
@@ -56,3 +65,4 @@ fi
 
 echo "== table rows"
 grep -h '^| ' "$out"/*.txt
+exit "$failed"

@@ -83,6 +83,7 @@ def summarize(rows: list[dict], skip: int) -> dict:
         "data_wait_frac": statistics.mean(r["data_wait_frac"] for r in timed),
         "memory_gb": max(r["memory_gb"] for r in timed),
         "final_loss": timed[-1]["loss"],
+        "last_step": timed[-1]["step"],
     }
 
 
@@ -132,18 +133,23 @@ def main(argv: list[str] | None = None) -> None:
         cmd = [sys.executable, "pretrain_llama.py", "--no-resume", *overrides(args, out)]
         print("$", " ".join(cmd), flush=True)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        stopped = ""
         try:
             proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, timeout=args.timeout, check=False)
-        except subprocess.TimeoutExpired:
-            sys.exit(f"error: the run did not finish within --timeout {args.timeout:.0f}s")
-        if proc.returncode != 0:
-            sys.exit(f"error: pretrain_llama.py exited {proc.returncode} (its output is above)")
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        except subprocess.TimeoutExpired:  # the steps it logged still count
+            stopped = f"; stopped by --timeout {args.timeout:.0f}s"
+        else:
+            if proc.returncode != 0:
+                sys.exit(f"error: pretrain_llama.py exited {proc.returncode} (its output is above)")
+        log = out / "metrics.jsonl"
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+        if stopped and not rows:
+            sys.exit(f"error: the run logged no step within --timeout {args.timeout:.0f}s")
     s = summarize(rows, args.skip)
     print(
         f"\n{device}: {s['tokens_per_s']:,.0f} tokens/s, MFU {100 * s['mfu']:.1f}%, {s['step_time_s']:.3f} s/step, "
         f"peak memory {s['memory_gb']:.1f} GB, data wait {100 * s['data_wait_frac']:.1f}% of the step (mean over "
-        f"steps {args.skip + 1}-{args.steps}; final loss {s['final_loss']:.3f})"
+        f"steps {args.skip + 1}-{s['last_step']}; final loss {s['final_loss']:.3f}{stopped})"
     )
     print(
         f"| {device} | `python bench/gpu_mfu.py {' '.join(argv if argv is not None else sys.argv[1:])}` | "

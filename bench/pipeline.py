@@ -5,7 +5,7 @@
     python bench/pipeline.py --hidden 512 --layers 16 --steps 5
 
 The model is this project's own decoder-only Llama (modeling.llama.LlamaForCausalLM, fp32), wired as the trainer
-wires it at parallel.pp > 1 (training/loop.py): PipelinePlan.build cuts the layers, each rank builds its
+wires it at parallel.pp > 1 (training/pipeline_run.py): PipelinePlan.build cuts the layers, each rank builds its
 `plan.part(pp_rank)`, one StageModule per stage of the rank, and parallel.pipeline.PipelineSchedule runs them with
 torch.distributed.pipelining on gloo. A step is forward and backward of m microbatches through the schedule (no
 optimizer). The same model and the same m microbatches run in one process at pp=1 in the same invocation
