@@ -2,8 +2,9 @@
 
     python pretrain_llama.py --config CONFIG.yaml [--no-resume] [dotted.key=value ...]
 
-Exit codes: 0 done (or stopped by SIGTERM/SIGINT after a checkpoint), 2 an error the user can fix (the line names
-the key, file, line or value and what to do), 3 a collective failed because another rank died.
+Exit codes: 0 done (or stopped by SIGTERM/SIGINT, after a checkpoint unless checkpoint.save=false), 2 an error the
+user can fix (the line names the key, file, line or value and what to do), 3 a collective failed because another rank
+died.
 """
 
 from __future__ import annotations

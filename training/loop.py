@@ -4,7 +4,7 @@ One process per rank (torchrun, accelerate launch, deepspeed, or plain python fo
 build the ParallelState, model, engine and data; resume from the latest complete checkpoint in checkpoint.dir
 (unless told not to); then step: grad_accum micro-batches of forward/backward, one non-finite check after the
 last (a bad step is skipped on every rank), clip and optimizer step in the engine; metrics, eval, samples and
-checkpoints at their intervals; SIGTERM/SIGINT saves a checkpoint and exits.
+checkpoints at their intervals (none with checkpoint.save=false); SIGTERM/SIGINT saves a checkpoint and exits.
 """
 
 from __future__ import annotations
@@ -71,8 +71,8 @@ class Trainer:
         self.pipeline = None
         if p.pp > 1:
             self.pipeline = TrainingPipeline(self.model_cfg, p, self.state, self.grad_accum, say=self._say)
-        if not resume and self.is_main and ckpt_io.complete_checkpoints(self.out):
-            print(f"--no-resume: starting fresh; existing checkpoints in {self.out} will be replaced", flush=True)
+        if not resume and cfg.checkpoint.save and ckpt_io.complete_checkpoints(self.out):
+            self._say(f"--no-resume: starting fresh; existing checkpoints in {self.out} will be replaced")
 
         torch.manual_seed(cfg.train.seed)  # the same on every rank: TP shards are cut from one full init
         self.model = self.build_model()
