@@ -204,3 +204,27 @@ def test_synthetic_loader_numbers_sequences_globally():
     _, after, warnings = run((2, 1, 1), 6, state)  # G 4 -> 2 continues at sequence 12
     assert "changed from 4 to 2" in warnings[0][0]
     assert_same(cat_steps(before + after), ref)
+
+
+def _synthetic(documents: bool, micro_batch: int = 4, dp_rank: int = 0, dp_size: int = 1) -> SyntheticLoader:
+    return SyntheticLoader(
+        vocab_size=50, seq_len=24, micro_batch=micro_batch, grad_accum=1, dp_rank=dp_rank, dp_size=dp_size, seed=3,
+        documents=documents,
+    )  # fmt: skip
+
+
+def test_synthetic_documents_keep_the_tokens_and_cut_each_sequence_into_one_to_four():
+    plain, docs = _synthetic(False), _synthetic(True)
+    counts = []
+    for _ in range(10):
+        a, b = next(plain), next(docs)
+        assert "document_ids" not in a
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["targets"], b["targets"])
+        d = b["document_ids"]  # (B, T)
+        assert d.shape == a["input_ids"].shape and (d[:, 0] == 0).all()
+        assert set(d.diff(dim=1).unique().tolist()) <= {0, 1}  # documents follow one another
+        counts += (d[:, -1] + 1).tolist()
+    assert set(counts) == {1, 2, 3, 4}
+    # sequence n has the same documents at any layout: they are part of the global numbering
+    whole = next(_synthetic(True, 4))["document_ids"]
+    assert torch.equal(next(_synthetic(True, 2, dp_rank=1, dp_size=2))["document_ids"], whole[2:])
