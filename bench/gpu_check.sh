@@ -17,8 +17,9 @@ rm -f "$out"/*.txt  # no rows of an earlier run in this one's table
 export PYTHONUNBUFFERED=1
 smoke=()
 [ "${SMOKE:-0}" = 1 ] && smoke=(--smoke)
-gib=$(python3 -c "import torch; print(torch.cuda.get_device_properties(0).total_memory >> 30 if torch.cuda.is_available() else 0)")
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee "$out/gpu.txt"
+read -r gib version < <(python3 -c "import torch; c = torch.cuda.is_available()
+print(torch.cuda.get_device_properties(0).total_memory >> 30 if c else 0, torch.__version__)")  # one torch import
+echo "torch $version, GPU memory ${gib} GiB" | tee "$out/gpu.txt"
 if [ ${#smoke[@]} -eq 0 ]; then
     if [ "$gib" -eq 0 ]; then
         echo "no CUDA device: nothing measured (SMOKE=1 checks the script on the CPU)"
