@@ -30,6 +30,11 @@ and the parts that do not trace well stay outside. What runs where:
 - only the training forward is compiled: with gradients off (eval) or with a KV cache (samples, generation) the
   layer runs eagerly, so neither compiles a second graph in the middle of a run.
 
+The autograd functions that the compiled code traces (RMSNorm, SwiGLU, CpuAttention, CpuBf16Matmul, the head's
+`_TokenNll`) change no tensor in place in their forward while compiling: torch 2.11's dynamo routes the gradient of
+an output made by an in-place op to the wrong slot (pytorch/pytorch#180642, fixed in 2.12), which silently zeroed
+the norms' and gate/up's gradients there; tests/unit/test_compiled_functions.py checks the traced graphs.
+
 The engines (DDP, DeepSpeed ZeRO 1 and 2) wrap the model as before: only the layers' `forward` is replaced, so
 module hooks run around the compiled code as they do around eager code. ZeRO-3 is refused (configs/schema.py): it
 gathers a weight when its module runs or its attribute is read, and inside a compiled graph neither triggers the

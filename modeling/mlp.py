@@ -23,7 +23,9 @@ class _SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
-        return F.silu(gate).mul_(up)
+        h = F.silu(gate)
+        # in place eagerly (one buffer less); never in a compiled forward (modeling.compile: torch 2.11)
+        return h * up if torch.compiler.is_compiling() else h.mul_(up)
 
     @staticmethod
     def backward(ctx, dh: torch.Tensor):

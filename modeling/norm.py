@@ -31,10 +31,12 @@ class _RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None) -> torch.Tensor:
         x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 statistics (fp64 stays fp64)
         # the 2-norm reads x once without an x^2 temporary; mean(x^2) = |x|^2 / H
-        rstd = torch.linalg.vector_norm(x32, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+        rstd = (torch.linalg.vector_norm(x32, dim=-1, keepdim=True).square() / x.shape[-1] + eps).rsqrt()  # (..., 1)
         ctx.save_for_backward(x, weight, rstd)
         if x.dtype == x32.dtype:
-            y = torch.mul(x, rstd).mul_(weight)
+            y = torch.mul(x, rstd)
+            # in place eagerly (one buffer less); never in a compiled forward (modeling.compile: torch 2.11)
+            y = y * weight if torch.compiler.is_compiling() else y.mul_(weight)
             return y if out_dtype in (None, y.dtype) else y.to(out_dtype)
         # round the normalised x to x's dtype before the weight, as transformers does (bf16 numerics match)
         y = weight * torch.mul(x32, rstd).to(x.dtype)
