@@ -232,6 +232,17 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
+def resume_hint(root: str | Path, save: bool = True) -> str:
+    """What a run stopped by an error leaves to rerun from, for its message: the last checkpoint under `root`, or none.
+
+    `save` is checkpoint.save: false means this run wrote none, whatever an earlier run left there.
+    """
+    last = latest_checkpoint(root) if save else None
+    if last is not None:
+        return f"the last checkpoint {last} is intact and a rerun resumes from it"
+    return "no checkpoint was written" + ("" if save else " (checkpoint.save=false)") + ": a rerun starts from step 0"
+
+
 def read_trainer_state(ckpt: Path) -> dict[str, Any]:
     """trainer_state.json of a checkpoint."""
     try:

@@ -23,6 +23,7 @@ from dataset.tokenizer import TokenizerError
 from modeling.config import CheckpointError
 from parallel.cross_entropy import TokenIdError
 from parallel.state import ParallelConfigError
+from training.checkpoint import resume_hint
 from training.loop import Trainer, TrainingError
 
 # Errors the user can fix (a config key, a data file and line, a tokenizer or checkpoint directory, a token id outside
@@ -68,7 +69,7 @@ def run_training(cfg: TrainConfig, *, resume: bool, trainer_cls: type[Trainer] =
             rank = dist.get_rank()
             print(
                 f"error: rank {rank}: a collective failed ({text.splitlines()[0]}). Another rank probably died: see "
-                f"its log above. The last complete checkpoint is intact; rerun the same command to resume.",
+                f"its log above; {resume_hint(cfg.checkpoint.dir, cfg.checkpoint.save)}.",
                 file=sys.stderr,
                 flush=True,
             )

@@ -249,8 +249,8 @@ class Trainer:
             if self.engine.zero_stage:
                 raise TrainingError(
                     f"non-finite loss at step {self.step + 1}; under ZeRO the accumulated gradients cannot be "
-                    f"discarded, so the run stops here with the last checkpoint intact. Lower optim.lr or raise "
-                    f"optim.warmup_steps and rerun (it resumes from the last checkpoint)"
+                    f"discarded, so the run stops here: lower optim.lr or raise optim.warmup_steps and rerun; "
+                    f"{ckpt_io.resume_hint(self.out, self.cfg.checkpoint.save)}"
                 )
             self.engine.skip_step()
             self.moe_stats.row()  # collective, like the step's: forget the skipped step's counts
@@ -261,7 +261,7 @@ class Trainer:
         if not math.isfinite(grad_norm) and self.engine.zero_stage == 3:
             raise TrainingError(
                 f"non-finite gradient norm at step {self.step + 1} under ZeRO-3, which cannot skip the update in "
-                f"fp32/bf16; the last checkpoint is intact: lower optim.lr and rerun to resume from it"
+                f"fp32/bf16: lower optim.lr and rerun; {ckpt_io.resume_hint(self.out, self.cfg.checkpoint.save)}"
             )
         return {
             "loss": loss,
@@ -411,8 +411,8 @@ class Trainer:
             if in_a_row >= t.max_nonfinite_steps:
                 raise TrainingError(
                     f"{in_a_row} non-finite losses or gradients in a row (train.max_nonfinite_steps="
-                    f"{t.max_nonfinite_steps}) at step {self.step}: lower optim.lr or check the data; the last "
-                    f"checkpoint is intact"
+                    f"{t.max_nonfinite_steps}) at step {self.step}: lower optim.lr or check the data; "
+                    f"{ckpt_io.resume_hint(self.out, cfg.checkpoint.save)}"
                 )
             if cfg.data.valid and ((t.eval_every and self.step % t.eval_every == 0) or last):
                 ev = self.evaluate()

@@ -130,6 +130,8 @@ def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     assert (tmp_path / "step-00000006.tmp").exists()  # the half-written one
     assert ckpt_io.latest_checkpoint(tmp_path) == good
     assert (tmp_path / "latest").read_text().strip() == good.name
+    assert ckpt_io.resume_hint(tmp_path) == f"the last checkpoint {good} is intact and a rerun resumes from it"
+    assert ckpt_io.resume_hint(tmp_path, save=False).startswith("no checkpoint was written (checkpoint.save=false)")
     # and a rerun resumes from the good one
     resumed = Trainer(load_config(None, [*SYNTHETIC, f"checkpoint.dir={tmp_path}", "train.max_steps=6"]))
     assert resumed.step == 5
@@ -141,6 +143,7 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
     proc = pretrain(tmp_path, ["model.initializer_range=1e18", "train.max_nonfinite_steps=3"], check=False)
     assert proc.returncode == 2, proc.stderr
     assert "3 non-finite losses or gradients in a row (train.max_nonfinite_steps=3) at step 3" in proc.stderr
+    assert "no checkpoint was written: a rerun starts from step 0" in proc.stderr
     rows = metrics(tmp_path)
     assert [r["nonfinite_steps"] for r in rows] == [1, 2, 3]
     assert all(r["grad_norm"] is None for r in rows)  # inf, written as null
@@ -166,3 +169,4 @@ def test_dead_rank_stops_the_other_with_a_message(tmp_path):
     assert time.time() - t0 < 60
     assert procs[0].returncode == 3, err[-3000:]
     assert "Another rank probably died" in err
+    assert "no checkpoint was written: a rerun starts from step 0" in err  # checkpoint.every=0, killed mid-run
