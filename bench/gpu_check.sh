@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Issue 15's GPU figures in one run, for a session that is lent a GPU (at most $BUDGET s, default 560): the 1B preset
-# compiled and eager, with attention masked to documents and without, then the 7B preset with activation
-# checkpointing where the GPU holds it. Each run's output goes to $OUT (else ./gpu_check_out), and the table rows of
-# bench/README.md are printed at the end. Exits 1 when a run failed or there is no GPU.
+# Issue 15's GPU figures in one run, for a session that is lent a GPU (at most $BUDGET s, default 560): a check that
+# compiled training's gradients equal eager's there, the 1B preset compiled and eager, with attention masked to
+# documents and without, then the 7B preset with activation checkpointing where the GPU holds it. Each run's output
+# goes to $OUT (else ./gpu_check_out), and the table rows of bench/README.md are printed at the end. Exits 1 when the
+# check or a run failed or there is no GPU.
 #
 #   bash bench/gpu_check.sh              # on the GPU machine
 #   SMOKE=1 bash bench/gpu_check.sh      # the same sequence with a tiny model on the CPU: checks the script only
@@ -34,6 +35,17 @@ fi
 
 budget=${BUDGET:-560}  # seconds for the whole script (the device tool allows 600 a command)
 failed=0
+
+# first, correctness: the compiled model's loss and gradients against eager's on this GPU (skipped on the CPU), and
+# the compiled autograd functions' forwards free of in-place ops (torch 2.11's pytorch/pytorch#180642)
+check=tests/unit/test_compiled_functions.py
+echo "== compiled against eager ($check)"
+timeout -k 10 180 python3 -m pytest -q -p no:cacheprovider "$check" >"$out/compiled_check.log" 2>&1
+rc=$?
+[ "$rc" -eq 0 ] || failed=1
+echo "exit $rc (output: $out/compiled_check.log)"
+tail -n 1 "$out/compiled_check.log"
+
 run() {  # name, seconds allowed, gpu_mfu.py arguments
     # a run gets at most what is left of the budget (less 30 s for start-up); with under 90 s left it is skipped.
     # gpu_mfu.py stops the training at its --timeout and reports the steps logged by then
