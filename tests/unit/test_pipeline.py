@@ -11,7 +11,7 @@ from configs.sections import ParallelSection
 from modeling.config import ModelConfig
 from modeling.llama import LlamaForCausalLM
 from modeling.pipeline import PipelinePlan, StageModule
-from parallel.pipeline import rank_stages, stage_layer_counts, stage_rank
+from parallel.pipeline import check_schedule_backend, rank_stages, stage_layer_counts, stage_rank
 from parallel.state import ParallelConfigError
 from training.pipeline_run import TrainingPipeline
 
@@ -82,6 +82,15 @@ def test_refused_pipeline_layouts_name_the_keys(overrides, world, message):
     with pytest.raises(ConfigError) as err:
         _validate(overrides, world)
     assert message in str(err.value)
+
+
+def test_zbv_over_gloo_is_refused_before_torch_2_13():
+    # torch 2.11.0's zbv start-up died in gloo ("Pair is not connected", a send to its own rank); 2.13 runs it
+    with pytest.raises(ParallelConfigError, match="parallel.pp_schedule=zbv over gloo .* needs torch 2.13"):
+        check_schedule_backend("zbv", "gloo", "2.11.0+cu130")
+    check_schedule_backend("zbv", "gloo", "2.13.0+cpu")
+    check_schedule_backend("zbv", "nccl", "2.11.0+cu130")
+    check_schedule_backend("interleaved_1f1b", "gloo", "2.11.0+cu130")
 
 
 def test_zero1_overlap_comm_is_refused_at_pp2(tmp_path):
