@@ -33,7 +33,9 @@ and the parts that do not trace well stay outside. What runs where:
 The autograd functions that the compiled code traces (RMSNorm, SwiGLU, CpuAttention, CpuBf16Matmul, the head's
 `_TokenNll`) change no tensor in place in their forward while compiling: torch 2.11's dynamo routes the gradient of
 an output made by an in-place op to the wrong slot (pytorch/pytorch#180642, fixed in 2.12), which silently zeroed
-the norms' and gate/up's gradients there; tests/unit/test_compiled_functions.py checks the traced graphs.
+the norms' and gate/up's gradients there; tests/unit/test_compiled_functions.py checks the traced graphs. (At tp > 1
+dynamo rewrites the collectives in parallel.mappings' functions into functional ones copied into their outputs; the
+tp=2 scenarios of tests/integration/test_compile.py agree with eager under 2.11 too.)
 
 The engines (DDP, DeepSpeed ZeRO 1 and 2) wrap the model as before: only the layers' `forward` is replaced, so
 module hooks run around the compiled code as they do around eager code. ZeRO-3 is refused (configs/schema.py): it

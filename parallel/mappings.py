@@ -29,7 +29,10 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast multiplies x in (autocast on for its device, x floating but not fp64), else None."""
     device = x.device.type
     eligible = x.is_floating_point() and x.dtype != torch.float64  # autocast leaves fp64 alone
-    if eligible and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+    # compiled code runs on a device with autocast; torch 2.11's dynamo cannot trace is_autocast_available and
+    # broke the compiled layer's graph at every call (2.13 traces it)
+    available = torch.compiler.is_compiling() or torch.amp.is_autocast_available(device)
+    if eligible and available and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return None
 
