@@ -32,7 +32,7 @@ import random
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -57,6 +57,9 @@ from modeling.native_format import (
 from parallel.engine import Engine
 from parallel.state import ParallelState
 from training.optim import load_schedule_state
+
+if TYPE_CHECKING:
+    from configs.sections import CheckpointSection
 
 STATE_FILE = "trainer_state.json"
 
@@ -232,15 +235,21 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def resume_hint(root: str | Path, save: bool = True) -> str:
-    """What a run stopped by an error leaves to rerun from, for its message: the last checkpoint under `root`, or none.
+def resume_hint(ckpt: CheckpointSection, resume: bool = True) -> str:
+    """What a rerun of a run stopped by an error starts from, for its message (`resume` false under --no-resume).
 
-    `save` is checkpoint.save: false means this run wrote none, whatever an earlier run left there.
+    The newest complete checkpoint in the checkpoint section's `dir`, this run's or an earlier run's (a run with
+    checkpoint.save=false writes none but resumes all the same), or step 0.
     """
-    last = latest_checkpoint(root) if save else None
+    last = latest_checkpoint(ckpt.dir)
+    if not (resume and ckpt.resume):
+        hint = "a rerun of the same command starts again from step 0 (--no-resume or checkpoint.resume=false)"
+        return hint + (f"; without that it resumes from {last}" if last else "")
     if last is not None:
-        return f"the last checkpoint {last} is intact and a rerun resumes from it"
-    return "no checkpoint was written" + ("" if save else " (checkpoint.save=false)") + ": a rerun starts from step 0"
+        unsaved = " (this run saves none: checkpoint.save=false)" if not ckpt.save else ""
+        return f"the last checkpoint {last} is intact and a rerun resumes from it{unsaved}"
+    unsaved = "" if ckpt.save else " (checkpoint.save=false)"
+    return f"no checkpoint was written{unsaved}: a rerun starts from step 0"
 
 
 def read_trainer_state(ckpt: Path) -> dict[str, Any]:

@@ -69,7 +69,7 @@ def run_training(cfg: TrainConfig, *, resume: bool, trainer_cls: type[Trainer] =
             rank = dist.get_rank()
             print(
                 f"error: rank {rank}: a collective failed ({text.splitlines()[0]}). Another rank probably died: see "
-                f"its log above; {resume_hint(cfg.checkpoint.dir, cfg.checkpoint.save)}.",
+                f"its log above; {resume_hint(cfg.checkpoint, resume)}.",
                 file=sys.stderr,
                 flush=True,
             )

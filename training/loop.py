@@ -63,6 +63,7 @@ class Trainer:
         self.dtype = self._dtype()
         self.grad_accum = cfg.grad_accum_steps(world)
         self.tokenizer = None if cfg.data.synthetic else Tokenizer(cfg.data.tokenizer)
+        self.resume = resume  # False under --no-resume
         self.resume_from = ckpt_io.latest_checkpoint(self.out) if resume and cfg.checkpoint.resume else None
         resumed_vocab = None if self.resume_from is None else ckpt_io.saved_vocab_size(self.resume_from)
         self.model_cfg = resolve_model_config(
@@ -250,7 +251,7 @@ class Trainer:
                 raise TrainingError(
                     f"non-finite loss at step {self.step + 1}; under ZeRO the accumulated gradients cannot be "
                     f"discarded, so the run stops here: lower optim.lr or raise optim.warmup_steps and rerun; "
-                    f"{ckpt_io.resume_hint(self.out, self.cfg.checkpoint.save)}"
+                    f"{ckpt_io.resume_hint(self.cfg.checkpoint, self.resume)}"
                 )
             self.engine.skip_step()
             self.moe_stats.row()  # collective, like the step's: forget the skipped step's counts
@@ -261,7 +262,7 @@ class Trainer:
         if not math.isfinite(grad_norm) and self.engine.zero_stage == 3:
             raise TrainingError(
                 f"non-finite gradient norm at step {self.step + 1} under ZeRO-3, which cannot skip the update in "
-                f"fp32/bf16: lower optim.lr and rerun; {ckpt_io.resume_hint(self.out, self.cfg.checkpoint.save)}"
+                f"fp32/bf16: lower optim.lr and rerun; {ckpt_io.resume_hint(self.cfg.checkpoint, self.resume)}"
             )
         return {
             "loss": loss,
@@ -412,7 +413,7 @@ class Trainer:
                 raise TrainingError(
                     f"{in_a_row} non-finite losses or gradients in a row (train.max_nonfinite_steps="
                     f"{t.max_nonfinite_steps}) at step {self.step}: lower optim.lr or check the data; "
-                    f"{ckpt_io.resume_hint(self.out, cfg.checkpoint.save)}"
+                    f"{ckpt_io.resume_hint(cfg.checkpoint, self.resume)}"
                 )
             if cfg.data.valid and ((t.eval_every and self.step % t.eval_every == 0) or last):
                 ev = self.evaluate()

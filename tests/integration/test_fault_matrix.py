@@ -135,6 +135,8 @@ def test_sigkill(reference, tmp_path, layout, phase):
     assert ranks[dead].rc == -9, f"rank {dead} was not killed: {ranks[dead].stderr[-2000:]}"
     assert survivor.rc == 3, survivor.stderr[-3000:]
     assert DEAD_PEER in survivor.stderr and "Traceback" not in survivor.stderr, survivor.stderr[-3000:]
+    hint = f"the last checkpoint {out / 'step-00000002'} is intact and a rerun resumes from it"
+    assert hint in survivor.stderr, survivor.stderr[-3000:]
     assert survivor.ended_s - ranks[dead].ended_s < TIMEOUT_MINUTES * 60 + MARGIN_S
     # a checkpoint is written after its step; a step's collectives (gradients, the loss and the non-finite flag)
     # come before the optimizer step, so rank 0 finishes and logs the step in whose optimizer step rank 1 died

@@ -3,6 +3,7 @@ write, non-finite losses, a dead rank. The reference is an uninterrupted run of 
 resumed losses and pre-clip gradient norms are required to be bitwise equal (the grad norm sees a gradient-scale
 error, say a lost 1/grad_accum in the restored state, that AdamW and clipping would hide from the loss)."""
 
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -130,8 +131,15 @@ def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     assert (tmp_path / "step-00000006.tmp").exists()  # the half-written one
     assert ckpt_io.latest_checkpoint(tmp_path) == good
     assert (tmp_path / "latest").read_text().strip() == good.name
-    assert ckpt_io.resume_hint(tmp_path) == f"the last checkpoint {good} is intact and a rerun resumes from it"
-    assert ckpt_io.resume_hint(tmp_path, save=False).startswith("no checkpoint was written (checkpoint.save=false)")
+    ckpt = cfg.checkpoint
+    assert ckpt_io.resume_hint(ckpt) == f"the last checkpoint {good} is intact and a rerun resumes from it"
+    assert ckpt_io.resume_hint(dataclasses.replace(ckpt, save=False)).endswith(
+        "resumes from it (this run saves none: checkpoint.save=false)"
+    )  # it resumes from the earlier run's checkpoint all the same
+    assert ckpt_io.resume_hint(ckpt, resume=False) == (
+        "a rerun of the same command starts again from step 0 (--no-resume or checkpoint.resume=false); without "
+        f"that it resumes from {good}"
+    )
     # and a rerun resumes from the good one
     resumed = Trainer(load_config(None, [*SYNTHETIC, f"checkpoint.dir={tmp_path}", "train.max_steps=6"]))
     assert resumed.step == 5
