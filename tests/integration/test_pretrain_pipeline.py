@@ -13,6 +13,8 @@ import json
 import pytest
 import torch
 
+from parallel.pipeline import check_schedule_backend
+from parallel.state import ParallelConfigError
 from tests.integration.train_utils import (
     MOE,
     assert_same_curve,
@@ -25,6 +27,14 @@ from tests.integration.train_utils import (
 
 TOL = 1e-5
 LAYERS = ["model.num_hidden_layers=4"]
+
+
+def _skip_zbv_before_torch_2_13(overrides: list[str]) -> None:
+    """torch 2.11's zbv start-up dies on gloo; the run refuses it there (tests/unit/test_pipeline.py)."""
+    try:
+        check_schedule_backend("zbv" if "parallel.pp_schedule=zbv" in overrides else "1f1b", "gloo")
+    except ParallelConfigError as e:
+        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +57,7 @@ def reference(tmp_path_factory) -> list[dict]:
     ids=["gpipe_uneven_ac", "interleaved_1f1b", "zbv"],
 )
 def test_pp2_schedules_match_one_process(reference, tmp_path, schedule):
+    _skip_zbv_before_torch_2_13(schedule)
     pretrain(tmp_path, [*LAYERS, "parallel.pp=2", *schedule], nproc=2)
     assert_same_curve(metrics(tmp_path), reference, loss_tol=TOL)
 
@@ -84,6 +95,7 @@ def moe_reference(tmp_path_factory) -> list[dict]:
     ids=["pp2_ep2", "zbv"],
 )
 def test_moe_at_pp2_matches_one_process(moe_reference, tmp_path, layout, nproc):
+    _skip_zbv_before_torch_2_13(layout)
     # every stage's aux losses in the objective, every stage's layers in rank 0's log
     pretrain(tmp_path, [*LAYERS, *MOE, *layout], nproc=nproc)
     got = metrics(tmp_path)
