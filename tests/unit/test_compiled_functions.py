@@ -58,8 +58,11 @@ def _in_place(node: torch.fx.Node) -> bool:
 
 @pytest.fixture
 def traced(monkeypatch):
-    """compile_layers with dynamo's graphs recorded and run as traced (no inductor): {forward body: in-place ops}."""
-    found: dict[str, list[str]] = {}
+    """compile_layers with dynamo's graphs recorded and run as traced (no inductor).
+
+    Yields {forward body: (its in-place ops, its call nodes)}, filled as the model runs.
+    """
+    found: dict[str, tuple[list[str], list[torch.fx.Node]]] = {}
 
     def record(gm: torch.fx.GraphModule, example_inputs):
         for name, sub in gm.named_modules():
