@@ -32,6 +32,7 @@ IN_PLACE_FUNCTIONS = {
     getattr(operator, n) for n in dir(operator) if n[0] == "i" and {n[1:], n[1:] + "_"} & set(dir(operator))
 }
 IN_PLACE_FUNCTIONS |= {operator.setitem}
+IN_PLACE_METHODS = {f"__{f.__name__}__" for f in IN_PLACE_FUNCTIONS}  # x.__iadd__(y), x.__setitem__(i, y)
 OPERATOR_FUNCTIONS = {f for f in vars(operator).values() if callable(f)}  # and_, or_, not_: not in place
 
 
@@ -43,7 +44,7 @@ def _in_place(node: torch.fx.Node) -> bool:
     if node.op == "call_method":
         name = node.target  # x.mul_(y), x.__iadd__(y), x.__setitem__(i, y)
         if name.startswith("__") and name.endswith("__"):
-            return name.strip("_") in {f.__name__ for f in IN_PLACE_FUNCTIONS}
+            return name in IN_PLACE_METHODS
         return name.endswith("_")
     if node.op != "call_function":
         return False
