@@ -11,7 +11,7 @@ from configs.sections import ParallelSection
 from modeling.config import ModelConfig
 from modeling.llama import LlamaForCausalLM
 from modeling.pipeline import PipelinePlan, StageModule
-from parallel.pipeline import check_schedule_backend, rank_stages, stage_layer_counts, stage_rank
+from parallel.pipeline import check_schedule_torch, rank_stages, stage_layer_counts, stage_rank
 from parallel.state import ParallelConfigError
 from training.pipeline_run import TrainingPipeline
 
@@ -84,13 +84,22 @@ def test_refused_pipeline_layouts_name_the_keys(overrides, world, message):
     assert message in str(err.value)
 
 
-def test_zbv_over_gloo_is_refused_before_torch_2_13():
-    # torch 2.11.0's zbv start-up died in gloo ("Pair is not connected", a send to its own rank); 2.13 runs it
-    with pytest.raises(ParallelConfigError, match="parallel.pp_schedule=zbv over gloo .* needs torch 2.13"):
-        check_schedule_backend("zbv", "gloo", "2.11.0+cu130")
-    check_schedule_backend("zbv", "gloo", "2.13.0+cpu")
-    check_schedule_backend("zbv", "nccl", "2.11.0+cu130")
-    check_schedule_backend("interleaved_1f1b", "gloo", "2.11.0+cu130")
+def test_zbv_is_refused_before_torch_2_13():
+    # torch 2.12's split backward died on RMSNorm's autograd node at the first W action (2.11 has the same code, and
+    # over gloo died earlier: a send to its own rank); 2.13 runs it. The backend plays no part.
+    for version in ("2.11.0+cu130", "2.12.0+cu130", "2.12.1"):
+        with pytest.raises(ParallelConfigError, match="parallel.pp_schedule=zbv needs torch 2.13 or newer"):
+            check_schedule_torch("zbv", version)
+    for version in ("2.13.0+cpu", "2.13.0.dev20260601", "2.14.0"):
+        check_schedule_torch("zbv", version)
+    check_schedule_torch("interleaved_1f1b", "2.11.0+cu130")
+
+
+def test_zbv_before_torch_2_13_is_refused_with_the_config(monkeypatch):
+    monkeypatch.setattr(torch, "__version__", "2.12.0+cu130")
+    with pytest.raises(ConfigError, match="parallel.pp_schedule=zbv needs torch 2.13 or newer, found 2.12.0"):
+        _validate(["parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.pp_stages_per_rank=2"])
+    _validate(["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_stages_per_rank=2"])
 
 
 def test_zero1_overlap_comm_is_refused_at_pp2(tmp_path):
