@@ -18,7 +18,7 @@ from configs.sections import CONFIG_DIR, ConfigError, coerce, resolve_path
 from modeling.config import CheckpointError, ModelConfig, resolve_checkpoint_dir
 from modeling.config import ConfigError as ModelConfigError
 from parallel.layers import padded_size
-from parallel.pipeline import check_pipeline
+from parallel.pipeline import check_pipeline, check_schedule_torch
 
 if TYPE_CHECKING:
     from configs.schema import TrainConfig
@@ -113,6 +113,8 @@ def resolve_model_config(
             pp_layers=p.pp_layers,
             microbatches=grad_accum if grad_accum is not None else p.pp,
         )
+        if p.pp > 1:
+            check_schedule_torch(p.pp_schedule)
     except ValueError as e:  # ModelConfig's ConfigError and ParallelConfigError alike
         raise ConfigError(str(e)) from None
     if cfg.data.seq_len > config.max_position_embeddings:

@@ -76,7 +76,6 @@ def check_pipeline(
             f"has {num_layers} layers (model.num_hidden_layers): every stage needs at least one layer"
         )
     stage_layer_counts(num_layers, stages, pp_layers)  # raises on a bad parallel.pp_layers
-    check_schedule_torch(schedule)
     if schedule == "1f1b" and microbatches < pp:
         raise ParallelConfigError(
             f"parallel.pp_schedule=1f1b needs at least parallel.pp={pp} micro-batches per step, got {microbatches} "
@@ -94,6 +93,9 @@ def check_pipeline(
 
 def check_schedule_torch(schedule: str, version: str | None = None) -> None:
     """Raise ParallelConfigError where this torch's pipelining cannot run `schedule`, on any backend.
+
+    Called with the config (configs/architecture.py, before any work) and by `PipelineSchedule`; not by
+    `check_pipeline`, whose stage plans do not depend on torch's schedules.
 
     zbv splits each stage's backward in two: the inputs' gradient, then the weights' from the autograd nodes it kept
     (torch/distributed/pipelining/_backward.py, stage_backward_input and stage_backward_weight). In torch 2.12 the
@@ -206,6 +208,7 @@ class PipelineSchedule:
             ScheduleZBVZeroBubble,
         )
 
+        check_schedule_torch(schedule)
         num_stages = state.pp_size * len(stage_ids)
         self.stages = [
             PipelineStage(m, s, num_stages, device, input_args=x, output_args=y, group=state.pp_group)
