@@ -166,24 +166,24 @@ def _pp_rank(rank: int, world: int, args: argparse.Namespace) -> list[dict]:
         v = 2 if schedule in MULTI_STAGE else 1
         for m in args.microbatches:
             row = {"schedule": schedule, "m": m, "v": v, "rank": rank}
-            try:
+            try:  # the plan's checks, and PipelineSchedule's of this torch (zbv needs 2.13)
                 plan = PipelinePlan.build(config, pp=world, schedule=schedule, stages_per_rank=v, microbatches=m)
+                torch.manual_seed(0)
+                model = LlamaForCausalLM(config, state, dtype=torch.float32, part=plan.part(rank))
+                stages = [StageModule(model, plan, s, microbatches=m) for s in plan.rank_stages(rank)]
+                io = [st.io_meta(args.micro_batch, args.seq, torch.float32) for st in stages]
+                pipe = PipelineSchedule(
+                    stages,
+                    [st.stage for st in stages],
+                    io,
+                    state=state,
+                    schedule=schedule,
+                    microbatches=m,
+                    device=torch.device("cpu"),
+                )
             except ParallelConfigError as e:
                 out.append({**row, "refused": str(e)})
                 continue
-            torch.manual_seed(0)
-            model = LlamaForCausalLM(config, state, dtype=torch.float32, part=plan.part(rank))
-            stages = [StageModule(model, plan, s, microbatches=m) for s in plan.rank_stages(rank)]
-            io = [st.io_meta(args.micro_batch, args.seq, torch.float32) for st in stages]
-            pipe = PipelineSchedule(
-                stages,
-                [st.stage for st in stages],
-                io,
-                state=state,
-                schedule=schedule,
-                microbatches=m,
-                device=torch.device("cpu"),
-            )
             inputs, targets = _batch(args, m)
             times, times1 = [], []
             for _round in range(1 + args.steps):  # the first round is a warm-up

@@ -11,7 +11,7 @@ from configs.sections import ParallelSection
 from modeling.config import ModelConfig
 from modeling.llama import LlamaForCausalLM
 from modeling.pipeline import PipelinePlan, StageModule
-from parallel.pipeline import check_schedule_torch, rank_stages, stage_layer_counts, stage_rank
+from parallel.pipeline import PipelineSchedule, check_schedule_torch, rank_stages, stage_layer_counts, stage_rank
 from parallel.state import ParallelConfigError
 from training.pipeline_run import TrainingPipeline
 
@@ -95,11 +95,15 @@ def test_zbv_is_refused_before_torch_2_13():
     check_schedule_torch("interleaved_1f1b", "2.11.0+cu130")
 
 
-def test_zbv_before_torch_2_13_is_refused_with_the_config(monkeypatch):
+def test_zbv_before_torch_2_13_is_refused_with_the_config_and_by_the_schedule(monkeypatch):
     monkeypatch.setattr(torch, "__version__", "2.12.0+cu130")
     with pytest.raises(ConfigError, match="parallel.pp_schedule=zbv needs torch 2.13 or newer, found 2.12.0"):
         _validate(["parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.pp_stages_per_rank=2"])
     _validate(["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_stages_per_rank=2"])
+    _validate(["parallel.pp_schedule=zbv", "parallel.pp_stages_per_rank=2"])  # pp=1 runs no schedule
+    # PipelineSchedule checks before it touches its stages (bench/pipeline.py builds it without a config)
+    with pytest.raises(ParallelConfigError, match="parallel.pp_schedule=zbv needs torch 2.13 or newer"):
+        PipelineSchedule([], [], [], state=None, schedule="zbv", microbatches=1, device=torch.device("cpu"))
 
 
 def test_zero1_overlap_comm_is_refused_at_pp2(tmp_path):
@@ -113,7 +117,8 @@ def test_zero1_overlap_comm_is_refused_at_pp2(tmp_path):
 
 
 def test_accepted_pipeline_layouts(monkeypatch):
-    monkeypatch.setattr(torch, "__version__", "2.13.0")  # zbv's torch (test_zbv_before_torch_2_13_is_refused_...)
+    # the zbv layout is accepted whatever torch runs this test; the torch check has its own test above
+    monkeypatch.setattr(torch, "__version__", "2.13.0")
     _validate(["parallel.pp=2"])
     _validate(["parallel.pp=2", "parallel.pp_schedule=gpipe", "train.global_batch_size=1", "train.micro_batch_size=1"])
     _validate(["parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.pp_stages_per_rank=2"])
