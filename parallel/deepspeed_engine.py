@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallel.build_locks import warn_stale_build_locks
 from parallel.pipeline import reduce_tied_grads
 from parallel.state import ParallelConfigError, ParallelState
 
@@ -57,6 +58,7 @@ class DeepSpeedEngine:
     ) -> None:
         import deepspeed
 
+        warn_stale_build_locks()  # DeepSpeed loads its ops below and would wait on a killed build's lock
         self.module, self.state, self.grad_accum, self.grad_clip = model, state, grad_accum, grad_clip
         self._micro = 0
         config = fill_auto(ds_config, micro_batch_size, grad_accum, grad_clip, bf16, state.dp_cp_size)

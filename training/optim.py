@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from configs.sections import OptimSection
+from parallel.build_locks import warn_stale_build_locks
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -95,6 +96,7 @@ def fused_adamw_supported(groups: list[dict]) -> bool:
 
 def _cpu_adam(groups: list[dict], hyper: dict, offload: str) -> torch.optim.Optimizer | None:
     """DeepSpeed's CPU AdamW over `groups`, or None (with a warning that names `offload`) where its op fails."""
+    warn_stale_build_locks()  # the op's build would wait on a killed build's lock
     try:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 

@@ -1,14 +1,17 @@
 """Errors a user causes end pretrain_llama.py with one line naming the key, file or line and what to do, exit code 2,
 and no traceback: a bad config key, a missing model.preset, a ZeRO stage that is not an integer, and a corrupt shard
-met in the middle of training under data.on_error=raise (in the main process and in a DataLoader worker)."""
+met in the middle of training under data.on_error=raise (in the main process and in a DataLoader worker). A stale
+lock of a killed DeepSpeed op build, on which DeepSpeed then waits forever, is named before the wait."""
 
 import json
 import random
+import subprocess
+import threading
 
 import pytest
 import zstandard
 
-from tests.integration.train_utils import metrics, pretrain
+from tests.integration.train_utils import REPO_ROOT, command, env, metrics, pretrain
 
 WORDS = "the a model data token train loss step layer head vocab shard rank batch learn text code run".split()
 
@@ -95,3 +98,31 @@ def test_corrupt_zstd_frame(bad_data, tmp_path):
     root, _, frame = bad_data
     proc = pretrain(tmp_path, _text_args(root, frame, 0), check=False)
     assert_user_error(proc, str(frame), "corrupt zstd data", "after line 100", "data.on_error")
+
+
+def test_stale_deepspeed_build_lock_is_named_before_deepspeed_waits_on_it(tmp_path):
+    # a build of the op DeepSpeed's CPU accelerator loads at every start, killed half-way: its lock stays
+    lock = tmp_path / "ext" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    run = subprocess.Popen(
+        command(tmp_path / "run", ["parallel.deepspeed_config=configs/deepspeed/zero1.json"]),
+        cwd=REPO_ROOT,
+        env=dict(env(), TORCH_EXTENSIONS_DIR=str(lock.parent.parent)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline, seen = threading.Timer(120, run.kill), []  # without the warning the run would wait forever
+    deadline.start()
+    try:
+        for line in run.stderr:  # DeepSpeed blocks on the lock after the warning: stop reading there
+            seen.append(line)
+            if "is left from a build" in line:
+                break
+    finally:
+        deadline.cancel()
+        run.kill()
+        run.wait()
+    assert f"warning: {lock} is left from a build of the extension op 'deepspeed_shm_comm'" in seen[-1], seen[-20:]
+    assert f"rm {lock}" in seen[-1]
