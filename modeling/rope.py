@@ -102,6 +102,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     if torch.compiler.is_compiling():  # out= into slices does not trace (torch 2.13); inductor fuses this form
         x1, x2 = x[..., :h], x[..., h:]
         c, s = cos[..., :h].unsqueeze(2), sin[..., :h].unsqueeze(2)  # (B, T, 1, d/2)
-        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)  # (B, T, heads, d)
+        # in x's dtype, as eagerly: under bf16 autocast q, k are bf16 and the tables fp32 (the residual stream's
+        # dtype), whose products would promote q, k and everything after them to fp32
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)  # (B, T, heads, d)
     # the tables repeat their first half (emb = [freqs, freqs]): the rotation needs only that half
     return _Rotary.apply(x, cos[..., :h].unsqueeze(2), sin[..., :h].unsqueeze(2))  # tables (B, T, 1, d/2)

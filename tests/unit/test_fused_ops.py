@@ -108,6 +108,19 @@ def test_rotary_equals_rotate_half_formula(dtype):
     torch.testing.assert_close(grads(ours, (x,))[0], grads(ref, (x,))[0], **tol)
 
 
+def test_rotary_keeps_bf16_with_fp32_tables_eagerly_and_compiled():
+    """Under bf16 autocast q, k are bf16 and the tables fp32 (the residual stream's dtype): both forms return bf16
+    (compiled, the products would promote q, k to fp32 and attention and the all-to-alls after it with them)."""
+    torch.manual_seed(0)
+    cos, sin = rotary_tables(2, 16, 32, torch.float32)
+    x = torch.randn(2, 16, 4, 32).bfloat16()
+    ref = plain_rotary(x.float(), cos, sin)
+    compiled = torch.compile(apply_rotary, backend="eager", fullgraph=True)  # traced: the is_compiling() form
+    for y in (apply_rotary(x, cos, sin), compiled(x, cos, sin)):
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), ref, atol=0.05, rtol=0.02)
+
+
 def test_rotary_tables_for_batch_shared_positions_equal_per_row_positions():
     cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
