@@ -11,11 +11,13 @@ flash, then memory-efficient, then math; cuDNN first on some Hopper builds). Its
     math              anything, by materialising the (B, Hq, Tq, S) scores and probabilities in the forward and
                       keeping them for the backward
 
-So grouped heads with an explicit mask (document masks, sliding windows, the KV cache) fall to the math kernel on
-CUDA: a (B, Hq, T, T) matrix per layer. `sdpa` repeats k and v up to the query heads first in exactly that case,
-which makes the memory-efficient kernel eligible; the copies are (B, Hq, S, hd), T / hd times smaller than the
-scores they avoid. Causal attention without a mask keeps enable_gqa (flash takes it, no copies), and so does the
-CPU, whose flash kernel takes a mask with grouped heads (torch._fused_sdp_choice picks it there in torch 2.13).
+So grouped heads fall to the math kernel on CUDA wherever flash is out: with an explicit mask (document masks,
+sliding windows, the KV cache), and in fp32 (flash takes fp16 and bf16 only): a (B, Hq, T, T) matrix per layer.
+`sdpa` repeats k and v up to the query heads first in exactly those cases, which makes the memory-efficient kernel
+eligible; the copies are (B, Hq, S, hd), T / hd times smaller than the scores they avoid. Causal attention in bf16
+or fp16 (the dtype SDPA computes in: autocast's where it applies) keeps enable_gqa (flash takes it, no copies), and
+so does the CPU, whose flash kernel takes a mask with grouped heads (torch._fused_sdp_choice picks it there in torch
+2.13).
 
 Compiled CPU training (train.compile) runs `CpuAttention` instead, in two forms (`cpu_attention_block`):
 
@@ -46,6 +48,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from parallel.mappings import compute_dtype
+
 BACKWARD_BLOCK = 128  # queries per block of CpuAttention's bf16 backward
 PROBS_BLOCK = 64  # queries per block of CpuAttention's fp32 causal forward and backward (it keeps the probabilities)
 MAX_BLOCKS = 16  # blocks at most (the loop is unrolled into the compiled graph): longer sequences keep SDPA
@@ -63,9 +67,13 @@ def repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x[:, :, None].expand(B, n_kv, r, S, hd).reshape(B, n_heads, S, hd)  # (B, Hkv, r, S, hd) -> (B, Hq, S, hd)
 
 
-def expands_kv(device: torch.device, n_heads: int, n_kv_heads: int, masked: bool) -> bool:
-    """Whether `sdpa` repeats k and v to the query heads: grouped heads with an explicit mask on CUDA (see above)."""
-    return device.type == "cuda" and masked and n_heads != n_kv_heads
+def expands_kv(device: torch.device, dtype: torch.dtype, n_heads: int, n_kv_heads: int, masked: bool) -> bool:
+    """Whether `sdpa` repeats k and v to the query heads: grouped heads on CUDA where flash is out (module docstring).
+
+    Flash is out with an explicit mask and in a `dtype` it does not take (fp32).
+    """
+    flash_dtype = dtype in (torch.float16, torch.bfloat16)
+    return device.type == "cuda" and n_heads != n_kv_heads and (masked or not flash_dtype)
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -81,9 +89,9 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     if compiled_cpu and k.dtype == v.dtype == q.dtype and cpu_attention_block(q, mask):
         return CpuAttention.apply(q, k, v, mask).to(dtype)
     n_heads = q.shape[1]
-    if expands_kv(q.device, n_heads, k.shape[1], mask is not None):
-        # the memory-efficient kernel takes the mask but not grouped heads (module docstring): without the copies
-        # SDPA would run the math kernel and build (B, Hq, T, S) scores
+    if expands_kv(q.device, compute_dtype(q), n_heads, k.shape[1], mask is not None):
+        # the memory-efficient kernel takes a mask and fp32 but not grouped heads (module docstring): without the
+        # copies SDPA would run the math kernel and build (B, Hq, T, S) scores
         k, v = repeat_kv(k, n_heads), repeat_kv(v, n_heads)  # (B, Hq, S, hd)
     y = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=n_heads != k.shape[1]

@@ -119,12 +119,24 @@ def test_choose_backend():
         TrainSection(attention="bogus").validate()
 
 
-def test_sdpa_repeats_kv_under_a_mask_on_cuda(monkeypatch):
+def test_sdpa_repeats_kv_where_cuda_flash_is_out(monkeypatch):
     """The CUDA arrangement (run on the CPU by spoofing the device test): k, v reach SDPA with the query heads."""
-    assert sdpa_mod.expands_kv(torch.device("cuda"), HQ, HKV, masked=True)
-    assert not sdpa_mod.expands_kv(torch.device("cuda"), HQ, HKV, masked=False)  # flash takes enable_gqa
-    assert not sdpa_mod.expands_kv(torch.device("cpu"), HQ, HKV, masked=True)
-    assert not sdpa_mod.expands_kv(torch.device("cuda"), HQ, HQ, masked=True)
+    cuda, cpu, bf16, fp32 = torch.device("cuda"), torch.device("cpu"), torch.bfloat16, torch.float32
+    assert sdpa_mod.expands_kv(cuda, bf16, HQ, HKV, masked=True)
+    assert not sdpa_mod.expands_kv(cuda, bf16, HQ, HKV, masked=False)  # flash takes enable_gqa
+    assert not sdpa_mod.expands_kv(cuda, torch.float16, HQ, HKV, masked=False)
+    assert sdpa_mod.expands_kv(cuda, fp32, HQ, HKV, masked=False)  # flash takes no fp32: memory-efficient then
+    assert not sdpa_mod.expands_kv(cpu, bf16, HQ, HKV, masked=True)
+    assert not sdpa_mod.expands_kv(cpu, fp32, HQ, HKV, masked=False)
+    assert not sdpa_mod.expands_kv(cuda, bf16, HQ, HQ, masked=True)
+    assert not sdpa_mod.expands_kv(cuda, fp32, HQ, HQ, masked=False)
+    asked = []  # sdpa asks about the dtype SDPA computes in: autocast's where it applies
+    monkeypatch.setattr(sdpa_mod, "expands_kv", lambda device, dtype, *a: asked.append(dtype) or False)
+    q, k, v = _qkv(1)
+    sdpa_mod.sdpa(q, k, v, None)
+    with torch.autocast("cpu", torch.bfloat16):
+        sdpa_mod.sdpa(q, k, v, None)
+    assert q.dtype == fp32 and asked == [fp32, bf16]
     calls = []
     real = sdpa_mod.F.scaled_dot_product_attention
 
@@ -133,7 +145,7 @@ def test_sdpa_repeats_kv_under_a_mask_on_cuda(monkeypatch):
         return real(q, k, v, **kw)
 
     monkeypatch.setattr(sdpa_mod.F, "scaled_dot_product_attention", spy)
-    monkeypatch.setattr(sdpa_mod, "expands_kv", lambda device, nh, nkv, masked: masked and nh != nkv)
+    monkeypatch.setattr(sdpa_mod, "expands_kv", lambda device, dtype, nh, nkv, masked: masked and nh != nkv)
     q, k, v = _qkv(1)
     mask = document_causal_mask(DOCS, 6)
     got = sdpa_mod.sdpa(q, k, v, mask)
