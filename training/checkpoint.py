@@ -75,20 +75,24 @@ def step_dir_name(step: int) -> str:
 
 
 def rng_state() -> dict[str, Any]:
-    """Every RNG this process draws from, as tensors and plain Python."""
+    """Every RNG this process draws from, as tensors and plain Python.
+
+    The CUDA generator's (of the current device) only where this process uses CUDA: asking a GPU host's CUDA
+    otherwise (a run with train.device=cpu) would create a context on GPU 0 from every rank.
+    """
     state = {"torch": torch.get_rng_state(), "python": repr(random.getstate())}
-    if torch.cuda.is_available():
+    if torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what rng_state() returned."""
+    """Restore what rng_state() returned (the CUDA generator's where this process uses CUDA)."""
     import ast
 
     torch.set_rng_state(state["torch"])
     random.setstate(ast.literal_eval(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and torch.cuda.is_initialized():
         torch.cuda.set_rng_state(state["cuda"])
 
 
