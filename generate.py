@@ -34,6 +34,7 @@ from modeling.generation import eos_ids, generate
 from modeling.lora_files import load_adapter
 from parallel.lora import AdapterError
 from parallel.state import ParallelState
+from training.distributed import auto_dtype
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,7 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lora", help="a LoRA adapter (sft.py run or step directory, or PEFT) applied to --ckpt")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (tp x ep = torchrun --nproc_per_node)")
     ap.add_argument("--ep", type=int, default=1, help="expert-parallel degree of a mixture-of-experts model")
-    ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on GPU, fp32 on CPU")
+    ap.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16", "fp16"],
+        help="default: bf16 on a GPU with bf16 tensor cores (A100, H100, ...), else fp32",
+    )
     args = ap.parse_args(argv)
     if args.chat:
         if args.prompt or args.prompt_ids or args.print_ids:
@@ -199,9 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     """Load, generate, print."""
     args = parse_args(argv)
     state, device = setup_distributed(args.tp, args.ep)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
-        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32
-    )
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype, auto_dtype(device))
     ckpt = resolve_checkpoint_dir(args.ckpt)
     if (ckpt / "adapter_config.json").is_file() and not (ckpt / "config.json").is_file():
         raise SystemExit(

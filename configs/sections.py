@@ -196,7 +196,7 @@ class TrainSection:
     max_steps: int = 1000
     seed: int = 1234
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    dtype: str = "auto"  # auto (bf16 on a CUDA GPU with bf16 tensor cores, else fp32) | fp32 | bf16
     tf32: bool = True  # CUDA: fp32 matmuls on TF32 tensor cores; false keeps them exact fp32 (IEEE)
     keep_host_memory: bool = True  # CPU: freed host memory stays mapped (training.distributed.keep_host_memory)
     activation_checkpointing: bool = False

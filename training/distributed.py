@@ -46,6 +46,18 @@ def init_distributed(cfg: TrainConfig) -> torch.device:
     return device
 
 
+def auto_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of train.dtype=auto and generate.py's default: bf16 on a CUDA GPU with bf16 tensor cores, else fp32.
+
+    bf16 tensor cores: compute capability 8.0 or newer (A100, H100, ...). `torch.cuda.is_bf16_supported()` alone
+    also says yes where CUDA only emulates bf16 (V100, T4): matmuls without tensor cores, and FlexAttention's bf16
+    kernels need sm80. The CPU stays fp32 (bf16 there: train.dtype=bf16).
+    """
+    if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.bfloat16
+    return torch.float32
+
+
 def set_fp32_matmul_precision(device: torch.device, *, tf32: bool) -> None:
     """On CUDA, run fp32 matmuls and convolutions on TF32 tensor cores, or with tf32=False in exact IEEE fp32.
 

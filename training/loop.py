@@ -34,7 +34,13 @@ from parallel.engine import Engine, build_engine
 from parallel.state import ParallelState
 from training import checkpoint as ckpt_io
 from training.data import TrainData, build_eval_batches, build_train_loader, token_byte_lengths
-from training.distributed import adopt_accelerate_deepspeed_config, any_rank, init_distributed, step_values
+from training.distributed import (
+    adopt_accelerate_deepspeed_config,
+    any_rank,
+    auto_dtype,
+    init_distributed,
+    step_values,
+)
 from training.metrics import MetricsLogger, StepTimer, data_skipped, flops_per_token, memory_bytes, mfu, peak_flops
 from training.moe_metrics import MoEStepStats
 from training.optim import build_optimizer, schedule_state
@@ -162,7 +168,7 @@ class Trainer:
     def _dtype(self) -> torch.dtype:
         d = self.cfg.train.dtype
         if d == "auto":
-            return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+            return auto_dtype(self.device)
         return torch.bfloat16 if d == "bf16" else torch.float32
 
     def _layout(self) -> dict[str, Any]:

@@ -72,6 +72,20 @@ def test_tf32_is_left_alone_off_cuda(restore_tf32):
     assert torch.backends.mkldnn.matmul.fp32_precision in ("none", "ieee")  # the CPU's fp32 matmuls stay exact
 
 
+@pytest.mark.parametrize("tensor_cores", [True, False], ids=["A100/H100", "V100/T4: bf16 emulated"])
+def test_auto_dtype_is_bf16_only_with_bf16_tensor_cores(monkeypatch, tensor_cores):
+    from training.loop import Trainer
+
+    # torch's answer counts emulation unless asked not to: True on a V100 by default
+    bf16_support = lambda including_emulation=True: tensor_cores or including_emulation  # noqa: E731
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", bf16_support)
+    want = torch.bfloat16 if tensor_cores else torch.float32
+    assert distributed.auto_dtype(CUDA) == want
+    auto = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(dtype="auto")))
+    assert Trainer._dtype(SimpleNamespace(**vars(auto), device=CUDA)) == want  # train.dtype=auto
+    assert Trainer._dtype(SimpleNamespace(**vars(auto), device=torch.device("cpu"))) == torch.float32
+
+
 def test_unlisted_gpu_peak_is_a_timed_matmul_in_the_dtype(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A10G")
     calls = []
