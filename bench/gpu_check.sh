@@ -6,7 +6,11 @@
 # check or a run failed or there is no GPU.
 #
 #   bash bench/gpu_check.sh              # on the GPU machine
+#   RUNS="1b_eager 7b_checkpointed" bash bench/gpu_check.sh   # only these (a second call for what the first skipped)
 #   SMOKE=1 bash bench/gpu_check.sh      # the same sequence with a tiny model on the CPU: checks the script only
+#
+# The steps, in order of what the CPU cannot show: check (compiled against eager), 1b_compiled,
+# 1b_documents_compiled (FlexAttention), 1b_eager, 1b_documents_eager, 7b_checkpointed; RUNS names a subset.
 #
 # Needs torch with CUDA and requirements.txt's packages; those missing there (zstandard on the device machines lent
 # here) travel as wheels in .whl/ (bench/README.md, "gpu_mfu.py"), installed into /tmp/site first.
@@ -34,24 +38,30 @@ if [ ${#smoke[@]} -eq 0 ]; then
 fi
 
 budget=${BUDGET:-560}  # seconds for the whole script (the device tool allows 600 a command)
+runs=" ${RUNS:-check 1b_compiled 1b_documents_compiled 1b_eager 1b_documents_eager 7b_checkpointed} "
+wanted() { [[ "$runs" == *" $1 "* ]]; }
 failed=0
+check_rc=0
 
 # first, correctness: the compiled model's loss and gradients against eager's on this GPU (skipped on the CPU), and
 # the compiled autograd functions' forwards free of in-place ops (torch 2.11's pytorch/pytorch#180642)
 check=tests/unit/test_compiled_functions.py  # pytest is in the lent machines' image
-limit=$((budget / 3 < 180 ? budget / 3 : 180))
-echo "== compiled against eager ($check, at most ${limit}s)"
-timeout -k 10 "$limit" python3 -m pytest -q -p no:cacheprovider "$check" >"$out/compiled_check.log" 2>&1
-check_rc=$?
-[ "$check_rc" -eq 0 ] || failed=1
-echo "exit $check_rc (output: $out/compiled_check.log)"
-tail -n 1 "$out/compiled_check.log"
+if wanted check; then
+    limit=$((budget / 3 < 180 ? budget / 3 : 180))
+    echo "== compiled against eager ($check, at most ${limit}s)"
+    timeout -k 10 "$limit" python3 -m pytest -q -p no:cacheprovider "$check" >"$out/compiled_check.log" 2>&1
+    check_rc=$?
+    [ "$check_rc" -eq 0 ] || failed=1
+    echo "exit $check_rc (output: $out/compiled_check.log)"
+    tail -n 1 "$out/compiled_check.log"
+fi
 
 run() {  # name, seconds allowed, gpu_mfu.py arguments
     # a run gets at most what is left of the budget (less 30 s for start-up); with under 90 s left it is skipped.
     # gpu_mfu.py stops the training at its --timeout and reports the steps logged by then
     local name=$1 limit=$2 left=$((budget - SECONDS))
     shift 2
+    wanted "$name" || return 0
     if [ "$left" -lt 90 ]; then
         echo "== $name skipped: ${left}s of the ${budget}s budget left"
         return
@@ -66,14 +76,14 @@ run() {  # name, seconds allowed, gpu_mfu.py arguments
 }
 
 run 1b_compiled 200 --steps 12 --skip 4 train.compile=true
-run 1b_eager 100 --steps 12 --skip 4
 run 1b_documents_compiled 200 --steps 12 --skip 4 --documents train.compile=true
+run 1b_eager 100 --steps 12 --skip 4
 run 1b_documents_eager 100 --steps 12 --skip 4 --documents
 
 # 7B: fp32 master weights, gradients and AdamW's two moments are 16 bytes a parameter (about 110 GB): an H200 only
 if [ ${#smoke[@]} -eq 1 ] || [ "$gib" -ge 130 ]; then
     run 7b_checkpointed 180 --steps 6 --skip 3 --micro-batch 1 model.preset=7b train.activation_checkpointing=true
-else
+elif wanted 7b_checkpointed; then
     echo "== 7b_checkpointed skipped: ${gib} GiB of GPU memory, the 7B preset needs about 130"
 fi
 
