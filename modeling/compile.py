@@ -52,6 +52,8 @@ graph is a recompilation, logged and warned about.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -215,8 +217,8 @@ class CompileWatch:
     """Counts the graphs compiled after the first steps: a run that keeps recompiling is losing its speed-up.
 
     `row(step)` returns the metrics of a logged row: `compile/graphs` (compiled so far in this process) and
-    `compile/recompiles` (compiled after step `warmup_steps`), and prints a warning when the latter grew since
-    the last row.
+    `compile/recompiles` (compiled after step `warmup_steps`, except inside `outside()`), and prints a warning
+    when the latter grew since the last row.
     """
 
     def __init__(self, *, warmup_steps: int = 1, enabled: bool = True, say=print) -> None:
@@ -224,6 +226,20 @@ class CompileWatch:
         self.start = graphs_compiled()
         self.after_warmup: int | None = None  # the count when the warm-up steps ended
         self.reported = 0
+        self.excluded = 0  # graphs compiled inside outside()
+
+    @contextmanager
+    def outside(self) -> Iterator[None]:
+        """Around work besides the training step (eval, samples): graphs compiled there are not recompilations.
+
+        They compile once, at that work's first run: on CUDA its eager layers' masked attention compiles a
+        gradient-free FlexAttention graph.
+        """
+        before = graphs_compiled()
+        try:
+            yield
+        finally:
+            self.excluded += graphs_compiled() - before
 
     def row(self, step: int) -> dict[str, int]:
         """The compile metrics at `step` (empty when compilation is off); warns about new recompilations."""
@@ -231,8 +247,8 @@ class CompileWatch:
             return {}
         now = graphs_compiled()
         if step >= self.warmup_steps and self.after_warmup is None:
-            self.after_warmup = now
-        recompiles = 0 if self.after_warmup is None else now - self.after_warmup
+            self.after_warmup = now - self.excluded
+        recompiles = 0 if self.after_warmup is None else now - self.excluded - self.after_warmup
         if recompiles > self.reported:
             self.say(
                 f"warning: torch.compile compiled {recompiles - self.reported} new graph(s) by step {step}, "

@@ -34,13 +34,7 @@ from parallel.engine import Engine, build_engine
 from parallel.state import ParallelState
 from training import checkpoint as ckpt_io
 from training.data import TrainData, build_eval_batches, build_train_loader, token_byte_lengths
-from training.distributed import (
-    adopt_accelerate_deepspeed_config,
-    any_rank,
-    auto_dtype,
-    init_distributed,
-    step_values,
-)
+from training.distributed import adopt_accelerate_deepspeed_config, any_rank, auto_dtype, init_distributed, step_values
 from training.metrics import MetricsLogger, StepTimer, data_skipped, flops_per_token, memory_bytes, mfu, peak_flops
 from training.moe_metrics import MoEStepStats
 from training.optim import build_optimizer, schedule_state
@@ -422,13 +416,16 @@ class Trainer:
                     f"{ckpt_io.resume_hint(cfg.checkpoint, self.resume)}"
                 )
             if cfg.data.valid and ((t.eval_every and self.step % t.eval_every == 0) or last):
-                ev = self.evaluate()
+                with compiles.outside():
+                    ev = self.evaluate()
                 logger.log({"step": self.step, **ev})
                 logger.plot(self.out / "loss_curve.png")
                 if self.is_main:
                     say(f"step {self.step}: eval " + " ".join(f"{k[5:]} {v:.4g}" for k, v in ev.items()))
             if (t.sample_every and self.step % t.sample_every == 0) or last:
-                for i, text in enumerate(self.sample()):
+                with compiles.outside():
+                    texts = self.sample()
+                for i, text in enumerate(texts):
                     if self.is_main:
                         say(f"sample {i} @ step {self.step}: {text!r}")
                         logger.log_text(self.step, f"sample_{i}", text)

@@ -113,6 +113,11 @@ def test_compile_watch_counts_graphs_after_the_first_step_and_warns():
     assert watch.row(3) == {"compile/graphs": 5, "compile/recompiles": 2}
     assert len(said) == 1 and "2 new graph(s) by step 3" in said[0]
     assert watch.row(4)["compile/recompiles"] == 2 and len(said) == 1  # warned once per new recompilation
+    with watch.outside():  # the first eval compiles its own graph (CUDA: FlexAttention without gradients)
+        counters["stats"]["unique_graphs"] += 1
+    assert watch.row(5) == {"compile/graphs": 6, "compile/recompiles": 2} and len(said) == 1
+    counters["stats"]["unique_graphs"] += 1  # in a training step again
+    assert watch.row(6) == {"compile/graphs": 7, "compile/recompiles": 3} and len(said) == 2
     assert CompileWatch(enabled=False).row(1) == {}
 
 
