@@ -30,6 +30,7 @@ from modeling.shard_files import EXPERT_SHARDS, MODEL_SHARDS, ShardReader, Shard
 from modeling.shard_files import OPTIMIZER_EXPERT_SHARDS as OPTIMIZER_EXPERT_SHARDS  # re-exported: the file kinds
 from modeling.shard_files import OPTIMIZER_SHARDS as OPTIMIZER_SHARDS
 from parallel.layers import strip_padding, tp_chunk
+from parallel.mappings import comm_device
 from parallel.pipeline import recv_tensor, send_tensor
 from parallel.state import ParallelState
 
@@ -177,9 +178,9 @@ def write_shards(
             dense = {}  # only its experts are written
         if not writes_experts:
             experts = {}  # another tensor rank writes them
-        # the parameters' device (NCCL moves CUDA tensors), not a CPU-held value's such as an optimizer step count
-        device = next((t.device for t in like.values() if t.device.type != "cpu"), torch.device("cpu"))
-        if not _gather_to_first_stage(dense, experts, dims, state, device):
+        # the group's device (NCCL moves CUDA tensors), not one read off `like`: the first stage may hold nothing to
+        # write (the optimizer's expert tensors from stages with MoE layers, none on it) and still receive
+        if not _gather_to_first_stage(dense, experts, dims, state, comm_device(state.pp_group)):
             return
     if writes_dense:
         out.mkdir(parents=True, exist_ok=True)

@@ -51,6 +51,16 @@ def group_rank(group: Group) -> int:
     return 0 if group is None else dist.get_rank(group)
 
 
+def comm_device(group: Group) -> torch.device:
+    """The device a tensor must be on for `group`'s collectives: this rank's CUDA device under NCCL, else the CPU.
+
+    For buffers made to communicate with, whatever this rank holds: NCCL takes CUDA tensors only, gloo any.
+    """
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
     x = x.contiguous()
     dist.all_reduce(x, group=group)

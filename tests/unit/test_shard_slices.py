@@ -242,3 +242,29 @@ def test_rank_state_dict_and_load_model_weights(tmp_path):
     other = LlamaForCausalLM(ModelConfig(**{**BASE, "intermediate_size": 48}, tie_word_embeddings=True))
     with pytest.raises(CheckpointError, match=r"architecture differs .*mlp\.down_proj.*\(32, 64\).*\(32, 48\)"):
         load_model_weights(other, tmp_path, ParallelState())
+
+
+def test_pipeline_gather_receives_on_the_groups_device_when_the_first_stage_holds_nothing(monkeypatch, tmp_path):
+    """The optimizer's save at pp=2, ep=2: the first stage of a data-parallel rank 1 keeps no dense tensor, and no
+    expert tensor when it holds no MoE layer, yet receives the later stages' experts; its buffers must be on the
+    group's device (CUDA under NCCL), not the CPU that an empty `like` suggests."""
+    import modeling.native_format as native_format
+
+    seen = []
+    monkeypatch.setattr(native_format, "comm_device", lambda group: torch.device("meta"))  # stands in for cuda:N
+    monkeypatch.setattr(native_format, "_gather_to_first_stage", lambda *a: seen.append(a[-1]) or False)
+    dims = ParallelDims(world_size=4, pp=2, ep=2)
+    receivers = [r for r in range(4) if ParallelState(dims=dims, rank=r).pp_rank == 0]
+    for rank in receivers:
+        write_shards({}, {}, tmp_path, ParallelState(dims=dims, rank=rank))
+    assert seen == [torch.device("meta")] * len(receivers) and len(receivers) == 2
+
+
+def test_comm_device_follows_the_groups_backend(monkeypatch):
+    from parallel import mappings
+
+    monkeypatch.setattr(mappings.dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert mappings.comm_device(None) == torch.device("cuda", 3)
+    monkeypatch.setattr(mappings.dist, "get_backend", lambda group=None: "gloo")
+    assert mappings.comm_device(None) == torch.device("cpu")
