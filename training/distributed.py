@@ -42,8 +42,32 @@ def init_distributed(cfg: TrainConfig) -> torch.device:
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it
         os.environ.setdefault("WORLD_SIZE", "1")
         backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if want_cuda else "gloo")
+        check_backend(backend, device, cfg)
         dist.init_process_group(backend, timeout=timedelta(minutes=cfg.parallel.timeout_minutes))
     return device
+
+
+def check_backend(backend: str, device: torch.device, cfg: TrainConfig) -> None:
+    """Refuse a parallel.backend that cannot move this run's tensors, before the first collective would fail.
+
+    NCCL takes CUDA tensors only. gloo takes CUDA tensors in all_reduce and broadcast only (torch.distributed's
+    table of backends), enough for plain data parallelism (DDP) but not for the all-gathers, reduce-scatters,
+    all-to-alls and point-to-point of tensor, sequence, context, expert and pipeline parallelism or ZeRO.
+    """
+    if backend == "nccl" and device.type != "cuda":
+        raise ConfigError(
+            f"parallel.backend=nccl moves CUDA tensors only, and this run trains on the CPU (train.device="
+            f"{cfg.train.device}): use parallel.backend=gloo (or auto)"
+        )
+    p = cfg.parallel
+    needs = [f"parallel.{k}={v}" for k, v in (("tp", p.tp), ("pp", p.pp), ("cp", p.cp), ("ep", p.ep)) if v > 1]
+    if cfg.zero_stage():
+        needs.append(f"ZeRO stage {cfg.zero_stage()}")
+    if backend == "gloo" and device.type == "cuda" and needs:
+        raise ConfigError(
+            f"parallel.backend=gloo with CUDA tensors runs all_reduce and broadcast only, and this run needs more "
+            f"({', '.join(needs)}): use parallel.backend=nccl (or auto)"
+        )
 
 
 def auto_dtype(device: torch.device) -> torch.dtype:

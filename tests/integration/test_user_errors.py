@@ -1,7 +1,8 @@
 """Errors a user causes end pretrain_llama.py with one line naming the key, file or line and what to do, exit code 2,
-and no traceback: a bad config key, a missing model.preset, a ZeRO stage that is not an integer, and a corrupt shard
-met in the middle of training under data.on_error=raise (in the main process and in a DataLoader worker). A stale
-lock of a killed DeepSpeed op build, on which DeepSpeed then waits forever, is named before the wait."""
+and no traceback: a bad config key, a missing model.preset, a ZeRO stage that is not an integer, NCCL on the CPU, a
+corrupt shard met in the middle of training under data.on_error=raise (in the main process and in a DataLoader
+worker). A stale lock of a killed DeepSpeed op build, on which DeepSpeed then waits forever, is named before the
+wait."""
 
 import json
 import random
@@ -84,6 +85,13 @@ def test_zero_stage_not_an_integer(tmp_path, stage):
     ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": json.loads(stage)}}))
     proc = pretrain(tmp_path / "run", [f"parallel.deepspeed_config={ds}"], check=False)
     assert_user_error(proc, str(ds), f"zero_optimization.stage={stage}", "0, 1, 2 or 3")
+
+
+def test_nccl_backend_on_the_cpu(tmp_path):
+    proc = pretrain(
+        tmp_path, ["parallel.backend=nccl", "parallel.deepspeed_config=configs/deepspeed/zero1.json"], check=False
+    )
+    assert_user_error(proc, "parallel.backend=nccl moves CUDA tensors only", "parallel.backend=gloo")
 
 
 @pytest.mark.parametrize("workers", [0, 1], ids=["main_process", "worker"])

@@ -86,6 +86,21 @@ def test_auto_dtype_is_bf16_only_with_bf16_tensor_cores(monkeypatch, tensor_core
     assert Trainer._dtype(SimpleNamespace(**vars(auto), device=torch.device("cpu"))) == torch.float32
 
 
+def test_a_backend_that_cannot_move_the_runs_tensors_is_refused():
+    base = ["model.preset=tiny", "data.synthetic=true"]
+    cpu = torch.device("cpu")
+    with pytest.raises(ConfigError, match=r"parallel.backend=nccl moves CUDA tensors only.*train.device=auto"):
+        distributed.check_backend("nccl", cpu, load_config(None, base))
+    distributed.check_backend("gloo", cpu, load_config(None, [*base, "parallel.tp=2", "parallel.pp=2"]))
+    distributed.check_backend("nccl", CUDA, load_config(None, [*base, "parallel.tp=2"]))
+    distributed.check_backend("gloo", CUDA, load_config(None, base))  # DDP: all_reduce and broadcast
+    beyond = load_config(
+        None, [*base, "parallel.tp=2", "parallel.ep=2", "parallel.deepspeed_config=configs/deepspeed/zero1.json"]
+    )
+    with pytest.raises(ConfigError, match=r"gloo with CUDA.*\(parallel.tp=2, parallel.ep=2, ZeRO stage 1\)"):
+        distributed.check_backend("gloo", CUDA, beyond)
+
+
 def test_unlisted_gpu_peak_is_a_timed_matmul_in_the_dtype(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A10G")
     calls = []
