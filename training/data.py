@@ -52,6 +52,8 @@ class SyntheticLoader:
     With `documents` (data.document_attention) each batch also has `document_ids`: every sequence is cut into one
     to four documents at positions drawn from its own generator after its ids, so the tokens are the same with
     documents or without and only the attention mask (and the positions, which restart per document) differs.
+    With `pin_memory` (training on CUDA) the batches are in page-locked memory, as the streaming loader's are: a
+    copy from pageable memory to the GPU first waits for the GPU's queued work, a host sync per micro-batch.
     """
 
     def __init__(
@@ -65,8 +67,10 @@ class SyntheticLoader:
         dp_size: int,
         seed: int,
         documents: bool = False,
+        pin_memory: bool = False,
     ) -> None:
         self.vocab, self.seq_len, self.seed, self.documents = vocab_size, seq_len, seed, documents
+        self.pin_memory = pin_memory
         self.layout = Layout(micro_batch, grad_accum, dp_rank, dp_size)
         self.layout.check()
         self.consumed = 0  # C: global sequences consumed before the current step
@@ -102,6 +106,11 @@ class SyntheticLoader:
         batch = {"input_ids": windows[:, :-1], "targets": windows[:, 1:]}
         if self.documents:
             batch["document_ids"] = torch.stack(docs)  # (B, T)
+        if self.pin_memory:
+            pinned = windows.pin_memory()  # one copy; the ids and targets stay views of it
+            batch.update(input_ids=pinned[:, :-1], targets=pinned[:, 1:])
+            if self.documents:
+                batch["document_ids"] = batch["document_ids"].pin_memory()
         return batch
 
     def _fingerprint(self) -> dict[str, Any]:
@@ -176,6 +185,7 @@ def build_train_loader(
             dp_size=dp_size,
             seed=t.seed,
             documents=d.document_attention,
+            pin_memory=cuda,
         )
     from dataset.streaming import StreamingDataset
 

@@ -105,7 +105,7 @@ class TrainingPipeline:
         loss is seen after the backward: the trainer then skips the step on every rank.
         """
         tokens = sum(b["input_ids"].numel() for b in batches)
-        whole = {k: to_device(torch.cat([b[k] for b in batches])) for k in batches[0]}  # (accum x B, T)
+        whole = {k: to_device(_joined([b[k] for b in batches])) for k in batches[0]}  # (accum x B, T)
         kwargs = {}
         if "document_ids" in whole and document_attention:
             kwargs["document_ids"] = whole["document_ids"]
@@ -116,3 +116,12 @@ class TrainingPipeline:
         loss = torch.stack(ce).mean() if ce else torch.zeros((), device=whole["input_ids"].device)
         dist.all_reduce(loss, group=self.state.pp_group)  # only the last stage's is not zero
         return loss, ~torch.isfinite(loss), tokens, {}
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The micro-batches' rows in one tensor, page-locked where they were.
+
+    A copy to the GPU from pageable memory first waits for the GPU's queued work: a host sync each step.
+    """
+    whole = torch.cat(parts)
+    return whole.pin_memory() if parts[0].is_pinned() else whole

@@ -228,3 +228,24 @@ def test_synthetic_documents_keep_the_tokens_and_cut_each_sequence_into_one_to_f
     # sequence n has the same documents at any layout: they are part of the global numbering
     whole = next(_synthetic(True, 4))["document_ids"]
     assert torch.equal(next(_synthetic(True, 2, dp_rank=1, dp_size=2))["document_ids"], whole[2:])
+
+
+def test_synthetic_batches_pinned_for_cuda_hold_the_same_values(monkeypatch):
+    pinned = []
+
+    def pin(t):  # stands in for page-locked memory (none without CUDA): a copy, recorded
+        pinned.append(t.clone())
+        return pinned[-1]
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    plain = _synthetic(True)
+    loader = SyntheticLoader(
+        vocab_size=50, seq_len=24, micro_batch=4, grad_accum=1, dp_rank=0, dp_size=1, seed=3, documents=True,
+        pin_memory=True,
+    )  # fmt: skip
+    for _ in range(2):
+        pinned.clear()
+        a, b = next(plain), next(loader)
+        assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+        storages = {t.untyped_storage().data_ptr() for t in pinned}
+        assert all(b[k].untyped_storage().data_ptr() in storages for k in b)  # every tensor handed out is pinned

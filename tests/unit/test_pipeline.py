@@ -206,3 +206,15 @@ def test_fused_loss_backward_twice_keeps_its_buffers_only_when_asked():
         loss.grad_fn.saved_tensors  # noqa: B018  freed with the graph, although the loss tensor lives on
     kept = [v for v in vars(loss.grad_fn).values() if torch.is_tensor(v) or isinstance(v, tuple | list)]
     assert not kept  # nor held as attributes of the node (torch's schedules keep every micro-batch's loss)
+
+
+def test_pipeline_step_batch_stays_page_locked_when_its_micro_batches_are(monkeypatch):
+    from training.pipeline_run import _joined
+
+    parts = [torch.arange(6).view(2, 3), torch.arange(6, 12).view(2, 3)]
+    assert torch.equal(_joined(parts), torch.arange(12).view(4, 3))  # pageable in, pageable out (the CPU)
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda t: True)  # the streaming loader's rows on CUDA
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: pinned.append(t) or t)
+    whole = _joined(parts)
+    assert torch.equal(whole, torch.arange(12).view(4, 3)) and len(pinned) == 1 and pinned[0] is whole
