@@ -29,14 +29,21 @@ def extensions_root() -> Path:
 
 def _held_open() -> set[str] | None:
     """The paths that processes on this machine hold open (those this user may inspect), or None without /proc."""
-    proc = Path("/proc")
-    if not (proc / "self" / "fd").is_dir():
+    if not os.path.isdir("/proc/self/fd"):
         return None
     held = set()
-    for fd in proc.glob("[0-9]*/fd/*"):
-        try:
-            held.add(os.readlink(fd))
-        except OSError:  # the process or descriptor went away, or another user's
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:  # a process may exit (or a descriptor close) at any point: skip what is gone, or another user's
+            fds = os.scandir(f"/proc/{pid}/fd")
+            with fds:
+                for fd in fds:
+                    try:
+                        held.add(os.readlink(fd.path))
+                    except OSError:
+                        continue
+        except OSError:
             continue
     return held
 
@@ -54,21 +61,23 @@ def stale_build_locks(root: Path | None = None) -> list[Path]:
     held = _held_open()
     if held is None:
         return []
-    return [lock for lock in locks if str(lock.resolve()) not in held]
+    # a build that ended during the scan released its lock (closed, then removed): gone now, not stale
+    return [lock for lock in locks if str(lock.resolve()) not in held and lock.exists()]
 
 
 def warn_stale_build_locks(root: Path | None = None) -> list[Path]:
-    """Print what to do about each stale build lock (once a process, on each machine's local rank 0); returns them."""
+    """Print what to do about each stale build lock (once a process) on each machine's local rank 0; returns them."""
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return []
     locks = stale_build_locks(root)
-    if os.environ.get("LOCAL_RANK", "0") == "0":
-        for lock in set(locks) - _warned:
-            _warned.add(lock)
-            print(
-                f"warning: {lock} is left from a build of the extension op '{lock.parent.name}' that was stopped (no "
-                "process on this machine holds it). A run that loads that op (DeepSpeed's ops: deepspeed_shm_comm "
-                f"at start, cpu_adam under ZeRO-Offload) waits on it forever. Delete it (rm {lock}) and start "
-                "again, unless a run on another machine sharing this directory is building that op now",
-                file=sys.stderr,
-                flush=True,
-            )
+    for lock in sorted(set(locks) - _warned):
+        _warned.add(lock)
+        print(
+            f"warning: {lock} is left from a build of the extension op '{lock.parent.name}' that was stopped (no "
+            "process of this user on this machine holds it). A run that loads that op (DeepSpeed's ops: "
+            f"deepspeed_shm_comm at start, cpu_adam under ZeRO-Offload) waits on it forever. Delete it (rm {lock}) "
+            "and start again, unless a run on another machine sharing this directory is building that op now",
+            file=sys.stderr,
+            flush=True,
+        )
     return locks

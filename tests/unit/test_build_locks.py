@@ -68,11 +68,25 @@ def test_warning_names_the_lock_and_the_command_once_per_process(root, capsys):
     assert capsys.readouterr().err == ""  # named once
 
 
-def test_only_each_machines_local_rank_0_warns(root, capsys, monkeypatch):
-    lock = _lock(root, "cpu_adam")
+def test_only_each_machines_local_rank_0_looks_and_warns(root, capsys, monkeypatch):
+    _lock(root, "cpu_adam")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert build_locks.warn_stale_build_locks() == [lock]
+    assert build_locks.warn_stale_build_locks() == []
     assert capsys.readouterr().err == ""
+
+
+def test_a_lock_released_during_the_scan_is_not_stale(root, monkeypatch):
+    lock, kept = _lock(root, "cpu_adam"), _lock(root, "fused_adam")
+    scan = build_locks._held_open
+    monkeypatch.setattr(build_locks, "_held_open", lambda: lock.unlink() or scan())  # its build ended meanwhile
+    assert build_locks.stale_build_locks() == [kept]
+
+
+def test_a_process_that_exits_during_the_scan_is_skipped(monkeypatch):
+    listed = os.listdir("/proc")
+    gone = str(2**22 + 1)  # above Linux's largest pid: listed, then gone when its descriptors are read
+    monkeypatch.setattr(build_locks.os, "listdir", lambda path: [*listed, gone])
+    assert isinstance(build_locks._held_open(), set)
 
 
 def test_offload_optimizer_checks_before_building_cpu_adam(root, capsys, monkeypatch):
