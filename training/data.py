@@ -106,11 +106,8 @@ class SyntheticLoader:
         batch = {"input_ids": windows[:, :-1], "targets": windows[:, 1:]}
         if self.documents:
             batch["document_ids"] = torch.stack(docs)  # (B, T)
-        if self.pin_memory:
-            pinned = windows.pin_memory()  # one copy; the ids and targets stay views of it
-            batch.update(input_ids=pinned[:, :-1], targets=pinned[:, 1:])
-            if self.documents:
-                batch["document_ids"] = batch["document_ids"].pin_memory()
+        if self.pin_memory:  # contiguous: CUDA copies a strided view through a pageable temporary
+            batch = {k: v.contiguous().pin_memory() for k, v in batch.items()}
         return batch
 
     def _fingerprint(self) -> dict[str, Any]:

@@ -123,5 +123,6 @@ def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
 
     A copy to the GPU from pageable memory first waits for the GPU's queued work: a host sync each step.
     """
-    whole = torch.cat(parts)
-    return whole.pin_memory() if parts[0].is_pinned() else whole
+    pinned = parts[0].is_pinned()
+    out = torch.empty((sum(len(p) for p in parts), *parts[0].shape[1:]), dtype=parts[0].dtype, pin_memory=pinned)
+    return torch.cat(parts, out=out)
