@@ -50,9 +50,9 @@ def init_distributed(cfg: TrainConfig) -> torch.device:
 def check_backend(backend: str, device: torch.device, cfg: TrainConfig) -> None:
     """Refuse a parallel.backend that cannot move this run's tensors, before the first collective would fail.
 
-    NCCL takes CUDA tensors only. gloo takes CUDA tensors in all_reduce and broadcast only (torch.distributed's
-    table of backends), enough for plain data parallelism (DDP) but not for the all-gathers, reduce-scatters,
-    all-to-alls and point-to-point of tensor, sequence, context, expert and pipeline parallelism or ZeRO.
+    NCCL takes CUDA tensors only. gloo sends and receives CPU tensors only (torch.distributed's table of backends;
+    its collectives take CUDA tensors through host copies): no pipeline stages' or ring attention's point-to-point
+    on CUDA.
     """
     if backend == "nccl" and device.type != "cuda":
         raise ConfigError(
@@ -60,13 +60,13 @@ def check_backend(backend: str, device: torch.device, cfg: TrainConfig) -> None:
             f"{cfg.train.device}): use parallel.backend=gloo (or auto)"
         )
     p = cfg.parallel
-    needs = [f"parallel.{k}={v}" for k, v in (("tp", p.tp), ("pp", p.pp), ("cp", p.cp), ("ep", p.ep)) if v > 1]
-    if cfg.zero_stage():
-        needs.append(f"ZeRO stage {cfg.zero_stage()}")
-    if backend == "gloo" and device.type == "cuda" and needs:
+    p2p = [f"parallel.pp={p.pp}"] if p.pp > 1 else []
+    if p.cp > 1 and p.cp_attention == "ring":
+        p2p.append(f"parallel.cp={p.cp} with parallel.cp_attention=ring")
+    if backend == "gloo" and device.type == "cuda" and p2p:
         raise ConfigError(
-            f"parallel.backend=gloo with CUDA tensors runs all_reduce and broadcast only, and this run needs more "
-            f"({', '.join(needs)}): use parallel.backend=nccl (or auto)"
+            f"parallel.backend=gloo sends and receives CPU tensors only, and {' and '.join(p2p)} send CUDA tensors "
+            f"point to point: use parallel.backend=nccl (or auto)"
         )
 
 

@@ -91,14 +91,13 @@ def test_a_backend_that_cannot_move_the_runs_tensors_is_refused():
     cpu = torch.device("cpu")
     with pytest.raises(ConfigError, match=r"parallel.backend=nccl moves CUDA tensors only.*train.device=auto"):
         distributed.check_backend("nccl", cpu, load_config(None, base))
-    distributed.check_backend("gloo", cpu, load_config(None, [*base, "parallel.tp=2", "parallel.pp=2"]))
-    distributed.check_backend("nccl", CUDA, load_config(None, [*base, "parallel.tp=2"]))
-    distributed.check_backend("gloo", CUDA, load_config(None, base))  # DDP: all_reduce and broadcast
-    beyond = load_config(
-        None, [*base, "parallel.tp=2", "parallel.ep=2", "parallel.deepspeed_config=configs/deepspeed/zero1.json"]
-    )
-    with pytest.raises(ConfigError, match=r"gloo with CUDA.*\(parallel.tp=2, parallel.ep=2, ZeRO stage 1\)"):
-        distributed.check_backend("gloo", CUDA, beyond)
+    distributed.check_backend("gloo", cpu, load_config(None, [*base, "parallel.pp=2", "parallel.cp=2"]))
+    distributed.check_backend("nccl", CUDA, load_config(None, [*base, "parallel.pp=2"]))
+    # gloo's collectives take CUDA tensors (through host copies): data, tensor and expert parallelism, Ulysses
+    distributed.check_backend("gloo", CUDA, load_config(None, [*base, "parallel.tp=2", "parallel.cp=2"]))
+    p2p = load_config(None, [*base, "parallel.pp=2", "parallel.cp=2", "parallel.cp_attention=ring"])
+    with pytest.raises(ConfigError, match=r"gloo sends and receives CPU tensors only, and parallel.pp=2 and "):
+        distributed.check_backend("gloo", CUDA, p2p)
 
 
 def test_unlisted_gpu_peak_is_a_timed_matmul_in_the_dtype(monkeypatch):
