@@ -353,7 +353,10 @@ def offloads_optimizer(ds_config: dict[str, Any] | None) -> bool:
 def fill_auto(
     ds_config: dict[str, Any], micro_batch: int, grad_accum: int, grad_clip: float, bf16: bool, dp: int
 ) -> dict[str, Any]:
-    """Replace the "auto" values of a DeepSpeed config by the training config's; conflicting values are errors."""
+    """Replace the "auto" values of a DeepSpeed config by the training config's; conflicting values are errors.
+
+    Also switches DeepSpeed's throughput timer off unless the config sets it (two device syncs per micro-batch).
+    """
     config = {k: v for k, v in ds_config.items()}
     wanted = {
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -377,4 +380,7 @@ def fill_auto(
         raise ParallelConfigError(
             "DeepSpeed config fp16.enabled=true: this project trains in bf16 or fp32; remove the fp16 section"
         )
+    # DeepSpeed's throughput timer (on by default) synchronises the device at the start and end of every
+    # micro-batch; the trainer times its steps itself. A config's own "timers" section is kept.
+    config["timers"] = {"throughput": {"enabled": False}, **config.get("timers", {})}
     return config

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from parallel.deepspeed_engine import TESTED_DEEPSPEED, check_deepspeed_version
+from parallel.deepspeed_engine import TESTED_DEEPSPEED, check_deepspeed_version, fill_auto
 from parallel.engine import build_engine
 from parallel.state import ParallelConfigError, ParallelState
 
@@ -76,3 +76,13 @@ def test_requirements_state_the_tested_deepspeed_range():
     lines = (Path(__file__).parents[2] / "requirements.txt").read_text().splitlines()
     (lo, hi) = TESTED_DEEPSPEED
     assert f"deepspeed>={lo[0]}.{lo[1]},<{hi[0]}.{hi[1]}" in lines
+
+
+def test_deepspeeds_throughput_timer_is_off_unless_the_config_sets_it():
+    from deepspeed.utils.config import get_timers_config
+
+    filled = fill_auto({"zero_optimization": {"stage": 1}}, micro_batch=2, grad_accum=3, grad_clip=1.0, bf16=True, dp=2)
+    # on, it synchronises the device twice a micro-batch (deepspeed.utils.timer.ThroughputTimer.start / stop)
+    assert get_timers_config({}).enabled and not get_timers_config(filled).enabled
+    own = {"timers": {"throughput": {"enabled": True, "synchronized": False}}}
+    assert get_timers_config(fill_auto(own, 2, 3, 1.0, True, 2)).enabled
