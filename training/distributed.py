@@ -167,8 +167,13 @@ def step_values(
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
-    """Whether `flag` is true on any rank (collective over the world; a signal may reach one rank only)."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    """Whether `flag` is true on any rank (collective over the world; a signal may reach one rank only).
+
+    One read of the device where there are several processes, none for one. The flag is filled on the device, not
+    copied there: a copy from pageable memory would first wait for the device's queued work, a second wait.
+    """
+    if not dist.is_initialized():
+        return flag
+    t = torch.full((1,), float(flag), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())

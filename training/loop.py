@@ -235,8 +235,8 @@ class Trainer:
         The objective is micro_batch_loss's: the model's loss (cross-entropy + the MoE layers' aux losses), whose
         `loss` reports the cross-entropy alone, so that dense and MoE runs compare, and the MoE terms come as
         `moe/...` keys (dpo.py: the preference loss, and its `rewards/...` and `logps/...`).
-        The host waits for the device twice a step, where a decision needs a value: once for the non-finite check
-        (with the logged loss and tokens, read together) before the optimizer step, once for the gradient norm.
+        The host waits for the device twice here, where a decision needs a value: for the non-finite check (with the
+        loss and tokens) and the gradient norm; also the ids' checks (2 a micro-batch) and MoE's counts and row.
         """
         if self._batches is None:
             self._batches = self.timer.batches(iter(self.loader))  # after any load_state_dict

@@ -71,3 +71,21 @@ def test_sections_record_checks_and_raise_on_a_failure_a_raise_or_nothing_run():
             assert_sections([results, results], section)
     with pytest.raises(AssertionError, match="worst error"):
         assert_sections([results], "a")  # without reports, the figure counts as a failed check
+
+
+def _any_rank_flags(rank, world_size, raised_on):
+    from training.distributed import any_rank
+
+    return any_rank(rank in raised_on, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("raised_on", [(), (1,), (0, 1)])
+def test_any_rank_is_true_on_every_rank_when_one_raised_it(raised_on):
+    assert run_distributed(_any_rank_flags, 2, raised_on) == [bool(raised_on)] * 2
+
+
+def test_any_rank_alone_reads_nothing_from_the_device(monkeypatch):
+    from training.distributed import any_rank
+
+    monkeypatch.setattr(torch, "full", lambda *a, **k: pytest.fail("made a device tensor"))
+    assert any_rank(True, torch.device("cpu")) and not any_rank(False, torch.device("cpu"))
