@@ -231,16 +231,27 @@ def _pieces(n: int) -> list[slice]:
     return [slice(t, min(t + tile, c + step)) for c in range(0, n, step) for t in range(c, c + step, tile)]
 
 
-def _visible_blocks(q_index, k_index, q_docs, k_docs, window):
-    """(query slice, key slice, mask (B or 1, 1, 1, tq, tk)) of each chunk pair with at least one visible key."""
-    for qs in _pieces(q_index.numel()):
-        for ks in _pieces(k_index.numel()):
-            docs = {} if q_docs is None else dict(q_documents=q_docs[:, qs], k_documents=k_docs[:, ks])
-            mask = attention_mask(q_index[qs], k_index[ks], window=window, **docs)
-            # a key chunk wholly after the queries, in other documents or outside the window is skipped (one host
-            # sync per chunk pair: 4 per hop)
-            if mask.any():
-                yield qs, ks, mask.unsqueeze(2)
+def _block_mask(q_index, k_index, q_docs, k_docs, window, qs: slice, ks: slice) -> torch.Tensor:
+    """The mask rule on query tile `qs` x key tile `ks`: (B or 1, 1, 1, tq, tk) bool, True = attend."""
+    docs = {} if q_docs is None else dict(q_documents=q_docs[:, qs], k_documents=k_docs[:, ks])
+    return attention_mask(q_index[qs], k_index[ks], window=window, **docs).unsqueeze(2)
+
+
+def _visible_blocks(index, all_index, documents, all_docs, window) -> list[list[tuple[slice, slice]]]:
+    """For the key chunk of each rank s (row s of all_index), the (query tile, key tile) pairs with a visible key.
+
+    A tile pair wholly in the queries' future, in other documents or outside the window is skipped. Every pair's
+    mask is built on the device and all of them are read back together: one host sync for the whole pass, where a
+    read per pair would be tiles^2 per hop (256 a layer at T 32768 and cp 4). The masks are built again where a
+    block uses them: keeping them all would hold (tiles x tile)^2 x cp booleans.
+    """
+    pairs = [(qs, ks) for qs in _pieces(index.numel()) for ks in _pieces(all_index.shape[1])]
+    seen = []
+    for s, k_index in enumerate(all_index):
+        k_docs = None if all_docs is None else all_docs[:, s]
+        seen += [_block_mask(index, k_index, documents, k_docs, window, qs, ks).any() for qs, ks in pairs]
+    visible = iter(torch.stack(seen).tolist())
+    return [[pair for pair in pairs if next(visible)] for _ in all_index]
 
 
 def _block_forward(q, k, v, mask, scale):
@@ -306,13 +317,15 @@ class _RingAttention(torch.autograd.Function):
         out = torch.zeros_like(q5)
         lse = q5.new_full(q5.shape[:-1], float("-inf"))  # (B, Hkv, g, Tl)
         kv = torch.stack([k, v])  # (2, B, Hkv, Tl, hd): one message per hop
+        plan = _visible_blocks(index, all_index, documents, all_docs, window)  # the pass's one host sync
         for step in range(cp):
             src = (rank - step) % cp  # whose key chunk this rank holds now
             if step < cp - 1:
                 nxt, reqs = _start_exchange(kv, group)  # overlaps with this block's compute
             kf, vf = kv[0].float(), kv[1].float()
             k_docs = None if all_docs is None else all_docs[:, src]
-            for qs, ks, mask in _visible_blocks(index, all_index[src], documents, k_docs, window):
+            for qs, ks in plan[src]:
+                mask = _block_mask(index, all_index[src], documents, k_docs, window, qs, ks)
                 o_b, l_b = _block_forward(q5[..., qs, :], kf[..., ks, :], vf[..., ks, :], mask, scale)
                 out[..., qs, :], lse[..., qs] = _merge(out[..., qs, :], lse[..., qs], o_b, l_b)
             if step < cp - 1:
@@ -320,7 +333,7 @@ class _RingAttention(torch.autograd.Function):
                 kv = nxt
         y = out.reshape(B, n_heads, Tl, hd).to(q.dtype)  # (B, Hq, Tl, hd)
         ctx.save_for_backward(q, k, v, y, lse, index, all_index, documents, all_docs)
-        ctx.window, ctx.group = window, group
+        ctx.window, ctx.group, ctx.plan = window, group, plan  # the backward visits the same blocks, no sync
         return y
 
     @staticmethod
@@ -345,7 +358,8 @@ class _RingAttention(torch.autograd.Function):
             kf, vf = kv[0].float(), kv[1].float()
             part = torch.zeros((2, *kf.shape), dtype=torch.float32, device=kf.device)  # this hop's dk, dv
             k_docs = None if all_docs is None else all_docs[:, src]
-            for qs, ks, mask in _visible_blocks(index, all_index[src], documents, k_docs, window):
+            for qs, ks in ctx.plan[src]:
+                mask = _block_mask(index, all_index[src], documents, k_docs, window, qs, ks)
                 dq_b, dk_b, dv_b = _block_backward(
                     q5[..., qs, :], kf[..., ks, :], vf[..., ks, :], do[..., qs, :], lse[..., qs], delta[..., qs],
                     mask, scale,

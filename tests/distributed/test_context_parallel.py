@@ -151,6 +151,28 @@ def _check_balance(c: _Checker, key: str, group) -> None:
     c.true(f"{key} contiguous: unequal", len(set(counts["contiguous"])) > 1, f"counts {counts['contiguous']}")
 
 
+def _check_host_reads(c: _Checker, key: str, group) -> None:
+    """The ring reads the device once in its forward (which tile pairs have a visible key), never in its backward."""
+    cp, rank = dist.get_world_size(group), dist.get_rank(group)
+    q, k, v, dy, documents = _inputs("documents+window")
+    index = sequence_index(q.shape[2], rank, cp)
+    ql, kl, vl = (shard_sequence(t, rank, cp, dim=2).detach().clone().requires_grad_() for t in (q, k, v))
+    reads, real = [], {name: getattr(torch.Tensor, name) for name in ("__bool__", "tolist", "item")}
+    for name, fn in real.items():  # on a GPU each of these waits for the device
+        setattr(torch.Tensor, name, lambda t, *a, _name=name, _fn=fn: reads.append(_name) or _fn(t, *a))
+    try:
+        out = context_attention(
+            ql, kl, vl, kind="ring", group=group, index=index, document_ids=documents.index_select(1, index), window=3
+        )
+        forward = list(reads)
+        out.backward(shard_sequence(dy, rank, cp, dim=2))
+    finally:
+        for name, fn in real.items():
+            setattr(torch.Tensor, name, fn)
+    c.true(f"{key} forward: one read", forward == ["tolist"], f"forward read {forward}")
+    c.true(f"{key} backward: none", reads == forward, f"backward read {reads[len(forward) :]}")
+
+
 def _check_errors(c: _Checker, key: str, group) -> None:
     q, k = torch.zeros(1, 3, 4, 8), torch.zeros(1, 1, 4, 8)  # 3 query heads cannot be split over cp = 2
     try:
@@ -177,6 +199,7 @@ def _all_checks(rank: int, world_size: int) -> dict[str, tuple[float | str, floa
     try:
         c.run("[tiles] ring cp=2", _check_case, "documents+window", "ring", groups[2])
         c.run("[tiles] ring cp=4", _check_case, "causal", "ring", groups[4])
+        c.run("[host reads] ring cp=2", _check_host_reads, groups[2])  # 4 tiles a rank: 16 tile pairs a hop
     finally:
         context.BLOCK_TOKENS = tiles
     c.run("[errors] cp=2", _check_errors, groups[2])
@@ -216,6 +239,10 @@ def test_ring_load_balanced_blocks_and_gradients(rank_results):
 def test_ring_in_tiles_smaller_than_its_chunks(rank_results):
     # long sequences: the ring's blocks are tiles of BLOCK_TOKENS, not whole chunk pairs (bounded working memory)
     _assert_checks(rank_results, "[tiles]")
+
+
+def test_ring_reads_the_device_once_a_forward(rank_results):
+    _assert_checks(rank_results, "[host reads]")
 
 
 def test_bf16_inputs_close_to_fp32_reference(rank_results):
