@@ -13,8 +13,9 @@ and the parts that do not trace well stay outside. What runs where:
   (parallel.layers.linear);
 - tensor and sequence parallelism: parallel.mappings' autograd collectives call `dist.all_reduce` and friends,
   which dynamo rewrites into functional collectives inside the graph (no graph break; checked at tp=2 with
-  sequence parallelism); Ulysses context attention (all-to-all) likewise; ring attention's `batch_isend_irecv`
-  breaks the graph around its p2p (dynamo compiles no p2p by default), which stays correct;
+  sequence parallelism); Ulysses context attention (all-to-all) likewise; ring attention runs eagerly between
+  the compiled parts (`torch.compiler.disable`): its p2p (dynamo compiles no p2p by default) and its one host
+  read break the graph anyway;
 - a mixture-of-experts MLP runs eagerly (a graph break at the MoE call): dropless routing has data-dependent
   sizes (rows per expert, the all-to-all's splits), which would recompile or need unbacked symbols every step;
 - the head and its loss, without tensor parallelism (`_plain_head`: tp=1, no bias, LoRA or vocabulary padding):

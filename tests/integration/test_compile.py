@@ -3,7 +3,8 @@
 One torchrun world of 2 processes runs every scenario in turn (this file is also the driver, as
 tests/integration/layout_runs.py is for the layout tests: the process group, the imports and dynamo's caches are
 shared, so the suite pays the start-up once): tensor parallelism (tp=2 with sequence parallelism), ZeRO-2 through
-DeepSpeed at tp=1, DDP with activation checkpointing, MoE at ep=2 and LoRA adapters, each eager and compiled on the
+DeepSpeed at tp=1, DDP with activation checkpointing, MoE at ep=2, LoRA adapters and ring attention over documents at
+cp=2, each eager and compiled on the
 same synthetic data. fp32: the compiled kernels reorder some sums, so the figures agree to 1e-5, not exactly. tp=2
 with sequence parallelism runs once more in bf16 (fp32 weights under autocast; on a CPU with bf16 hardware the
 compiled layers then take the bf16 paths of parallel.layers.linear, for gate/up's local shard, and of
@@ -36,6 +37,13 @@ SCENARIOS = {
     "moe-ep2": ["model.num_local_experts=4", "model.num_experts_per_tok=2", "parallel.ep=2"],
     "lora": [],  # + adapters on every target (the driver's LoraTrainer)
     "tp2-sp-bf16": ["parallel.tp=2", "parallel.sequence_parallel=true", "train.dtype=bf16"],
+    # ring attention with documents at micro-batch 2 (its masks' shapes once crashed inductor)
+    "cp2-ring-docs": [
+        "parallel.cp=2",
+        "parallel.cp_attention=ring",
+        "data.document_attention=true",
+        "train.micro_batch_size=2",
+    ],
 }
 
 
