@@ -355,7 +355,8 @@ def fill_auto(
 ) -> dict[str, Any]:
     """Replace the "auto" values of a DeepSpeed config by the training config's; conflicting values are errors.
 
-    Also switches DeepSpeed's throughput timer off unless the config sets it (two device syncs per micro-batch).
+    Also switches DeepSpeed's throughput timer off unless the config sets timers.throughput (two device syncs
+    per micro-batch).
     """
     config = {k: v for k, v in ds_config.items()}
     wanted = {
@@ -381,6 +382,6 @@ def fill_auto(
             "DeepSpeed config fp16.enabled=true: this project trains in bf16 or fp32; remove the fp16 section"
         )
     # DeepSpeed's throughput timer (on by default) synchronises the device at the start and end of every
-    # micro-batch; the trainer times its steps itself. A config's own "timers" section is kept.
-    config["timers"] = {"throughput": {"enabled": False}, **config.get("timers", {})}
+    # micro-batch; the trainer times its steps itself. A config's own timers.throughput is kept.
+    config["timers"] = {"throughput": {"enabled": False}, **(config.get("timers") or {})}
     return config
