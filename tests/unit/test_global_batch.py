@@ -206,10 +206,12 @@ def test_synthetic_loader_numbers_sequences_globally():
     assert_same(cat_steps(before + after), ref)
 
 
-def _synthetic(documents: bool, micro_batch: int = 4, dp_rank: int = 0, dp_size: int = 1) -> SyntheticLoader:
+def _synthetic(
+    documents: bool, micro_batch: int = 4, dp_rank: int = 0, dp_size: int = 1, pin_memory: bool = False
+) -> SyntheticLoader:
     return SyntheticLoader(
         vocab_size=50, seq_len=24, micro_batch=micro_batch, grad_accum=1, dp_rank=dp_rank, dp_size=dp_size, seed=3,
-        documents=documents,
+        documents=documents, pin_memory=pin_memory,
     )  # fmt: skip
 
 
@@ -238,11 +240,7 @@ def test_synthetic_batches_pinned_for_cuda_hold_the_same_values(monkeypatch):
         return pinned[-1]
 
     monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
-    plain = _synthetic(True)
-    loader = SyntheticLoader(
-        vocab_size=50, seq_len=24, micro_batch=4, grad_accum=1, dp_rank=0, dp_size=1, seed=3, documents=True,
-        pin_memory=True,
-    )  # fmt: skip
+    plain, loader = _synthetic(True), _synthetic(True, pin_memory=True)
     for _ in range(2):
         pinned.clear()
         a, b = next(plain), next(loader)
