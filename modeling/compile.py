@@ -63,8 +63,9 @@ from torch import nn
 
 from modeling.llama import DecoderLayer, LlamaForCausalLM
 from modeling.moe import MoEMLP
-from parallel.cross_entropy import IGNORE_INDEX, REDUCTIONS, check_token_ids
+from parallel.cross_entropy import IGNORE_INDEX, REDUCTIONS
 from parallel.layers import VocabParallelHead, emulated_bf16, linear
+from parallel.token_ids import check_token_ids
 
 # One compiled function for every layer (and every model in the process): dynamo caches its graphs on this code.
 _compiled_layer_forward = None
@@ -161,7 +162,7 @@ def _dispatch_head(head: VocabParallelHead):
         """VocabParallelHead.forward; given targets while training a plain head, its loss compiled."""
         if targets is None or not torch.is_grad_enabled() or reduction not in REDUCTIONS or not _plain_head(head, x):
             return VocabParallelHead.forward(head, x, targets, reduction=reduction)
-        check_token_ids(targets, head.out_features, "target", ignore_index=IGNORE_INDEX)
+        targets = check_token_ids(targets, head.out_features, "target", ignore_index=IGNORE_INDEX)
         return compiled(x, head.weight, targets.reshape(-1), reduction)
 
     return forward

@@ -36,39 +36,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from parallel.mappings import Group, group_rank, group_size
+from parallel.token_ids import check_token_ids
 
 IGNORE_INDEX = -100  # a target the loss skips (PyTorch's and transformers' convention; dataset.packing pads with it)
-
-
-class TokenIdError(ValueError):
-    """A token id (model input or loss target) outside the model's vocabulary."""
-
-
-def check_token_ids(ids: torch.Tensor, vocab_size: int, what: str, *, ignore_index: int | None = None) -> None:
-    """Raise TokenIdError unless every id is in [0, vocab_size) (or equals `ignore_index`).
-
-    Without this check an out-of-range target is masked and clamped by the vocab-parallel loss (a silently wrong
-    loss) and an out-of-range input id embeds as a zero vector at tp > 1. One min/max over the ids and one host
-    sync (`tolist`) per call: the price of an error instead of a wrong number. The ranks of a tensor group hold the
-    same full ids, so they raise together with no collective; a data-parallel peer whose batch is fine stops at its
-    next collective (parallel.timeout_minutes) with the message that another rank died.
-    """
-    if ids.numel() == 0:
-        return
-    if ignore_index is not None:
-        ids = ids.masked_fill(ids == ignore_index, 0)  # ignored positions are in range by definition
-    # the one host sync per call (embedding and loss: two per micro-batch, none per layer): raising needs the values
-    # on the host. Free on the CPU; on a GPU it waits for the kernels queued before it (for the loss: the layers)
-    lo, hi = torch.stack(torch.aminmax(ids)).tolist()
-    if lo >= 0 and hi < vocab_size:
-        return
-    bad = lo if lo < 0 else hi
-    ignored = f" and is not the ignore index {ignore_index}" if ignore_index is not None else ""
-    raise TokenIdError(
-        f"{what} id {bad} is outside the vocabulary [0, {vocab_size}){ignored}: the tokenizer or the data produces "
-        f"ids this model has no row for; use the tokenizer the model was built for, or a model whose vocab_size "
-        f"covers every id"
-    )
 
 
 def _exp_and_loss(
@@ -253,7 +223,7 @@ def vocab_parallel_cross_entropy(
     logits = logits.reshape(-1, logits.shape[-1])  # (N, V'/tp)
     target = target.reshape(-1)  # (N,)
     vocab_size = logits.shape[-1] * group_size(group) if vocab_size is None else vocab_size
-    check_token_ids(target, vocab_size, "target", ignore_index=ignore_index)
+    target = check_token_ids(target, vocab_size, "target", ignore_index=ignore_index)
     if group_size(group) == 1:
         z = logits[:, :vocab_size].float()
         return F.cross_entropy(z, target, ignore_index=ignore_index, reduction=reduction)
@@ -286,7 +256,6 @@ def vocab_parallel_linear_cross_entropy(
         device = x.device.type
         matmul_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     vocab_size = weight.shape[0] * group_size(group) if vocab_size is None else vocab_size
-    check_token_ids(target, vocab_size, "target", ignore_index=ignore_index)
-    target = target.reshape(-1)  # (N,)
+    target = check_token_ids(target, vocab_size, "target", ignore_index=ignore_index).reshape(-1)  # (N,)
     args = (ignore_index, vocab_size, matmul_dtype, reuse_buffers, reduction)
     return _VocabParallelLinearCrossEntropy.apply(x, weight, target, group, *args)

@@ -24,11 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch._inductor.inductor_prims import force_stride_order
 
-from parallel.cross_entropy import (
-    check_token_ids,
-    vocab_parallel_cross_entropy,
-    vocab_parallel_linear_cross_entropy,
-)
+from parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 from parallel.mappings import (
     all_gather_from_region,
     copy_to_region,
@@ -37,6 +33,7 @@ from parallel.mappings import (
     reduce_scatter_to_region,
 )
 from parallel.state import ParallelConfigError, ParallelState
+from parallel.token_ids import check_token_ids
 
 InitMethod = Callable[[torch.Tensor], object]
 
@@ -429,7 +426,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids -> (B, T, H), or (B, T/tp, H) under sequence parallelism; TokenIdError if out of range."""
-        check_token_ids(ids, self.num_embeddings, "input")
+        ids = check_token_ids(ids, self.num_embeddings, "input")
         if self.state.tp_size == 1:
             return F.embedding(ids, self.weight)
         local = ids - self.vocab_start

@@ -21,8 +21,8 @@ from configs.sections import ConfigError
 from dataset.lines import DataError
 from dataset.tokenizer import TokenizerError
 from modeling.config import CheckpointError
-from parallel.cross_entropy import TokenIdError
 from parallel.state import ParallelConfigError
+from parallel.token_ids import TokenIdError
 from training.checkpoint import resume_hint
 from training.loop import Trainer, TrainingError
 

@@ -2,7 +2,8 @@
 
 Start-up joins the group the launcher described (accelerate's DeepSpeed json adopted, a free port for one process)
 and sets the process's allocator and matmul precision;
-`step_values` and `any_rank` reduce what every rank must decide alike (skip a step, stop on a signal).
+`step_values` and `any_rank` reduce what every rank must decide alike (skip a step, stop on bad token ids or a
+signal).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.distributed as dist
 from configs.schema import TrainConfig
 from configs.sections import ConfigError, resolve_path
 from parallel.state import ParallelState
+from parallel.token_ids import DeferredTokenIdChecks
 
 
 def init_distributed(cfg: TrainConfig) -> torch.device:
@@ -146,22 +148,31 @@ def free_port() -> int:
 
 
 def step_values(
-    loss: torch.Tensor, nonfinite: torch.Tensor, tokens: int, metrics: dict[str, torch.Tensor], state: ParallelState
+    loss: torch.Tensor,
+    nonfinite: torch.Tensor,
+    tokens: int,
+    metrics: dict[str, torch.Tensor],
+    state: ParallelState,
+    ids: DeferredTokenIdChecks,
 ) -> tuple[bool, float, int, dict[str, float]]:
     """(a loss was non-finite on any rank, the mean loss over dp, tokens over dp, the metrics' means over dp).
 
-    One read of the device. The flag is the max over all ranks, so that every rank skips the step together;
-    loss, tokens and metrics are summed over the data-parallel group (fp64: exact token counts). Built without
-    host-to-device copies.
+    One read of the device, which also reads the step's token-id checks (`ids`) and raises their TokenIdError,
+    on every rank when any rank's ids were bad. The flags are maxima over all ranks, so that every rank skips the step
+    (or stops) together; loss, tokens and metrics are summed over the data-parallel group (fp64: exact token counts).
+    Built without host-to-device copies.
     """
-    flag = nonfinite.to(torch.float64).reshape(1)
+    bad_ids, ranges = ids.values(loss.device)
+    flags = torch.cat([nonfinite.to(torch.float64).reshape(1), bad_ids])  # (2,)
     if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     count = torch.full((), float(tokens), dtype=torch.float64, device=loss.device)  # a fill, not a copy
     sums = torch.stack([loss.detach().to(torch.float64), count, *(v.to(torch.float64) for v in metrics.values())])
     if state.dp_size > 1:
         dist.all_reduce(sums, group=state.dp_group)
-    bad, loss_sum, token_sum, *values = torch.cat([flag, sums]).tolist()
+    bad, any_bad_ids, loss_sum, token_sum, *values = torch.cat([flags, sums, ranges]).tolist()
+    values, ranges_read = values[: len(metrics)], values[len(metrics) :]
+    ids.raise_if_bad(ranges_read, anywhere=any_bad_ids > 0)
     means = {k: v / state.dp_size for k, v in zip(metrics, values, strict=True)}
     return bad > 0, loss_sum / state.dp_size, int(token_sum), means
 

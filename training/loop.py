@@ -1,9 +1,9 @@
 """The training loop shared by pretrain_llama.py, sft.py and dpo.py.
 
-One process per rank (torchrun, accelerate launch, deepspeed, or plain python for one process). The loop:
-build the ParallelState, model, engine and data; resume from the latest complete checkpoint in checkpoint.dir
-(unless told not to); then step: grad_accum micro-batches of forward/backward, one non-finite check after the
-last (a bad step is skipped on every rank), clip and optimizer step in the engine; metrics, eval, samples and
+One process per rank (torchrun, accelerate launch, deepspeed, or plain python). The loop: build the ParallelState,
+model, engine and data; resume from the latest complete checkpoint in checkpoint.dir (unless told not to); then step:
+grad_accum micro-batches of forward/backward, then one check of their losses and token ids (a non-finite step is
+skipped on every rank, bad ids stop every rank), clip and optimizer step in the engine; metrics, eval, samples and
 checkpoints at their intervals (none with checkpoint.save=false); SIGTERM/SIGINT saves a checkpoint and exits.
 """
 
@@ -32,6 +32,7 @@ from parallel.cross_entropy import IGNORE_INDEX
 from parallel.deepspeed_engine import offloads_optimizer
 from parallel.engine import Engine, build_engine
 from parallel.state import ParallelState
+from parallel.token_ids import DeferredTokenIdChecks
 from training import checkpoint as ckpt_io
 from training.data import TrainData, build_eval_batches, build_train_loader, token_byte_lengths
 from training.distributed import adopt_accelerate_deepspeed_config, any_rank, auto_dtype, init_distributed, step_values
@@ -161,9 +162,7 @@ class Trainer:
 
     def _dtype(self) -> torch.dtype:
         d = self.cfg.train.dtype
-        if d == "auto":
-            return auto_dtype(self.device)
-        return torch.bfloat16 if d == "bf16" else torch.float32
+        return auto_dtype(self.device) if d == "auto" else (torch.bfloat16 if d == "bf16" else torch.float32)
 
     def _layout(self) -> dict[str, Any]:
         """The layout and batch split this run trains at (recorded in checkpoints; any of it may change on resume)."""
@@ -235,17 +234,18 @@ class Trainer:
         The objective is micro_batch_loss's: the model's loss (cross-entropy + the MoE layers' aux losses), whose
         `loss` reports the cross-entropy alone, so that dense and MoE runs compare, and the MoE terms come as
         `moe/...` keys (dpo.py: the preference loss, and its `rewards/...` and `logps/...`).
-        The host waits for the device twice here, where a decision needs a value: for the non-finite check (with the
-        loss and tokens) and the gradient norm; also the ids' checks (2 a micro-batch) and MoE's counts and row.
+        The host waits for the device twice here, where a decision needs a value: for the non-finite and token-id
+        checks (with the loss and tokens) and the gradient norm; also MoE's counts and row.
         """
         if self._batches is None:
             self._batches = self.timer.batches(iter(self.loader))  # after any load_state_dict
-        if self.pipeline is None:
-            accumulated = self._accumulate()
-        else:
-            batches = [next(self._batches) for _ in range(self.grad_accum)]
-            accumulated = self.pipeline.accumulate(batches, self._to_device, self.cfg.data.document_attention)
-        nonfinite, loss, tokens, metrics = step_values(*accumulated, self.state)
+        with DeferredTokenIdChecks() as ids:  # read in step_values, before the optimizer step
+            if self.pipeline is None:
+                accumulated = self._accumulate()
+            else:
+                batches = [next(self._batches) for _ in range(self.grad_accum)]
+                accumulated = self.pipeline.accumulate(batches, self._to_device, self.cfg.data.document_attention)
+        nonfinite, loss, tokens, metrics = step_values(*accumulated, self.state, ids)
         if nonfinite:
             if self.engine.zero_stage:
                 raise TrainingError(

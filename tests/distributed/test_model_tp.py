@@ -29,8 +29,8 @@ from modeling.convert import load_model
 from modeling.generation import generate
 from modeling.llama import LlamaForCausalLM
 from modeling.native_format import save_native
-from parallel.cross_entropy import TokenIdError
 from parallel.state import ParallelState
+from parallel.token_ids import TokenIdError
 from tests.dist_utils import run_distributed
 
 TOL = 1e-5

@@ -10,8 +10,11 @@ One spawn of 2 gloo processes runs two sections; each rank returns `{check: True
 - trainer: training.loop.Trainer on the synthetic tiny model (global batch 8: grad_accum 4 per rank). Per step the
   loop calls `torch.distributed.all_reduce` twice (the non-finite flag over the world, loss and tokens over dp) and
   reads the device once (one `tolist`), whatever grad_accum is (before: an `item` and an all-reduce per micro-batch);
-  DDP reduces once. A NaN loss in micro-batch 2 of one rank skips the step on both ranks (weights unchanged,
-  gradients dropped) and the next step trains.
+  DDP reduces once. Elsewhere the step reads the device for the gradient norm only: the token ids' checks (before,
+  2 reads a micro-batch) are read with the loop's values. A NaN loss in micro-batch 2 of one rank skips the step on
+  both ranks (weights unchanged, gradients dropped) and the next step trains.
+- ids: an input id outside the vocabulary in micro-batch 3 of rank 1 raises TokenIdError after the step's last
+  micro-batch on both ranks, rank 1's naming the id, before the optimizer step (weights unchanged).
 """
 
 import copy
@@ -28,6 +31,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from parallel.engine import TorchEngine
 from parallel.state import ParallelState
+from parallel.token_ids import TokenIdError
 from tests.dist_utils import assert_sections, check, run_distributed, run_sections
 from tests.host_syncs import HostSyncs
 from tests.integration.train_utils import SYNTHETIC
@@ -98,9 +102,18 @@ def _trainer_step_syncs(results: dict) -> None:
                     m = trainer.train_step()
                 # on the CPU the batches' .to(device) are counted too: the device is the host here
                 reads = [c for c in syncs.calls if any(f in c for f in LOOP_FILES) and not c.startswith("to ")]
+                # the synthetic loader's int() of its CPU draws reads no device
+                others = [c for c in syncs.calls if c not in reads and not c.startswith("to ") and "data.py" not in c]
                 loop_reduces = [f for f in reduces if f.endswith(LOOP_FILES)]
                 check(results, f"trainer: step {step} finite", not m["nonfinite"] and math.isfinite(m["loss"]), m)
                 check(results, f"trainer: step {step} reads the device once in the loop", len(reads) == 1, reads)
+                norm_only = len(others) == 1 and "parallel/engine.py" in others[0]  # the ids' checks read none
+                check(
+                    results,
+                    f"trainer: step {step} reads the device elsewhere for the grad norm only",
+                    norm_only,
+                    others,
+                )
                 check(results, f"trainer: step {step} all-reduces twice in the loop", len(loop_reduces) == 2, reduces)
                 # the tiny model's ~0.4 MB of gradients fill one DDP bucket
                 check(results, f"trainer: step {step} DDP reduces once", buckets[-1] == 1, buckets)
@@ -108,6 +121,7 @@ def _trainer_step_syncs(results: dict) -> None:
         finally:
             dist.all_reduce = all_reduce
         _nonfinite_on_one_rank(results, trainer)
+        _bad_id_on_one_rank(results, trainer)
 
 
 def _nonfinite_on_one_rank(results: dict, trainer) -> None:
@@ -134,6 +148,30 @@ def _nonfinite_on_one_rank(results: dict, trainer) -> None:
     check(results, "nonfinite: the next step trains", not m["nonfinite"] and moved, m)
 
 
+def _bad_id_on_one_rank(results: dict, trainer) -> None:
+    forward, calls = trainer._forward, []
+
+    def bad_input_in_micro_batch_3_of_rank_1(batch):
+        calls.append(None)
+        if dist.get_rank() == 1 and len(calls) == 3:
+            batch = {**batch, "input_ids": batch["input_ids"].clone()}
+            batch["input_ids"][0, 5] = 999  # the vocabulary is [0, 256)
+        return forward(batch)
+
+    trainer._forward = bad_input_in_micro_batch_3_of_rank_1
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    try:
+        trainer.train_step()
+        raised = "no error"
+    except TokenIdError as e:
+        raised = str(e)
+    want = "input id 999 is outside the vocabulary [0, 256)" if dist.get_rank() == 1 else "another rank read a token id"
+    check(results, "ids: every rank raises, the bad one naming the id", raised.startswith(want), raised)
+    check(results, "ids: all 4 micro-batches ran", len(calls) == ACCUM, len(calls))
+    same = all(torch.equal(p, b) for p, b in zip(trainer.model.parameters(), before, strict=True))
+    check(results, "ids: weights unchanged", same)
+
+
 def _all_checks(rank: int, world_size: int) -> dict:
     os.environ.pop("LOCAL_WORLD_SIZE", None)
     return run_sections([("engine", _engine_reduces_once), ("trainer", _trainer_step_syncs)])
@@ -154,3 +192,7 @@ def test_trainer_decides_on_nonfinite_losses_once_per_step(rank_results):
 
 def test_a_nan_on_one_rank_skips_the_step_everywhere(rank_results):
     assert_sections(rank_results, "nonfinite")
+
+
+def test_a_bad_token_id_on_one_rank_stops_every_rank_before_the_update(rank_results):
+    assert_sections(rank_results, "ids")
