@@ -231,14 +231,14 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over grad_accum micro-batches; returns the step's metrics.
 
-        The objective is micro_batch_loss's: the model's loss (cross-entropy + the MoE layers' aux losses), whose
-        `loss` reports the cross-entropy alone, so that dense and MoE runs compare, and the MoE terms come as
-        `moe/...` keys (dpo.py: the preference loss, and its `rewards/...` and `logps/...`).
-        The host waits for the device twice here, where a decision needs a value: for the non-finite and token-id
-        checks (with the loss and tokens) and the gradient norm; also MoE's counts and row.
+        The objective is micro_batch_loss's: the model's loss (cross-entropy + MoE aux losses); `loss` reports the
+        cross-entropy alone, so that dense and MoE runs compare (dpo.py: the preference loss, its `rewards/...` and
+        `logps/...`); MoE's terms are in `moe_stats`, which `run` reads on logged steps only. The host waits for the
+        device where a decision needs a value: the non-finite and token-id checks, the gradient norm, ep's splits.
         """
         if self._batches is None:
             self._batches = self.timer.batches(iter(self.loader))  # after any load_state_dict
+        self.moe_stats.reset()  # this step's forwards only
         with DeferredTokenIdChecks() as ids:  # read in step_values, before the optimizer step
             if self.pipeline is None:
                 accumulated = self._accumulate()
@@ -254,7 +254,7 @@ class Trainer:
                     f"{ckpt_io.resume_hint(self.cfg.checkpoint, self.resume)}"
                 )
             self.engine.skip_step()
-            self.moe_stats.row()  # collective, like the step's: forget the skipped step's counts
+            self.moe_stats.reset()  # its row, if logged, is empty
             return {"loss": float("nan"), "grad_norm": float("nan"), "nonfinite": True, "tokens": tokens}
         grad_norm = self.engine.step()
         if self.model_cfg.router_expert_bias:
@@ -270,7 +270,6 @@ class Trainer:
             "nonfinite": not math.isfinite(grad_norm),  # the engine skipped the update
             "tokens": tokens,
             **metrics,
-            **self.moe_stats.row(),
         }
 
     def micro_batch_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -404,7 +403,8 @@ class Trainer:
                     "data_wait_frac": self.timer.data_wait_frac(),  # over the steps since the last row
                     "nonfinite_steps": self.nonfinite_total,
                     "data_skipped": data_skipped(self.loader),
-                    **{k: v for k, v in m.items() if "/" in k},  # moe/..., the objective's (dpo.py: rewards/...)
+                    **{k: v for k, v in m.items() if "/" in k},  # the objective's (dpo.py: rewards/...)
+                    **self.moe_stats.row(),  # moe/... (collective, on every rank: the same steps log)
                     **compiles.row(self.step),  # compile/graphs, compile/recompiles (train.compile)
                 }
                 logger.log(row)

@@ -13,7 +13,8 @@ ranks routed different chunks of the sequences) and returns, for MoE layer i (it
     moe/layer{i}/lb_loss, z_loss      unscaled load-balancing and router z-loss, mean over micro-batches and ranks
 
 The values stay on the device until `row`, which reads the whole step's at once: one host-device synchronisation
-per step (plus the row's collectives) instead of one per layer and micro-batch.
+per logged step (plus the row's collectives) instead of one per layer and micro-batch. The trainer calls `reset` at
+the start of every step and `row` only where it logs the step (logging.log_every): other steps read nothing.
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ class MoEStepStats:
         self.state = state
         cfg = model.config
         self.any_moe = any(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))  # on any pipeline stage
-        self._reset()
+        self.reset()
 
-    def _reset(self) -> None:
+    def reset(self) -> None:
+        """Forget what was recorded (the trainer starts each step with it; no collective)."""
         self.calls = [0 for _ in self.layers]  # forwards seen per layer (micro-batches)
         # sums on the device, None until the first forward: the aux loss (), per layer the counts (E,) and the
         # (3,) dropped_fraction, lb_loss, z_loss
@@ -71,7 +73,7 @@ class MoEStepStats:
     def row(self) -> dict[str, Any]:
         """The step's metrics (empty for a dense model), identical on every rank; resets the accumulators."""
         out = self._local_row() if self.layers and max(self.calls) else {}
-        self._reset()
+        self.reset()
         if self.any_moe and group_size(self.state.pp_group) > 1:  # every stage's layers, on every rank
             rows: list[dict[str, Any]] = [{} for _ in range(self.state.pp_size)]
             dist.all_gather_object(rows, out, group=self.state.pp_group)

@@ -15,6 +15,9 @@ One spawn of 2 gloo processes runs two sections; each rank returns `{check: True
   both ranks (weights unchanged, gradients dropped) and the next step trains.
 - ids: an input id outside the vocabulary in micro-batch 3 of rank 1 raises TokenIdError after the step's last
   micro-batch on both ranks, rank 1's naming the id, before the optimizer step (weights unchanged).
+- moe: the same trainer with 4 experts. A step reads and reduces none of the experts' statistics (before, one read
+  and one all-reduce every step); the loop's `moe_stats.row()` of a logged step then counts that step's assignments
+  alone, tokens x top-k in every layer.
 """
 
 import copy
@@ -34,7 +37,7 @@ from parallel.state import ParallelState
 from parallel.token_ids import TokenIdError
 from tests.dist_utils import assert_sections, check, run_distributed, run_sections
 from tests.host_syncs import HostSyncs
-from tests.integration.train_utils import SYNTHETIC
+from tests.integration.train_utils import MOE, SYNTHETIC
 
 RANKS, ACCUM, ROWS = 2, 4, 3
 LOOP_FILES = ("training/loop.py", "training/distributed.py")  # the step and the reductions behind its decisions
@@ -172,9 +175,47 @@ def _bad_id_on_one_rank(results: dict, trainer) -> None:
     check(results, "ids: weights unchanged", same)
 
 
+def _moe_stats_on_logged_steps_only(results: dict) -> None:
+    from configs.schema import load_config
+    from training.loop import Trainer
+
+    with tempfile.TemporaryDirectory() as out:
+        overrides = [*SYNTHETIC, *MOE, f"checkpoint.dir={out}", "train.global_batch_size=8", "checkpoint.every=0"]
+        trainer = Trainer(load_config(None, overrides), resume=False)
+        trainer.train_step()
+        reduces: list[str] = []
+        all_reduce = dist.all_reduce
+
+        def counted(*args, **kwargs):
+            reduces.append(traceback.extract_stack(limit=2)[0].filename)
+            return all_reduce(*args, **kwargs)
+
+        dist.all_reduce = counted
+        try:
+            with HostSyncs() as syncs:
+                trainer.train_step()
+        finally:
+            dist.all_reduce = all_reduce
+        reads = [c for c in syncs.calls if "moe_metrics.py" in c]
+        check(results, "moe: a step reads no expert statistics", not reads, reads)
+        stats_reduces = [f for f in reduces if f.endswith("moe_metrics.py")]
+        check(results, "moe: a step reduces no expert statistics", not stats_reduces, stats_reduces)
+        row = trainer.moe_stats.row()  # what the loop logs: the last step's alone (reset at each step's start)
+        assignments = 8 * 32 * trainer.model_cfg.num_experts_per_tok  # both ranks' sequences, k experts each
+        sums = {k: sum(v) for k, v in row.items() if k.endswith("tokens_per_expert")}
+        layers = trainer.model_cfg.num_hidden_layers
+        one_step = len(sums) == layers and all(v == assignments for v in sums.values())
+        check(results, "moe: the row counts the last step's assignments", one_step, (sums, assignments))
+
+
 def _all_checks(rank: int, world_size: int) -> dict:
     os.environ.pop("LOCAL_WORLD_SIZE", None)
-    return run_sections([("engine", _engine_reduces_once), ("trainer", _trainer_step_syncs)])
+    sections = [
+        ("engine", _engine_reduces_once),
+        ("trainer", _trainer_step_syncs),
+        ("moe", _moe_stats_on_logged_steps_only),
+    ]
+    return run_sections(sections)
 
 
 @pytest.fixture(scope="module")
@@ -196,3 +237,7 @@ def test_a_nan_on_one_rank_skips_the_step_everywhere(rank_results):
 
 def test_a_bad_token_id_on_one_rank_stops_every_rank_before_the_update(rank_results):
     assert_sections(rank_results, "ids")
+
+
+def test_moe_statistics_are_read_and_reduced_on_logged_steps_only(rank_results):
+    assert_sections(rank_results, "moe")
