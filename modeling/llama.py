@@ -281,6 +281,8 @@ class LlamaForCausalLM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | context.ContextMask | flex.FlexMask | None]:
         """(B, T) position ids (given, per document, or 0..T-1) and the attention mask (None = causal).
 
+        The positions are the whole sequences', under context parallelism too (run_layers takes this rank's).
+
         The mask is causal_mask's rule: within each document when `document_ids` are given, over the last
         config.sliding_window tokens when it is set; the cache builds its own over the cached keys. Plain causal
         attention (no documents, no window) passes no mask, so that SDPA runs its is_causal kernel. Where
@@ -298,7 +300,7 @@ class LlamaForCausalLM(nn.Module):
             return position_ids, cache.attention_mask(T)
         if context.active(self.state):  # this rank's tokens; attention reads the others' from the context group
             docs = context.shard(self.state, document_ids)  # (B, T/cp)
-            return context.shard(self.state, position_ids), context.context_mask(self.state, T, device, docs, window)
+            return position_ids, context.context_mask(self.state, T, device, docs, window)
         window = window if window is not None and window < T else None  # a window as long as T hides nothing
         masked = document_ids is not None or window is not None
         backend = flex.choose_backend(self.attention_backend, device, masked=masked, head_dim=self.config.head_dim)
@@ -334,7 +336,8 @@ class LlamaForCausalLM(nn.Module):
 
         T/tp under sequence parallelism.
         """
-        cos, sin = self.model.rotary_emb(position_ids, x.dtype)  # (B, T, hd)
+        # this rank's positions under context parallelism; dynamic scaling's length is the whole sequence's
+        cos, sin = self.model.rotary_emb(self.local(position_ids), x.dtype, sequence=position_ids)  # (B, T, hd)
         keys = self.model.layers.keys() if layers is None else [str(i) for i in layers]
         for key in keys:
             layer, layer_cache = self.model.layers[key], cache.layer(int(key)) if cache is not None else None

@@ -7,7 +7,8 @@ For a head vector x = [x1, x2] (halves of head_dim d) at position p with frequen
 Scaling of the frequencies:
     linear   f_i / factor                                  (position interpolation)
     dynamic  theta' = theta (factor L / L0 - (factor - 1))^(d / (d - 2)) once the length L passes L0
-             (dynamic NTK; L0 = max_position_embeddings, L = the largest position + 1 in this forward)
+             (dynamic NTK; L0 = max_position_embeddings, L = the largest position + 1 in this forward, of the
+             whole sequence under context parallelism)
     llama3   low frequencies / factor, high frequencies kept, a smooth ramp between (Llama 3.1)
 """
 
@@ -21,11 +22,9 @@ from torch import nn
 from modeling.config import ModelConfig
 
 
-def inv_frequencies(config: ModelConfig, seq_len: int, device: torch.device | None = None) -> torch.Tensor:
-    """The d/2 rotary frequencies for sequences of `seq_len` positions (only dynamic scaling reads it)."""
+def inv_frequencies(config: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
+    """The d/2 rotary frequencies up to max_position_embeddings positions (beyond: dynamic_frequencies)."""
     d, theta, s = config.head_dim, config.rope_theta, config.rope_scaling or {}
-    if config.rope_type == "dynamic" and seq_len > config.max_position_embeddings:
-        theta = theta * (s["factor"] * seq_len / config.max_position_embeddings - (s["factor"] - 1)) ** (d / (d - 2))
     inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))  # (d/2,)
     if config.rope_type == "linear":
         inv_freq = inv_freq / s["factor"]
@@ -41,22 +40,40 @@ def inv_frequencies(config: ModelConfig, seq_len: int, device: torch.device | No
     return inv_freq
 
 
+def dynamic_frequencies(config: ModelConfig, length: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """Dynamic NTK's d/2 frequencies for sequences of `length` positions, `base` (inv_frequencies) up to L0.
+
+    `length` is a scalar tensor on the device: the choice between the two is a `where`, not a read of the length on
+    the host (which would wait for the GPU's queue every forward).
+    """
+    d, l0, factor = config.head_dim, config.max_position_embeddings, config.rope_scaling["factor"]
+    ratio = (factor * length.double() / l0 - (factor - 1)) ** (d / (d - 2))  # theta' / theta (NaN far below L0)
+    exponents = torch.arange(0, d, 2, dtype=torch.int64, device=base.device).float() / d
+    scaled = 1.0 / ((config.rope_theta * ratio).float() ** exponents)  # (d/2,)
+    return torch.where(length > l0, scaled, base)
+
+
 class RotaryEmbedding(nn.Module):
     """Computes (cos, sin) tables for position ids; frequencies are cached unless dynamic scaling needs new ones."""
 
     def __init__(self, config: ModelConfig, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.config = config
-        inv_freq = inv_frequencies(config, config.max_position_embeddings)  # computed on the CPU, even for meta
+        inv_freq = inv_frequencies(config)  # computed on the CPU, even for meta
         self.register_buffer("inv_freq", inv_freq.to(device) if device is not None else inv_freq, persistent=False)
 
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T) positions -> cos, sin of shape (B, T, head_dim), computed in fp32 then cast to `dtype`."""
+    def forward(
+        self, position_ids: torch.Tensor, dtype: torch.dtype, *, sequence: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) positions -> cos, sin of shape (B, T, head_dim), computed in fp32 then cast to `dtype`.
+
+        `sequence`: the whole sequences' positions where `position_ids` are a context-parallel chunk of them; dynamic
+        scaling's length is theirs, the same on every rank (default: position_ids).
+        """
         inv_freq = self.inv_freq
         if self.config.rope_type == "dynamic":
-            seq_len = int(position_ids.max()) + 1
-            if seq_len > self.config.max_position_embeddings:
-                inv_freq = inv_frequencies(self.config, seq_len, device=position_ids.device)
+            sequence = position_ids if sequence is None else sequence
+            inv_freq = dynamic_frequencies(self.config, sequence.amax() + 1, inv_freq)
         B = position_ids.shape[0]
         if B > 1 and position_ids.stride(0) == 0:
             # one row of positions expanded over the batch: compute it once and return stride-0 tables, which

@@ -10,9 +10,13 @@ returns `{check: (diff or error, tol)}` and the tests below read it.
 The load-balancing case (T=32, cp=4, ring) also counts the blocks each rank computes (by wrapping
 `parallel.context._block_forward`): the balanced layout gives every rank the same count, a contiguous layout
 (rank r holding tokens [r T/cp, (r+1) T/cp)) gives the same numbers but very unequal counts.
+
+A model with dynamic NTK RoPE at cp=4 gives one process's loss: every rank scales its frequencies by the whole
+sequence's length, not by its own chunk's largest position (which differs between ranks).
 """
 
 import traceback
+from dataclasses import replace
 
 import pytest
 import torch
@@ -20,8 +24,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import parallel.context as context
+from modeling.config import ModelConfig
+from modeling.llama import LlamaForCausalLM
 from parallel.context import context_attention, gather_sequence, sequence_index, shard_sequence
-from parallel.state import ParallelConfigError
+from parallel.state import ParallelConfigError, ParallelState
 from tests.dist_utils import run_distributed
 
 ATOL = 1e-5
@@ -182,6 +188,33 @@ def _check_errors(c: _Checker, key: str, group) -> None:
         c.true(f"{key} the error names heads and cp", "3 query heads" in str(e) and "cp=2" in str(e), str(e))
 
 
+def _check_dynamic_rope(c: _Checker, key: str) -> None:
+    """A model with dynamic NTK RoPE at cp=4: each rank scales by the whole sequence's length, as one process does."""
+    cfg = ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        max_position_embeddings=8,  # shorter than T = 16: scaled
+        rope_scaling={"rope_type": "dynamic", "factor": 4.0},
+        rope_theta=100.0,  # with large weights, so that the positions move the loss (0.2 against 7e-6 at the defaults)
+        initializer_range=0.3,
+    )
+    g = torch.Generator().manual_seed(7)
+    ids, targets = torch.randint(0, 64, (2, 16), generator=g), torch.randint(0, 64, (2, 16), generator=g)
+    torch.manual_seed(0)
+    reference = LlamaForCausalLM(cfg)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg, ParallelState.build(cp=4, cp_attention="ring"))
+    want = reference(ids, targets=targets).ce_loss
+    c.close(f"{key} loss", model(ids, targets=targets).ce_loss, want, ATOL)
+    unscaled = LlamaForCausalLM(replace(cfg, rope_scaling=None))
+    unscaled.load_state_dict(reference.state_dict())
+    moved = float((unscaled(ids, targets=targets).ce_loss - want).abs())
+    c.true(f"{key} the scaling changes the loss", moved > 0.01, f"{moved}")
+
+
 def _all_checks(rank: int, world_size: int) -> dict[str, tuple[float | str, float]]:
     torch.set_num_threads(1)
     world = dist.new_group(list(range(world_size)))
@@ -203,6 +236,7 @@ def _all_checks(rank: int, world_size: int) -> dict[str, tuple[float | str, floa
     finally:
         context.BLOCK_TOKENS = tiles
     c.run("[errors] cp=2", _check_errors, groups[2])
+    c.run("[dynamic rope] cp=4", _check_dynamic_rope)
     return c.results
 
 
@@ -251,6 +285,10 @@ def test_bf16_inputs_close_to_fp32_reference(rank_results):
 
 def test_ulysses_indivisible_heads_raise(rank_results):
     _assert_checks(rank_results, "[errors] ")
+
+
+def test_dynamic_rope_scales_by_the_whole_sequence_on_every_rank(rank_results):
+    _assert_checks(rank_results, "[dynamic rope] ")
 
 
 # ------------------------------------------------------------------------------------------- one process

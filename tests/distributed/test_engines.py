@@ -178,7 +178,7 @@ def _bf16_buffers(results: dict) -> None:
     check(
         results,
         "bf16: inv_freq fp32, exact",
-        torch.equal(model.model.rotary_emb.inv_freq, inv_frequencies(config, config.max_position_embeddings)),
+        torch.equal(model.model.rotary_emb.inv_freq, inv_frequencies(config)),
         model.model.rotary_emb.inv_freq.dtype,
     )
     for i, moe in model.moe_layers():

@@ -10,6 +10,7 @@ from modeling.config import ModelConfig
 from modeling.mlp import swiglu
 from modeling.norm import rms_norm
 from modeling.rope import RotaryEmbedding, apply_rotary
+from tests.host_syncs import HostSyncs
 
 
 def plain_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -131,6 +132,22 @@ def test_rotary_tables_for_batch_shared_positions_equal_per_row_positions():
     assert cos.shape == cos_ref.shape == (3, 7, cfg.head_dim) and cos.stride(0) == 0 and cos_ref.stride(0) != 0
     torch.testing.assert_close(cos, cos_ref, atol=0, rtol=0)
     torch.testing.assert_close(sin, sin_ref, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("longest", [5, 8, 40])
+def test_dynamic_rope_reads_nothing_on_the_host_and_scales_past_max_positions(longest):
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      max_position_embeddings=8, rope_scaling={"rope_type": "dynamic", "factor": 2.0})  # fmt: skip
+    positions = torch.arange(longest).expand(2, longest)
+    with HostSyncs() as syncs:  # on a GPU a read of the length would wait for the queue every forward
+        cos, sin = RotaryEmbedding(cfg)(positions, torch.float32)
+    assert syncs.count == 0, syncs.calls
+    d, theta = cfg.head_dim, cfg.rope_theta  # dynamic NTK (transformers' formula) in float64 on the host
+    if longest > 8:
+        theta *= (2.0 * longest / 8 - 1.0) ** (d / (d - 2))
+    angles = torch.arange(longest, dtype=torch.float64)[:, None] / theta ** (torch.arange(0, d, 2) / d)  # (T, d/2)
+    torch.testing.assert_close(cos[1], angles.repeat(1, 2).cos().float(), atol=2e-5, rtol=0)
+    torch.testing.assert_close(sin[1], angles.repeat(1, 2).sin().float(), atol=2e-5, rtol=0)
 
 
 def test_swiglu_gradcheck_float64():
