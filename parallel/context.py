@@ -317,11 +317,11 @@ class _RingAttention(torch.autograd.Function):
         out = torch.zeros_like(q5)
         lse = q5.new_full(q5.shape[:-1], float("-inf"))  # (B, Hkv, g, Tl)
         kv = torch.stack([k, v])  # (2, B, Hkv, Tl, hd): one message per hop
+        if cp > 1:  # each hop overlaps with the blocks of the chunk held, the first also with the plan's read
+            nxt, reqs = _start_exchange(kv, group)
         plan = _visible_blocks(index, all_index, documents, all_docs, window)  # the pass's one host sync
         for step in range(cp):
             src = (rank - step) % cp  # whose key chunk this rank holds now
-            if step < cp - 1:
-                nxt, reqs = _start_exchange(kv, group)  # overlaps with this block's compute
             kf, vf = kv[0].float(), kv[1].float()
             k_docs = None if all_docs is None else all_docs[:, src]
             for qs, ks in plan[src]:
@@ -331,6 +331,8 @@ class _RingAttention(torch.autograd.Function):
             if step < cp - 1:
                 _wait(reqs)
                 kv = nxt
+                if step < cp - 2:
+                    nxt, reqs = _start_exchange(kv, group)
         y = out.reshape(B, n_heads, Tl, hd).to(q.dtype)  # (B, Hq, Tl, hd)
         ctx.save_for_backward(q, k, v, y, lse, index, all_index, documents, all_docs)
         ctx.window, ctx.group, ctx.plan = window, group, plan  # the backward visits the same blocks, no sync
