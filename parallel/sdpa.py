@@ -12,7 +12,8 @@ flash, then memory-efficient, then math; cuDNN first on some Hopper builds). Its
                       keeping them for the backward
 
 So grouped heads fall to the math kernel on CUDA wherever flash is out: with an explicit mask (document masks,
-sliding windows, the KV cache), and in fp32 (flash takes fp16 and bf16 only): a (B, Hq, T, T) matrix per layer.
+sliding windows, the KV cache), in fp32 (flash takes fp16 and bf16 only) and on GPUs before sm80 (no flash kernel):
+a (B, Hq, T, T) matrix per layer.
 `sdpa` repeats k and v up to the query heads first in exactly those cases, which makes the memory-efficient kernel
 eligible; the copies are (B, Hq, S, hd), T / hd times smaller than the scores they avoid. Causal attention in bf16
 or fp16 (the dtype SDPA computes in: autocast's where it applies) keeps enable_gqa (flash takes it, no copies), and
@@ -70,10 +71,13 @@ def repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
 def expands_kv(device: torch.device, dtype: torch.dtype, n_heads: int, n_kv_heads: int, masked: bool) -> bool:
     """Whether `sdpa` repeats k and v to the query heads: grouped heads on CUDA where flash is out (module docstring).
 
-    Flash is out with an explicit mask and in a `dtype` it does not take (fp32).
+    Flash is out with an explicit mask, in a `dtype` it does not take (fp32), and on GPUs older than sm80 (V100, T4:
+    torch's check_flash_attention_hardware_support).
     """
-    flash_dtype = dtype in (torch.float16, torch.bfloat16)
-    return device.type == "cuda" and n_heads != n_kv_heads and (masked or not flash_dtype)
+    if device.type != "cuda" or n_heads == n_kv_heads:
+        return False
+    flash = dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_properties(device).major >= 8
+    return masked or not flash
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -8,6 +8,8 @@ block structure, so the outputs alone would not catch a wrong block). The model'
 (T, T) mask (spies on the mask builders) and to give SDPA's logits.
 """
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch.nn.attention.flex_attention import create_block_mask
@@ -122,6 +124,8 @@ def test_choose_backend():
 def test_sdpa_repeats_kv_where_cuda_flash_is_out(monkeypatch):
     """The CUDA arrangement (run on the CPU by spoofing the device test): k, v reach SDPA with the query heads."""
     cuda, cpu, bf16, fp32 = torch.device("cuda"), torch.device("cpu"), torch.bfloat16, torch.float32
+    gpu = SimpleNamespace(major=9)  # sm90, an H100: flash kernels
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: gpu)
     assert sdpa_mod.expands_kv(cuda, bf16, HQ, HKV, masked=True)
     assert not sdpa_mod.expands_kv(cuda, bf16, HQ, HKV, masked=False)  # flash takes enable_gqa
     assert not sdpa_mod.expands_kv(cuda, torch.float16, HQ, HKV, masked=False)
@@ -130,6 +134,10 @@ def test_sdpa_repeats_kv_where_cuda_flash_is_out(monkeypatch):
     assert not sdpa_mod.expands_kv(cpu, fp32, HQ, HKV, masked=False)
     assert not sdpa_mod.expands_kv(cuda, bf16, HQ, HQ, masked=True)
     assert not sdpa_mod.expands_kv(cuda, fp32, HQ, HQ, masked=False)
+    gpu.major = 7  # sm70/sm75 (V100, T4): no flash kernel, so even causal bf16 attention would run the math kernel
+    assert sdpa_mod.expands_kv(cuda, bf16, HQ, HKV, masked=False)
+    assert sdpa_mod.expands_kv(cuda, torch.float16, HQ, HKV, masked=False)
+    assert not sdpa_mod.expands_kv(cuda, bf16, HQ, HQ, masked=False)
     asked = []  # sdpa asks about the dtype SDPA computes in: autocast's where it applies
     monkeypatch.setattr(sdpa_mod, "expands_kv", lambda device, dtype, *a: asked.append(dtype) or False)
     q, k, v = _qkv(1)
