@@ -1,10 +1,11 @@
 """The training loop shared by pretrain_llama.py, sft.py and dpo.py.
 
-One process per rank (torchrun, accelerate launch, deepspeed, or plain python). The loop: build the ParallelState,
-model, engine and data; resume from the latest complete checkpoint in checkpoint.dir (unless told not to); then step:
-grad_accum micro-batches of forward/backward, then one check of their losses and token ids (a non-finite step is
-skipped on every rank, bad ids stop every rank), clip and optimizer step in the engine; metrics, eval, samples and
-checkpoints at their intervals (none with checkpoint.save=false); SIGTERM/SIGINT saves a checkpoint and exits.
+One process per rank (torchrun, accelerate launch, deepspeed, or plain python for one process). The loop: build the
+ParallelState, model, engine and data; resume from the latest complete checkpoint in checkpoint.dir (unless told not
+to); then step: grad_accum micro-batches of forward/backward, then one check of their losses and token ids (a
+non-finite step is skipped on every rank, bad ids stop every rank), clip and optimizer step in the engine; metrics,
+eval, samples and checkpoints at their intervals (none with checkpoint.save=false); SIGTERM/SIGINT saves a
+checkpoint and exits.
 """
 
 from __future__ import annotations
@@ -341,11 +342,8 @@ class Trainer:
         return [p + self.tokenizer.decode(out) for p, out in zip(self.cfg.train.sample_prompts, ids, strict=True)]
 
     def _install_signal_handlers(self) -> None:
-        def handler(signum: int, frame: Any) -> None:
-            self.stop_signal = signum
-
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
+        for sig in (signal.SIGTERM, signal.SIGINT):  # the loop saves and stops after the step
+            signal.signal(sig, lambda signum, frame: setattr(self, "stop_signal", signum))
 
     def run(self) -> None:
         """Train to max_steps (or until a signal), checkpointing, evaluating and sampling on the way."""

@@ -30,7 +30,7 @@ from parallel.state import ParallelState
 
 
 class MoEStepStats:
-    """Accumulates one step's expert statistics; `row()` reduces them (collective) and starts the next step.
+    """Accumulates one step's expert statistics (`reset()` starts a step); `row()` reduces them (collective).
 
     Under pipeline parallelism each stage sees its own MoE layers: `add_stage` records one stage's forward, and
     `row()` joins the stages' rows over the pipeline group (their aux losses add up).
