@@ -20,11 +20,13 @@ One spawn of 2 gloo processes runs two sections; each rank returns `{check: True
   alone, tokens x top-k in every layer.
 """
 
+import contextlib
 import copy
 import math
 import os
 import tempfile
 import traceback
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -78,6 +80,23 @@ def _engine_reduces_once(results: dict) -> None:
     check(results, "engine: the step leaves no gradients", all(p.grad is None for p in model.parameters()))
 
 
+@contextlib.contextmanager
+def _all_reduce_callers() -> Iterator[list[str]]:
+    """While active, the file of each `torch.distributed.all_reduce` call's caller is appended to the list."""
+    reduces: list[str] = []
+    all_reduce = dist.all_reduce
+
+    def counted(*args, **kwargs):
+        reduces.append(traceback.extract_stack(limit=2)[0].filename)
+        return all_reduce(*args, **kwargs)
+
+    dist.all_reduce = counted
+    try:
+        yield reduces
+    finally:
+        dist.all_reduce = all_reduce
+
+
 def _trainer_step_syncs(results: dict) -> None:
     from configs.schema import load_config
     from training.loop import Trainer
@@ -89,15 +108,7 @@ def _trainer_step_syncs(results: dict) -> None:
         trainer.train_step()  # DDP's first step rebuilds its buckets: count from the second on
         buckets: list[int] = []
         trainer.engine._ddp.register_comm_hook(trainer.state.dp_cp_group, _counting_hook(buckets))
-        reduces: list[str] = []
-        all_reduce = dist.all_reduce
-
-        def counted(*args, **kwargs):
-            reduces.append(traceback.extract_stack(limit=2)[0].filename)
-            return all_reduce(*args, **kwargs)
-
-        dist.all_reduce = counted
-        try:
+        with _all_reduce_callers() as reduces:
             for step in range(2):
                 buckets.append(0)
                 reduces.clear()
@@ -111,18 +122,11 @@ def _trainer_step_syncs(results: dict) -> None:
                 check(results, f"trainer: step {step} finite", not m["nonfinite"] and math.isfinite(m["loss"]), m)
                 check(results, f"trainer: step {step} reads the device once in the loop", len(reads) == 1, reads)
                 norm_only = len(others) == 1 and "parallel/engine.py" in others[0]  # the ids' checks read none
-                check(
-                    results,
-                    f"trainer: step {step} reads the device elsewhere for the grad norm only",
-                    norm_only,
-                    others,
-                )
+                check(results, f"trainer: step {step} reads elsewhere for the grad norm only", norm_only, others)
                 check(results, f"trainer: step {step} all-reduces twice in the loop", len(loop_reduces) == 2, reduces)
                 # the tiny model's ~0.4 MB of gradients fill one DDP bucket
                 check(results, f"trainer: step {step} DDP reduces once", buckets[-1] == 1, buckets)
                 check(results, f"trainer: step {step} tokens over dp", m["tokens"] == 8 * 32, m["tokens"])
-        finally:
-            dist.all_reduce = all_reduce
         _nonfinite_on_one_rank(results, trainer)
         _bad_id_on_one_rank(results, trainer)
 
@@ -183,19 +187,8 @@ def _moe_stats_on_logged_steps_only(results: dict) -> None:
         overrides = [*SYNTHETIC, *MOE, f"checkpoint.dir={out}", "train.global_batch_size=8", "checkpoint.every=0"]
         trainer = Trainer(load_config(None, overrides), resume=False)
         trainer.train_step()
-        reduces: list[str] = []
-        all_reduce = dist.all_reduce
-
-        def counted(*args, **kwargs):
-            reduces.append(traceback.extract_stack(limit=2)[0].filename)
-            return all_reduce(*args, **kwargs)
-
-        dist.all_reduce = counted
-        try:
-            with HostSyncs() as syncs:
-                trainer.train_step()
-        finally:
-            dist.all_reduce = all_reduce
+        with _all_reduce_callers() as reduces, HostSyncs() as syncs:
+            trainer.train_step()
         reads = [c for c in syncs.calls if "moe_metrics.py" in c]
         check(results, "moe: a step reads no expert statistics", not reads, reads)
         stats_reduces = [f for f in reduces if f.endswith("moe_metrics.py")]
