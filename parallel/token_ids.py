@@ -64,7 +64,7 @@ class DeferredTokenIdChecks:
 
     with DeferredTokenIdChecks() as ids:
         ...forward and backward of the step's micro-batches...
-    flag, ranges = ids.values(device)   # device tensors, read with the step's other values
+    flag, ranges = ids.values(device)  # on the device; the flag all-reduced (MAX), both read with the step's values
     ids.raise_if_bad(ranges.tolist(), anywhere=flag.item() > 0)
     """
 
@@ -89,10 +89,9 @@ class DeferredTokenIdChecks:
 
     def values(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(1,) float64 flag, 1 where a check failed; (2 * checks,) float64 min and max of each check, in order."""
-        if not self._rows:
-            return torch.zeros(1, dtype=torch.float64, device=device), torch.zeros(
-                0, dtype=torch.float64, device=device
-            )
+        if not self._rows:  # no check on this rank (a middle pipeline stage): a zero flag, no ranges
+            zero = torch.zeros(1, dtype=torch.float64, device=device)
+            return zero, zero[:0]
         rows = torch.stack(self._rows).double()  # (checks, 3); ids beyond 2**53 round, still outside the vocabulary
         return rows[:, 2].amax().reshape(1), rows[:, :2].reshape(-1)
 
