@@ -145,7 +145,7 @@ def test_dynamic_rope_reads_nothing_on_the_host_and_scales_past_max_positions(lo
     d, theta = cfg.head_dim, cfg.rope_theta  # dynamic NTK (transformers' formula) in float64 on the host
     if longest > 8:
         theta *= (2.0 * longest / 8 - 1.0) ** (d / (d - 2))
-    angles = torch.arange(longest, dtype=torch.float64)[:, None] / theta ** (torch.arange(0, d, 2) / d)  # (T, d/2)
+    angles = torch.arange(longest, dtype=torch.float64)[:, None] / theta ** (torch.arange(0, d, 2.0).double() / d)
     torch.testing.assert_close(cos[1], angles.repeat(1, 2).cos().float(), atol=2e-5, rtol=0)
     torch.testing.assert_close(sin[1], angles.repeat(1, 2).sin().float(), atol=2e-5, rtol=0)
 
