@@ -1,6 +1,6 @@
-"""One optimizer step at dp=2 with 4 micro-batches: one gradient reduction, one non-finite decision, one device read.
+"""One optimizer step with 4 micro-batches: one gradient reduction, one decision on losses and ids, one device read.
 
-One spawn of 2 gloo processes runs two sections; each rank returns `{check: True or text}`.
+One spawn of 2 gloo processes runs every section; each rank returns `{check: True or text}`.
 
 - engine: a small MLP under TorchEngine (DDP) with a comm hook that counts DDP's bucket all-reduces. With each
   micro-batch's forward and backward inside `engine.micro_batch()`, the first three micro-batches reduce nothing and
@@ -18,6 +18,8 @@ One spawn of 2 gloo processes runs two sections; each rank returns `{check: True
 - moe: the same trainer with 4 experts. A step reads and reduces none of the experts' statistics (before, one read
   and one all-reduce every step); the loop's `moe_stats.row()` of a logged step then counts that step's assignments
   alone, tokens x top-k in every layer.
+- pp: at pp=2 a target id outside the vocabulary in micro-batch 3 raises on both stages before the update: the last
+  stage's loss names it, the first stage, whose checks were of the inputs, says another rank's ids were bad.
 """
 
 import contextlib
@@ -201,12 +203,45 @@ def _moe_stats_on_logged_steps_only(results: dict) -> None:
         check(results, "moe: the row counts the last step's assignments", one_step, (sums, assignments))
 
 
+def _bad_target_at_pp2(results: dict) -> None:
+    from configs.schema import load_config
+    from training.loop import Trainer
+
+    with tempfile.TemporaryDirectory() as out:
+        overrides = [*SYNTHETIC, f"checkpoint.dir={out}", "parallel.pp=2", "checkpoint.every=0"]
+        trainer = Trainer(load_config(None, overrides), resume=False)
+        trainer.train_step()
+        batches = trainer._batches
+
+        def bad_target_in_micro_batch_3():
+            for i, batch in enumerate(batches):
+                if i == 2:
+                    batch = {**batch, "targets": batch["targets"].clone()}
+                    batch["targets"][0, 5] = 999  # every stage reads it; the last stage's loss checks it
+                yield batch
+
+        trainer._batches = bad_target_in_micro_batch_3()
+        before = [p.detach().clone() for p in trainer.model.parameters()]
+        try:
+            trainer.train_step()
+            raised = "no error"
+        except TokenIdError as e:
+            raised = str(e)
+    # the first stage checked the inputs (fine), the last the targets: other checks, one flag of the same size
+    last = "target id 999 is outside the vocabulary [0, 256) and is not the ignore index -100"
+    want = last if dist.get_rank() == 1 else "another rank read a token id"
+    check(results, "pp: both stages raise, the last naming the target", raised.startswith(want), raised)
+    same = all(torch.equal(p, b) for p, b in zip(trainer.model.parameters(), before, strict=True))
+    check(results, "pp: weights unchanged", same)
+
+
 def _all_checks(rank: int, world_size: int) -> dict:
     os.environ.pop("LOCAL_WORLD_SIZE", None)
     sections = [
         ("engine", _engine_reduces_once),
         ("trainer", _trainer_step_syncs),
         ("moe", _moe_stats_on_logged_steps_only),
+        ("pp", _bad_target_at_pp2),
     ]
     return run_sections(sections)
 
@@ -234,3 +269,7 @@ def test_a_bad_token_id_on_one_rank_stops_every_rank_before_the_update(rank_resu
 
 def test_moe_statistics_are_read_and_reduced_on_logged_steps_only(rank_results):
     assert_sections(rank_results, "moe")
+
+
+def test_a_bad_target_at_pp2_stops_both_stages_before_the_update(rank_results):
+    assert_sections(rank_results, "pp")
