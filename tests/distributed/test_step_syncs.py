@@ -168,17 +168,22 @@ def _bad_id_on_one_rank(results: dict, trainer) -> None:
         return forward(batch)
 
     trainer._forward = bad_input_in_micro_batch_3_of_rank_1
+    raised, same = _step_error(trainer)
+    want = "input id 999 is outside the vocabulary [0, 256)" if dist.get_rank() == 1 else "another rank read a token id"
+    check(results, "ids: every rank raises, the bad one naming the id", raised.startswith(want), raised)
+    check(results, "ids: all 4 micro-batches ran", len(calls) == ACCUM, len(calls))
+    check(results, "ids: weights unchanged", same)
+
+
+def _step_error(trainer) -> tuple[str, bool]:
+    """(the TokenIdError's message of one train_step, or "no error"; whether the weights stayed as they were)."""
     before = [p.detach().clone() for p in trainer.model.parameters()]
     try:
         trainer.train_step()
         raised = "no error"
     except TokenIdError as e:
         raised = str(e)
-    want = "input id 999 is outside the vocabulary [0, 256)" if dist.get_rank() == 1 else "another rank read a token id"
-    check(results, "ids: every rank raises, the bad one naming the id", raised.startswith(want), raised)
-    check(results, "ids: all 4 micro-batches ran", len(calls) == ACCUM, len(calls))
-    same = all(torch.equal(p, b) for p, b in zip(trainer.model.parameters(), before, strict=True))
-    check(results, "ids: weights unchanged", same)
+    return raised, all(torch.equal(p, b) for p, b in zip(trainer.model.parameters(), before, strict=True))
 
 
 def _moe_stats_on_logged_steps_only(results: dict) -> None:
@@ -221,17 +226,11 @@ def _bad_target_at_pp2(results: dict) -> None:
                 yield batch
 
         trainer._batches = bad_target_in_micro_batch_3()
-        before = [p.detach().clone() for p in trainer.model.parameters()]
-        try:
-            trainer.train_step()
-            raised = "no error"
-        except TokenIdError as e:
-            raised = str(e)
+        raised, same = _step_error(trainer)
     # the first stage checked the inputs (fine), the last the targets: other checks, one flag of the same size
     last = "target id 999 is outside the vocabulary [0, 256) and is not the ignore index -100"
     want = last if dist.get_rank() == 1 else "another rank read a token id"
     check(results, "pp: both stages raise, the last naming the target", raised.startswith(want), raised)
-    same = all(torch.equal(p, b) for p, b in zip(trainer.model.parameters(), before, strict=True))
     check(results, "pp: weights unchanged", same)
 
 
