@@ -99,13 +99,19 @@ def _all_reduce_callers() -> Iterator[list[str]]:
         dist.all_reduce = all_reduce
 
 
-def _trainer_step_syncs(results: dict) -> None:
+@contextlib.contextmanager
+def _trainer(*overrides: str):
+    """A training.loop.Trainer on the synthetic tiny model with `overrides`, its checkpoint directory temporary."""
     from configs.schema import load_config
     from training.loop import Trainer
 
     with tempfile.TemporaryDirectory() as out:
-        overrides = [*SYNTHETIC, f"checkpoint.dir={out}", "train.global_batch_size=8", "checkpoint.every=0"]
-        trainer = Trainer(load_config(None, overrides), resume=False)
+        cfg = load_config(None, [*SYNTHETIC, f"checkpoint.dir={out}", "checkpoint.every=0", *overrides])
+        yield Trainer(cfg, resume=False)
+
+
+def _trainer_step_syncs(results: dict) -> None:
+    with _trainer("train.global_batch_size=8") as trainer:
         check(results, "trainer: 4 micro-batches a step", trainer.grad_accum == ACCUM, trainer.grad_accum)
         trainer.train_step()  # DDP's first step rebuilds its buckets: count from the second on
         buckets: list[int] = []
@@ -187,12 +193,7 @@ def _step_error(trainer) -> tuple[str, bool]:
 
 
 def _moe_stats_on_logged_steps_only(results: dict) -> None:
-    from configs.schema import load_config
-    from training.loop import Trainer
-
-    with tempfile.TemporaryDirectory() as out:
-        overrides = [*SYNTHETIC, *MOE, f"checkpoint.dir={out}", "train.global_batch_size=8", "checkpoint.every=0"]
-        trainer = Trainer(load_config(None, overrides), resume=False)
+    with _trainer(*MOE, "train.global_batch_size=8") as trainer:
         trainer.train_step()
         with _all_reduce_callers() as reduces, HostSyncs() as syncs:
             trainer.train_step()
@@ -209,12 +210,7 @@ def _moe_stats_on_logged_steps_only(results: dict) -> None:
 
 
 def _bad_target_at_pp2(results: dict) -> None:
-    from configs.schema import load_config
-    from training.loop import Trainer
-
-    with tempfile.TemporaryDirectory() as out:
-        overrides = [*SYNTHETIC, f"checkpoint.dir={out}", "parallel.pp=2", "checkpoint.every=0"]
-        trainer = Trainer(load_config(None, overrides), resume=False)
+    with _trainer("parallel.pp=2") as trainer:
         trainer.train_step()
         batches = trainer._batches
 
