@@ -22,10 +22,15 @@ from torch import nn
 from modeling.config import ModelConfig
 
 
+def _frequencies(theta: float | torch.Tensor, d: int, device: torch.device | None) -> torch.Tensor:
+    """theta^(-2i/d) for i < d/2: the (d/2,) fp32 frequencies of base `theta` (a number or a 0-d device tensor)."""
+    return 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+
+
 def inv_frequencies(config: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
     """The d/2 rotary frequencies up to max_position_embeddings positions (beyond: dynamic_frequencies)."""
     d, theta, s = config.head_dim, config.rope_theta, config.rope_scaling or {}
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))  # (d/2,)
+    inv_freq = _frequencies(theta, d, device)
     if config.rope_type == "linear":
         inv_freq = inv_freq / s["factor"]
     elif config.rope_type == "llama3":
@@ -48,8 +53,7 @@ def dynamic_frequencies(config: ModelConfig, length: torch.Tensor, base: torch.T
     """
     d, l0, factor = config.head_dim, config.max_position_embeddings, config.rope_scaling["factor"]
     ratio = (factor * length.double() / l0 - (factor - 1)) ** (d / (d - 2))  # theta' / theta (NaN far below L0)
-    exponents = torch.arange(0, d, 2, dtype=torch.int64, device=base.device).float() / d
-    scaled = 1.0 / ((config.rope_theta * ratio).float() ** exponents)  # (d/2,)
+    scaled = _frequencies((config.rope_theta * ratio).float(), d, base.device)
     return torch.where(length > l0, scaled, base)
 
 
