@@ -1,21 +1,24 @@
-"""Run several training scenarios in one process (or one torchrun world): test_layout_resume.py, test_dpo.py.
+"""Run several training scenarios in one process (or one torchrun world): layout tests, DPO tests, run_worlds.
 
     python tests/integration/layout_runs.py SCENARIOS.json                        # one process
     python -m torch.distributed.run --nproc_per_node 2 tests/integration/layout_runs.py SCENARIOS.json
 
 SCENARIOS.json is a list of {"out": dir, "overrides": [...], "seed_from": checkpoint dir or null,
-"expect_error": text or null, "trainer": "dpo" or absent, "config": yaml or absent}. Each runs
-`Trainer(load_config(config, SYNTHETIC + overrides)).run()` in turn, or with "trainer": "dpo" dpo.py's DPOTrainer
+"expect_error": text or null, "trainer": "dpo" or absent, "config": yaml or absent, "stdout": path or absent}. Each
+runs `Trainer(load_config(config, SYNTHETIC + overrides)).run()` in turn, or with "trainer": "dpo" dpo.py's DPOTrainer
 on the overrides alone (the process group and the imports are shared: launching once instead of once per run keeps
 the suite fast). With `seed_from`, that step directory is copied into `out` first (as `latest`), so the run
 resumes from it. Each data rank records the rows it trained on (out/rows-dpN.json: a digest per row, in the order
-handed out); a scenario whose Trainer raises writes the message to out/error.txt (and must have expected it).
+handed out); a scenario whose Trainer raises writes the message to out/error.txt (and must have expected it). With
+"stdout", each rank writes what it prints during the scenario to that path + ".rankN" (train_utils.run_worlds).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -88,9 +91,13 @@ def run(scenario: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    """Run every scenario of the json file given."""
+    """Run every scenario of the json file given (each rank's stdout into the scenario's "stdout" file, if named)."""
     for scenario in json.loads(Path(sys.argv[1]).read_text()):
-        run(scenario)
+        if not scenario.get("stdout"):
+            run(scenario)
+            continue
+        with open(f"{scenario['stdout']}.rank{os.environ.get('RANK', '0')}", "w") as f, contextlib.redirect_stdout(f):
+            run(scenario)
 
 
 if __name__ == "__main__":

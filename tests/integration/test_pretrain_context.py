@@ -4,126 +4,105 @@ and cp=4, with tensor parallelism (one key/value head per tensor rank), under Ze
 text with document attention (eval and samples too), with pp=2, and an MoE model at cp=2 and cp=2 x ep=2. A
 ring-attention run with activation checkpointing (the recomputed layers run their collectives again in backward),
 stopped and rerun at cp=2, resumes exactly.
+
+Every run of the module is one scenario of `runs`: one launch per process count (train_utils.run_worlds).
 """
 
 import pytest
 
 from tests.integration.train_utils import (
     MOE,
+    Run,
     assert_same_curve,
     assert_same_moe_stats,
     metrics,
-    pretrain,
+    run_worlds,
     text_corpus,
     text_overrides,
 )
 
 TOL = 1e-5
 WINDOW = ["model.sliding_window=8"]  # shorter than data.seq_len=32: the window hides keys in every sequence
+RING, ULYSSES = ["parallel.cp=2", "parallel.cp_attention=ring"], ["parallel.cp=2", "parallel.cp_attention=ulysses"]
+# the recomputed layers run their context attention (and its collectives) again in backward; stopped at step 5
+RING_AC = [*RING, "train.activation_checkpointing=true", "checkpoint.every=5", "train.exit_interval=5"]
+# 2 kv heads over tp=2: one per tensor rank, fewer than cp=2, so Ulysses repeats it; sequence parallelism on
+TP2 = [*ULYSSES, "parallel.tp=2", "parallel.sequence_parallel=true", "train.micro_batch_size=2"]
+BF16 = ["train.dtype=bf16", "train.max_steps=5"]
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("ref")
-    pretrain(out)
-    return metrics(out)
+def runs(tmp_path_factory) -> dict[str, Run]:
+    """Every run of this module, by name."""
+    root = tmp_path_factory.mktemp("context")
+    (root / "corpus").mkdir()
+    text = [*text_overrides(text_corpus(root / "corpus")), "data.document_attention=true", "train.max_steps=4"]
+    text += ["train.eval_every=2"]
+    return run_worlds(
+        root,
+        {
+            "reference": (1, []),
+            "window_reference": (1, WINDOW),
+            "moe_reference": (1, MOE),
+            "text_one": (1, text),
+            "bf16_one": (1, BF16),
+            "ring_ac": (2, RING_AC),
+            "ring_ac_rerun": (2, RING_AC, "ring_ac"),
+            "window_ulysses": (2, [*WINDOW, *ULYSSES]),
+            "window_ring": (2, [*WINDOW, *RING]),
+            "text_ulysses": (2, [*text, *ULYSSES]),
+            "text_ring": (2, [*text, *RING]),
+            "moe_cp2": (2, [*MOE, *RING]),
+            "bf16_cp2": (2, [*BF16, *ULYSSES]),
+            "cp4_ring": (4, ["parallel.cp=4", "parallel.cp_attention=ring"]),
+            "cp2_tp2": (4, TP2),
+            "cp2_dp2_zero2": (4, [*RING, "parallel.deepspeed_config=configs/deepspeed/zero2.json"]),
+            "moe_cp2_ep2": (4, [*MOE, *ULYSSES, "parallel.ep=2"]),
+            # pipeline stages (one layer each) over context chunks: the activations between stages are this rank's
+            "pp2_cp2": (4, [*ULYSSES, "parallel.pp=2"]),
+        },
+    )
 
 
-def test_cp2_ring_with_activation_checkpointing_matches_one_process_and_resumes_exactly(reference, tmp_path):
-    # the recomputed layers run their context attention (and its collectives) again in backward. Causal Ulysses at
-    # cp=2: the tp=2, MoE ep=2 and pp=2 tests below (and bf16, document attention), each against one process.
-    overrides = ["parallel.cp=2", "parallel.cp_attention=ring", "train.activation_checkpointing=true"]
-    overrides += ["checkpoint.every=5", "train.exit_interval=5"]
-    first = pretrain(tmp_path, overrides, nproc=2)
-    assert "stopped by train.exit_interval at step 5" in first.stdout
-    second = pretrain(tmp_path, overrides, nproc=2)
-    assert f"resumed from {tmp_path / 'step-00000005'} at step 5" in second.stdout
-    assert_same_curve(metrics(tmp_path), reference, loss_tol=TOL)
+def test_cp2_ring_with_activation_checkpointing_matches_one_process_and_resumes_exactly(runs):
+    # Causal Ulysses at cp=2: the tp=2, MoE ep=2 and pp=2 tests below (and bf16, document attention)
+    out = runs["ring_ac"].out
+    assert "stopped by train.exit_interval at step 5" in runs["ring_ac"].stdout
+    assert f"resumed from {out / 'step-00000005'} at step 5" in runs["ring_ac_rerun"].stdout
+    assert_same_curve(metrics(out), metrics(runs["reference"].out), loss_tol=TOL)
 
 
-def test_cp4_ring_four_processes(reference, tmp_path):
-    pretrain(tmp_path, ["parallel.cp=4", "parallel.cp_attention=ring"], nproc=4)
-    assert_same_curve(metrics(tmp_path), reference, loss_tol=TOL)
-
-
-def test_cp2_tp2_ulysses_one_kv_head_per_tensor_rank(reference, tmp_path):
-    # 2 kv heads over tp=2: one per tensor rank, fewer than cp=2, so Ulysses repeats it; sequence parallelism on
-    overrides = ["parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true", "train.micro_batch_size=2"]
-    pretrain(tmp_path, [*overrides, "parallel.cp_attention=ulysses"], nproc=4)
-    assert_same_curve(metrics(tmp_path), reference, loss_tol=TOL)
-
-
-def test_cp2_dp2_zero2_four_processes(reference, tmp_path):
-    zero2 = "parallel.deepspeed_config=configs/deepspeed/zero2.json"
-    pretrain(tmp_path, ["parallel.cp=2", "parallel.cp_attention=ring", zero2], nproc=4)
-    assert_same_curve(metrics(tmp_path), reference, loss_tol=TOL)
-
-
-@pytest.fixture(scope="module")
-def window_reference(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("window_ref")
-    pretrain(out, WINDOW)
-    return metrics(out)
+@pytest.mark.parametrize("name", ["cp4_ring", "cp2_tp2", "cp2_dp2_zero2", "pp2_cp2"])
+def test_layouts_match_one_process(runs, name):
+    assert_same_curve(metrics(runs[name].out), metrics(runs["reference"].out), loss_tol=TOL)
 
 
 @pytest.mark.parametrize("kind", ["ulysses", "ring"])
-def test_sliding_window_at_cp2_matches_cp1(reference, window_reference, tmp_path, kind):
-    pretrain(tmp_path, [*WINDOW, "parallel.cp=2", f"parallel.cp_attention={kind}"], nproc=2)
-    assert_same_curve(metrics(tmp_path), window_reference, loss_tol=TOL)
-    assert abs(window_reference[-1]["loss"] - reference[-1]["loss"]) > 1e-4  # the window changes the model
+def test_sliding_window_at_cp2_matches_cp1(runs, kind):
+    window_reference = metrics(runs["window_reference"].out)
+    assert_same_curve(metrics(runs[f"window_{kind}"].out), window_reference, loss_tol=TOL)
+    assert abs(window_reference[-1]["loss"] - metrics(runs["reference"].out)[-1]["loss"]) > 1e-4  # a new model
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return text_corpus(tmp_path_factory.mktemp("corpus"))
+def test_document_attention_on_text_at_cp2_matches_one_process(runs):
+    one = runs["text_one"]
+    for name in ("text_ulysses", "text_ring"):
+        assert_same_curve(metrics(runs[name].out), metrics(one.out), loss_tol=TOL)
+        # eval lines (loss, ppl, bpb to 3-4 digits) and the sampled text
+        assert runs[name].printed("sample ", "step ") == one.printed("sample ", "step ")
+    assert one.printed("sample ")
 
 
-def test_document_attention_on_text_at_cp2_matches_one_process(corpus, tmp_path):
-    text = [*text_overrides(corpus), "data.document_attention=true", "train.max_steps=4", "train.eval_every=2"]
-    runs = {}
-    for name, extra, nproc in (
-        ("one", [], 1),
-        ("ulysses", ["parallel.cp=2", "parallel.cp_attention=ulysses"], 2),
-        ("ring", ["parallel.cp=2", "parallel.cp_attention=ring"], 2),
-    ):
-        proc = pretrain(tmp_path / name, [*text, *extra], nproc=nproc)
-        runs[name] = [line for line in proc.stdout.splitlines() if line.startswith(("sample ", "step "))]
-    for name in ("ulysses", "ring"):
-        assert_same_curve(metrics(tmp_path / name), metrics(tmp_path / "one"), loss_tol=TOL)
-        assert runs[name] == runs["one"]  # eval lines (loss, ppl, bpb to 3-4 digits) and the sampled text
-    assert any(line.startswith("sample ") for line in runs["one"])
-
-
-@pytest.fixture(scope="module")
-def moe_reference(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("moe_ref")
-    pretrain(out, MOE)
-    return metrics(out)
-
-
-@pytest.mark.parametrize(
-    ("layout", "nproc"),
-    [(["parallel.cp_attention=ring"], 2), (["parallel.cp_attention=ulysses", "parallel.ep=2"], 4)],
-    ids=["cp2", "cp2_ep2"],
-)
-def test_moe_at_cp2_matches_one_process(moe_reference, tmp_path, layout, nproc):
+@pytest.mark.parametrize("name", ["moe_cp2", "moe_cp2_ep2"])
+def test_moe_at_cp2_matches_one_process(runs, name):
     # the chunks' routers: load-balancing counts, aux losses and expert-bias loads over the whole sequence
-    pretrain(tmp_path, [*MOE, "parallel.cp=2", *layout], nproc=nproc)
-    got = metrics(tmp_path)
-    assert_same_curve(got, moe_reference, loss_tol=TOL)
-    assert_same_moe_stats(got, moe_reference)
+    got, want = metrics(runs[name].out), metrics(runs["moe_reference"].out)
+    assert_same_curve(got, want, loss_tol=TOL)
+    assert_same_moe_stats(got, want)
 
 
-def test_pp2_cp2_four_processes(reference, tmp_path):
-    # pipeline stages (one layer each) over context chunks: the activations between stages are this rank's tokens
-    pretrain(tmp_path, ["parallel.pp=2", "parallel.cp=2", "parallel.cp_attention=ulysses"], nproc=4)
-    assert_same_curve(metrics(tmp_path), reference, loss_tol=TOL)
-
-
-def test_cp2_bf16_matches_one_process_bf16(tmp_path):
+def test_cp2_bf16_matches_one_process_bf16(runs):
     # bf16 inputs, fp32 softmax statistics and merge: the chunks add up to the unsplit attention up to bf16 rounding
-    short = ["train.dtype=bf16", "train.max_steps=5"]
-    pretrain(tmp_path / "one", short)
-    pretrain(tmp_path / "cp2", [*short, "parallel.cp=2", "parallel.cp_attention=ulysses"], nproc=2)
     # measured here: 3e-4 (loss) and 6e-4 (relative grad norm) over 5 steps
-    assert_same_curve(metrics(tmp_path / "cp2"), metrics(tmp_path / "one"), loss_tol=2e-3, norm_rtol=2e-3)
+    got, want = metrics(runs["bf16_cp2"].out), metrics(runs["bf16_one"].out)
+    assert_same_curve(got, want, loss_tol=2e-3, norm_rtol=2e-3)

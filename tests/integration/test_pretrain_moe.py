@@ -8,39 +8,46 @@ which the one-process run counts on its own. Runs: the torch engine, and ZeRO-1 
 under ZeRO-2 to step 10 (with a capacity factor and the auxiliary-loss-free expert bias, whose state must survive
 the resume; both checkpoints hold the experts' optimizer states per expert shard, gathered from their ZeRO
 partitions). The torch run's checkpoint exports to Hugging Face Mixtral and transformers gives our logits.
+
+The runs are the scenarios of `runs`: one launch per process count (train_utils.run_worlds).
 """
 
 import pytest
 import torch
 
-from tests.integration.train_utils import assert_same_curve, metrics, pretrain
+from tests.integration.train_utils import Run, assert_same_curve, metrics, run_worlds
 
 TOL = 1e-4
 STEPS = 10
 MOE = ["model.num_local_experts=4", "model.router_aux_loss_coef=0.01", "model.router_z_loss_coef=0.001"]
 BIAS_CAPACITY = ["model.router_expert_bias=true", "model.router_bias_update_rate=0.01", "model.capacity_factor=1.0"]
 EP2 = ["parallel.ep=2"]
-
-
-def _reference(tmp_path_factory, name: str, overrides: list[str]) -> list[dict]:
-    out = tmp_path_factory.mktemp(name)
-    pretrain(out, MOE + overrides)
-    rows = metrics(out)
-    assert len(rows) == STEPS
-    assert rows[-1]["loss"] < rows[0]["loss"] - 0.1, f"the reference run does not learn: {[r['loss'] for r in rows]}"
-    return rows
+ZERO = "parallel.deepspeed_config=configs/deepspeed/zero{}.json"
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> list[dict]:
-    return _reference(tmp_path_factory, "moe_ref", [])
-
-
-@pytest.fixture(scope="module")
-def reference_bias_capacity(tmp_path_factory) -> list[dict]:
-    rows = _reference(tmp_path_factory, "moe_ref_bias", BIAS_CAPACITY)
-    assert all(r["moe/layer0/dropped_frac"] > 0 for r in rows), "capacity 1.0 should drop some assignments"
-    return rows
+def runs(tmp_path_factory) -> dict[str, Run]:
+    """Every run of this module, by name; the references learn."""
+    ep2_bias = [*MOE, *BIAS_CAPACITY, *EP2]
+    runs = run_worlds(
+        tmp_path_factory.mktemp("moe"),
+        {
+            "reference": (1, MOE),
+            "reference_bias_capacity": (1, [*MOE, *BIAS_CAPACITY]),
+            "torch_ep2": (4, [*MOE, *EP2]),
+            # the ZeRO-1 run stops at step 5, the ZeRO-2 run resumes its checkpoint (a change of zero_stage: the
+            # optimizer state is re-split from the whole per-expert-shard tensors the checkpoint holds)
+            "zero1_ep2": (4, [*ep2_bias, ZERO.format(1), "train.exit_interval=5"]),
+            "zero2_ep2": (4, [*ep2_bias, ZERO.format(2)], "zero1_ep2"),
+        },
+    )
+    for name in ("reference", "reference_bias_capacity"):
+        rows = metrics(runs[name].out)
+        assert len(rows) == STEPS
+        assert rows[-1]["loss"] < rows[0]["loss"] - 0.1, f"{name} does not learn: {[r['loss'] for r in rows]}"
+    dropped = metrics(runs["reference_bias_capacity"].out)
+    assert all(r["moe/layer0/dropped_frac"] > 0 for r in dropped), "capacity 1.0 should drop some assignments"
+    return runs
 
 
 def _assert_same_curve(got: list[dict], ref: list[dict]) -> None:
@@ -53,15 +60,15 @@ def _assert_same_curve(got: list[dict], ref: list[dict]) -> None:
         assert [a[key] for a in got] == [b[key] for b in ref], key
 
 
-def test_torch_engine_ep2_matches_one_process_and_exports_to_mixtral(reference, tmp_path):
-    pretrain(tmp_path, MOE + EP2, nproc=4)
-    _assert_same_curve(metrics(tmp_path), reference)
+def test_torch_engine_ep2_matches_one_process_and_exports_to_mixtral(runs, tmp_path):
+    out = runs["torch_ep2"].out
+    _assert_same_curve(metrics(out), metrics(runs["reference"].out))
 
     import transformers
 
     from modeling.convert import load_model, native_to_hf
 
-    step = tmp_path / "step-00000010"
+    step = out / "step-00000010"
     assert sorted(p.name for p in step.glob("experts-*")) == [
         "experts-ep00-of-02.safetensors",
         "experts-ep01-of-02.safetensors",
@@ -75,22 +82,16 @@ def test_torch_engine_ep2_matches_one_process_and_exports_to_mixtral(reference, 
     assert diff < TOL
 
 
-def test_zero1_ep2_to_step_5_then_zero2_ep2_match_one_process(reference_bias_capacity, tmp_path):
-    # one launch per ZeRO stage: the ZeRO-1 run stops at step 5, the ZeRO-2 run resumes its checkpoint (a change of
-    # zero_stage: the optimizer state is re-split from the whole per-expert-shard tensors the checkpoint holds)
-    run = MOE + BIAS_CAPACITY + EP2
-    pretrain(
-        tmp_path, [*run, "parallel.deepspeed_config=configs/deepspeed/zero1.json", "train.exit_interval=5"], nproc=4
-    )
-    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4, 5]
-    second = pretrain(tmp_path, [*run, "parallel.deepspeed_config=configs/deepspeed/zero2.json"], nproc=4)
-    assert "resuming at another layout (zero_stage 1 -> 2)" in second.stdout, second.stdout[-3000:]
-    _assert_same_curve(metrics(tmp_path), reference_bias_capacity)
+def test_zero1_ep2_to_step_5_then_zero2_ep2_match_one_process(runs):
+    out = runs["zero1_ep2"].out
+    assert "stopped by train.exit_interval at step 5" in runs["zero1_ep2"].stdout
+    assert "resuming at another layout (zero_stage 1 -> 2)" in runs["zero2_ep2"].stdout, runs["zero2_ep2"].stdout
+    _assert_same_curve(metrics(out), metrics(runs["reference_bias_capacity"].out))
 
     # the experts' Adam moments are saved per expert shard, whole over their edp=2 ZeRO partitions, like the weights
     from safetensors import safe_open
 
-    for step in (tmp_path / "step-00000005", tmp_path / "step-00000010"):  # written by ZeRO-1, then by ZeRO-2
+    for step in (out / "step-00000005", out / "step-00000010"):  # written by ZeRO-1, then by ZeRO-2
         for ep_rank in range(2):
             with safe_open(str(step / f"experts-ep{ep_rank:02d}-of-02.safetensors"), framework="pt") as f:
                 shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118

@@ -6,6 +6,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -85,6 +86,40 @@ def run_scenarios(scenarios: list[dict], path: Path, nproc: int) -> subprocess.C
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env(), capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-5000:]}\nstderr:\n{proc.stderr[-8000:]}"
     return proc
+
+
+class Run(NamedTuple):
+    """A scenario of run_worlds: the directory it trained in and what its ranks printed (rank 0's lines first)."""
+
+    out: Path
+    stdout: str
+
+    def printed(self, *starts: str) -> list[str]:
+        """The printed lines that start with one of `starts`."""
+        return [line for line in self.stdout.splitlines() if line.startswith(starts)]
+
+
+def run_worlds(root: Path, scenarios: dict[str, tuple]) -> dict[str, Run]:
+    """Run named pretraining scenarios with one launch of layout_runs.py per process count; NAME -> Run.
+
+    scenarios: NAME -> (nproc, overrides), trained in root/NAME, or (nproc, overrides, OTHER) to train in root/OTHER
+    (a rerun that resumes there: it comes after OTHER in the dict, at the same nproc). Scenarios of one process count
+    run in turn in one process (a torchrun world), which imports torch and the trainer once: on 2 cores a launch
+    of 4 processes costs about 10 s before its first step, one of 2 about 5 s. The overrides apply to SYNTHETIC.
+    """
+    outs: dict[str, Path] = {}
+    worlds: dict[int, list[dict]] = {}
+    for name, (nproc, overrides, *other) in scenarios.items():
+        outs[name] = root / (other[0] if other else name)
+        scenario = {"out": str(outs[name]), "overrides": list(overrides), "stdout": str(root / f"{name}.stdout")}
+        worlds.setdefault(nproc, []).append(scenario)
+    for nproc, world in sorted(worlds.items()):
+        run_scenarios(world, root / f"world{nproc}.json", nproc)
+    runs = {}
+    for name, (nproc, *_) in scenarios.items():
+        printed = "".join((root / f"{name}.stdout.rank{r}").read_text() for r in range(nproc))
+        runs[name] = Run(outs[name], printed)
+    return runs
 
 
 def metrics(out: Path) -> list[dict]:
