@@ -95,7 +95,7 @@ def _skip_zbv(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", [*SCHEDULES, "pp2_tp2_sp", "pp4"])
-def test_pp2_schedules_and_layouts_match_one_process(runs, name):
+def test_schedules_and_layouts_match_one_process(runs, name):
     _skip_zbv(name)
     assert_same_curve(metrics(runs[name].out), metrics(runs["reference"].out), loss_tol=TOL)
 
