@@ -99,6 +99,11 @@ def resolve_model_config(
                 f"num_attention_heads={config.num_attention_heads} / parallel.tp={tp}) over parallel.cp={p.cp} ranks: "
                 f"choose a cp that divides them, or parallel.cp_attention=ring"
             )
+        if p.moe_pad_to_capacity and (not config.num_local_experts or config.capacity_factor is None):
+            raise ConfigError(
+                "parallel.moe_pad_to_capacity=true pads each expert's rows to its capacity: it needs an MoE model "
+                "(model.num_local_experts > 0) with model.capacity_factor set; set them, or turn it off"
+            )
         if p.cp > 1 and p.ep > 1 and p.deepspeed_config:
             raise ConfigError(
                 f"parallel.cp={p.cp} with parallel.ep={p.ep} under {p.deepspeed_config}: DeepSpeed reduces expert "

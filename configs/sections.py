@@ -152,10 +152,16 @@ class ParallelSection:
     pp_layers: list[int] | None = None  # decoder layers per stage, in order; None = balanced
     cp: int = 1  # context parallelism: each sequence split over cp ranks (parallel.context)
     cp_attention: str = "ulysses"  # ulysses (all-to-all of heads) | ring (key/value chunks passed around)
+    moe_pad_to_capacity: bool = False  # under model.capacity_factor: experts' rows padded to C, no host sync
     sequence_parallel: bool = False
     deepspeed_config: str | None = None  # a DeepSpeed json (configs/deepspeed/zero*.json); None = torch DDP
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     timeout_minutes: float = 10.0  # collective timeout: a dead rank stops the others after this long
+
+    def layout(self) -> dict:
+        """The keyword arguments of parallel.state.ParallelState.build."""
+        keys = ("tp", "ep", "pp", "cp", "sequence_parallel", "cp_attention", "moe_pad_to_capacity")
+        return {key: getattr(self, key) for key in keys}
 
     def validate(self) -> None:
         """Degrees and choices; how they fit the world size is ParallelDims' rule (TrainConfig.parallel_dims)."""

@@ -22,7 +22,8 @@ Capacity (config.capacity_factor = cf, else dropless): each expert takes at most
 rank's N k assignments (N: the tokens of this rank's forward, T/tp of them per sequence under sequence
 parallelism). Over capacity, an expert keeps the assignments with the largest weight w_n,e (ties: earlier
 assignment n k + j first) and drops the rest; a dropped assignment contributes 0 to y_n (the token keeps its
-residual path and its other experts).
+residual path and its other experts). With parallel.moe_pad_to_capacity, a training forward sends every expert C
+rows from every rank, padded (parallel.experts.dispatch_padded): no host sync for the split sizes, the same y_n.
 
 Losses (this rank's tokens, Megatron's default under data/expert parallelism), stored by forward as `aux_loss`:
 
@@ -77,7 +78,7 @@ from torch import nn
 
 from modeling.config import ModelConfig
 from modeling.mlp import SwiGLUMLP
-from parallel.experts import bincount, combine, dispatch
+from parallel.experts import bincount, combine, dispatch, dispatch_padded
 from parallel.layers import InitMethod, cpu_has_native_bf16, linear
 from parallel.mappings import compute_dtype, copy_to_region, group_size
 from parallel.state import ParallelConfigError, ParallelState
@@ -168,6 +169,10 @@ class MoEMLP(nn.Module):
                 weights = weights / weights.sum(-1, keepdim=True)
         return logits, scores, indices, weights
 
+    def capacity(self, n: int) -> int:
+        """C = ceil(capacity_factor * N * k / E): the assignments an expert takes of N tokens."""
+        return math.ceil(self.config.capacity_factor * n * self.top_k / self.num_experts)
+
     def drop_over_capacity(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """(N, k) chosen experts -> the same with -1 where an assignment is over its expert's capacity.
 
@@ -175,7 +180,7 @@ class MoEMLP(nn.Module):
         earlier assignment first).
         """
         n, k = indices.shape
-        capacity = math.ceil(self.config.capacity_factor * n * k / self.num_experts)
+        capacity = self.capacity(n)
         flat = indices.reshape(-1)  # (N k,)
         by_weight = torch.argsort(weights.detach().reshape(-1), descending=True, stable=True)  # (N k,)
         by_expert = by_weight[torch.argsort(flat[by_weight], stable=True)]  # (N k,) per expert, heaviest first
@@ -224,9 +229,14 @@ class MoEMLP(nn.Module):
         dtype = compute_dtype(tokens)
         grouped = grouped_gemm_supported(tokens.device, dtype, x.shape[-1], self.w1.shape[1])
         group = self.state.ep_group
-        rows, counts, host, plan = dispatch(
-            tokens, routed, self.num_experts, group, host_counts=not grouped, may_drop=capacity, dtype=dtype
-        )
+        if capacity and self.state.moe_pad_to_capacity and torch.is_grad_enabled():
+            # training forwards only: every rank of the group routes the same N tokens there, so the same C
+            pad = self.capacity(n)
+            rows, counts, host, plan = dispatch_padded(tokens, routed, self.num_experts, pad, group, dtype=dtype)
+        else:
+            rows, counts, host, plan = dispatch(
+                tokens, routed, self.num_experts, group, host_counts=not grouped, may_drop=capacity, dtype=dtype
+            )
         out = combine(self.experts(rows, counts, None if grouped else host, dtype), plan)  # (N k, H), 0 if dropped
         with _no_autocast(out):  # fp32 weights times the experts' outputs, not a bf16 bmm
             out = torch.bmm(weights.unsqueeze(1), out.view(n, k, -1).float())  # (N, 1, H) = sum_j w_nj FFN_j(x_n)

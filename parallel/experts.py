@@ -23,6 +23,12 @@ stays in the tokens' dtype.
 
 An expert index of -1 marks a dropped assignment (over capacity): it is sent nowhere and combine returns a zero row
 for it. At group size 1 (group None) nothing is communicated: dispatch and combine are a pure permutation.
+
+    dispatch_padded   under a capacity C (at most C assignments per expert on each rank, the rest dropped), every
+                      rank sends every expert exactly C rows, its unused slots zero rows: the split sizes are known
+                      without reading the counts, so nothing synchronises (parallel.moe_pad_to_capacity; Megatron's
+                      moe_pad_expert_input_to_capacity). Each local expert computes ep C rows; combine discards the
+                      padding's outputs. The price: E C rows sent and computed where dispatch sends the kept ones.
 Collectives are looked up as `dist.<name>` at call time, so tests and benchmarks can count them by patching.
 """
 
@@ -92,6 +98,31 @@ class DispatchPlan:
     group: Group
 
 
+@dataclass(frozen=True)
+class PaddedPlan:
+    """What combine needs to undo a dispatch_padded.
+
+    slot: (N k,) the send buffer's row of each assignment (expert e's slots are rows [e C, (e + 1) C)); E C, a row
+        past the buffer, for a dropped one.
+    capacity: C, the slots per expert and rank.
+    group: the expert group.
+    """
+
+    slot: torch.Tensor
+    capacity: int
+    group: Group
+
+
+def _split_experts(num_experts: int, group: Group) -> tuple[int, int]:
+    """(ep, E/ep): the expert group's size and the experts each of its ranks holds."""
+    ep = group_size(group)
+    if num_experts % ep:
+        raise ParallelConfigError(
+            f"model.num_local_experts={num_experts} is not divisible by parallel.ep={ep}; choose an ep that divides it"
+        )
+    return ep, num_experts // ep
+
+
 def bincount(x: torch.Tensor, n: int) -> torch.Tensor:
     """torch.bincount(x, minlength=n) for x in [0, n), without its host sync (CUDA's bincount reads x's range)."""
     return torch.zeros(n, dtype=torch.long, device=x.device).scatter_add_(0, x, torch.ones_like(x))
@@ -124,13 +155,8 @@ def dispatch(
         discards (only at group size 1 without host counts); counts (E/ep,) long on the device, the rows of each
         local expert (zeros allowed); host, the same as a list of ints or None; the plan for `combine`.
     """
-    ep = group_size(group)
-    if num_experts % ep:
-        raise ParallelConfigError(
-            f"model.num_local_experts={num_experts} is not divisible by parallel.ep={ep}; choose an ep that divides it"
-        )
+    ep, local = _split_experts(num_experts, group)
     n, k = expert_indices.shape
-    local = num_experts // ep
     flat = expert_indices.reshape(-1)  # (N k,)
     key = torch.where(flat < 0, num_experts, flat) if may_drop else flat  # dropped assignments sort last, bin E
     order = torch.argsort(key, stable=True)  # (N k,) assignment ids, grouped by expert
@@ -166,11 +192,53 @@ def dispatch(
     return received.index_select(0, local_perm), local_counts, host, plan
 
 
-def combine(expert_rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    """Inverse of dispatch: (M, H) rows grouped by local expert -> (N k, H) in assignment order (n k + j).
+def dispatch_padded(
+    tokens: torch.Tensor,
+    expert_indices: torch.Tensor,
+    num_experts: int,
+    capacity: int,
+    group: Group,
+    *,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[int], PaddedPlan]:
+    """Dispatch with every expert's rows padded to `capacity` from every rank: fixed split sizes, no host sync.
+
+    expert_indices: (N, k) with at most `capacity` assignments of each expert (-1 for the others: the MoE layer's
+    drop_over_capacity), and the same `capacity` on every rank of the group. Returns (rows, counts, host, plan) as
+    dispatch does, rows (E/ep ep C, H): local expert j's ep C rows, from each source rank in rank order its C
+    slots, its assignments in assignment order first, then zero rows. counts and host say ep C for every expert.
+    """
+    ep, local = _split_experts(num_experts, group)
+    n, k = expert_indices.shape
+    flat = expert_indices.reshape(-1)  # (N k,)
+    key = torch.where(flat < 0, num_experts, flat)  # dropped assignments in bin E
+    order = torch.argsort(key, stable=True)  # (N k,) assignment ids, grouped by expert
+    counts = bincount(key, num_experts + 1)  # (E + 1,)
+    first = torch.cumsum(counts, 0) - counts  # (E + 1,) where each expert's assignments start in order
+    rank = torch.empty_like(flat).index_copy_(0, order, torch.arange(n * k, device=flat.device) - first[key[order]])
+    slot = torch.where(flat >= 0, flat * capacity + rank, num_experts * capacity)  # (N k,)
+    rows = tokens.repeat_interleave(k, dim=0, output_size=n * k).to(dtype or tokens.dtype)  # (N k, H)
+    # the dropped assignments all land in the extra last row, which is cut off (its gradient is zero)
+    send = rows.new_zeros((num_experts * capacity + 1, rows.shape[1])).index_copy(0, slot, rows)[:-1]  # (E C, H)
+    splits = [local * capacity] * ep
+    received = all_to_all(send, group, splits, splits)  # (ep E/ep C, H): by source rank, then local expert
+    grouped = received.view(ep, local, capacity, -1).transpose(0, 1).reshape(local * ep * capacity, -1)
+    host = [ep * capacity] * local
+    counts = torch.full((local,), ep * capacity, dtype=torch.long, device=tokens.device)
+    return grouped, counts, host, PaddedPlan(slot, capacity, group)
+
+
+def combine(expert_rows: torch.Tensor, plan: DispatchPlan | PaddedPlan) -> torch.Tensor:
+    """Inverse of dispatch or dispatch_padded: (M, H) rows grouped by local expert -> (N k, H) by assignment n k + j.
 
     Rows of dropped assignments are zero.
     """
+    if isinstance(plan, PaddedPlan):
+        ep, c = group_size(plan.group), plan.capacity
+        local = expert_rows.shape[0] // (ep * c)
+        rows = expert_rows.view(local, ep, c, -1).transpose(0, 1).reshape(ep * local * c, -1)  # by source rank
+        rows = all_to_all(rows, plan.group, [local * c] * ep, [local * c] * ep)  # (E C, H) in this rank's slots
+        return torch.cat([rows, rows.new_zeros((1, rows.shape[1]))]).index_select(0, plan.slot)  # (N k, H)
     rows = expert_rows
     if plan.local_perm is not None:
         rows = rows.new_empty(rows.shape).index_copy(0, plan.local_perm, rows)  # (n_recv, H) by source rank

@@ -170,6 +170,7 @@ class ParallelState:
     sequence_parallel: bool = False
     context_parallel: bool = False
     cp_attention: str = "ulysses"
+    moe_pad_to_capacity: bool = False  # parallel.experts.dispatch_padded in training forwards under a capacity
     tp_group: dist.ProcessGroup | None = None
     dp_group: dist.ProcessGroup | None = None
     ep_group: dist.ProcessGroup | None = None
@@ -194,11 +195,12 @@ class ParallelState:
         cp: int = 1,
         sequence_parallel: bool = False,
         cp_attention: str = "ulysses",
+        moe_pad_to_capacity: bool = False,
     ) -> ParallelState:
         """Create all groups over the initialised default process group (every rank must call this)."""
         if not dist.is_initialized():
             if tp == 1 and ep == 1 and pp == 1 and cp == 1:
-                return cls(sequence_parallel=False)
+                return cls(sequence_parallel=False, moe_pad_to_capacity=moe_pad_to_capacity)
             raise ParallelConfigError(
                 f"parallel.tp={tp}, parallel.ep={ep}, parallel.pp={pp}, parallel.cp={cp} need torch.distributed: "
                 f"launch with torchrun (torchrun --nproc_per_node N ...) so that the process group can be initialised"
@@ -231,6 +233,7 @@ class ParallelState:
             dp_cp_group=mine.get("dp_cp"),
             context_parallel=dims.cp > 1,
             cp_attention=cp_attention,
+            moe_pad_to_capacity=moe_pad_to_capacity,
         )
 
     def require_groups(self) -> None:

@@ -56,10 +56,7 @@ class Trainer:
         cfg.validate(world_size=world)
         self.cfg = cfg
         self.device = init_distributed(cfg)
-        p = cfg.parallel
-        self.state = ParallelState.build(
-            tp=p.tp, ep=p.ep, pp=p.pp, cp=p.cp, sequence_parallel=p.sequence_parallel, cp_attention=p.cp_attention
-        )
+        self.state = ParallelState.build(**cfg.parallel.layout())
         self.is_main = self.state.rank == 0
         self.out = Path(cfg.checkpoint.dir)
         self.dtype = self._dtype()
@@ -72,8 +69,8 @@ class Trainer:
             cfg, self.tokenizer, grad_accum=self.grad_accum, resumed_vocab=resumed_vocab
         )
         self.pipeline = None
-        if p.pp > 1:
-            self.pipeline = TrainingPipeline(self.model_cfg, p, self.state, self.grad_accum, say=self._say)
+        if cfg.parallel.pp > 1:
+            self.pipeline = TrainingPipeline(self.model_cfg, cfg.parallel, self.state, self.grad_accum, say=self._say)
         if not resume and cfg.checkpoint.save and ckpt_io.complete_checkpoints(self.out):
             self._say(f"--no-resume: starting fresh; existing checkpoints in {self.out} will be replaced")
 

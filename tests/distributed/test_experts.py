@@ -15,10 +15,12 @@ ep=2 under sequence parallelism (each tensor rank routes its own sequence chunk:
 to the unsplit sequence's, so the router gradient equals the reference's). In every layout the step's metrics row
 (training.moe_metrics) must equal the reference's counts and losses over the data-parallel group, and a layer's
 forward must synchronise host and device once (the all-to-all's split sizes), its backward never. At ep=2 the
-capacity configuration runs once more with the experts as one grouped GEMM instead of a loop. The rank returns
-`{check: (diff or error, tol)}` and the tests below read it.
+capacity configuration runs once more with the experts as one grouped GEMM instead of a loop, and at ep=4 and ep=2
+once more with every expert's rows padded to the capacity (parallel.moe_pad_to_capacity): no host sync at all. The
+rank returns `{check: (diff or error, tol)}` and the tests below read it.
 """
 
+import dataclasses
 import traceback
 
 import pytest
@@ -166,7 +168,7 @@ def _tokens(dp_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.randn(B, T, H, generator=g)
 
 
-def _check_moe(c: _Checker, state: ParallelState, config: ModelConfig) -> None:
+def _check_moe(c: _Checker, state: ParallelState, config: ModelConfig, forward_syncs: int = 1) -> None:
     ref, par = _build(config, ParallelState()), _build(config, state)
     sl = slice(par.expert_offset, par.expert_offset + par.num_local_experts)
     for name in ("w1", "w2", "w3"):
@@ -185,8 +187,10 @@ def _check_moe(c: _Checker, state: ParallelState, config: ModelConfig) -> None:
         y = par(x_par)
     with HostSyncs() as bwd:
         ((y * local(dy)).sum() + par.aux_loss).backward()
-    # the all-to-all's split sizes are host integers: one read of the sent and received counts, none in backward
-    c.true(f"one host sync in forward, none in backward: {fwd.calls} {bwd.calls}", fwd.count == 1 and bwd.count == 0)
+    # the all-to-all's split sizes are host integers: one read of the sent and received counts (none when padded to
+    # the capacity), none in backward
+    syncs = f"{forward_syncs} host sync(s) in forward, none in backward: {fwd.calls} {bwd.calls}"
+    c.true(syncs, fwd.count == forward_syncs and bwd.count == 0)
 
     c.close("output", y, local(y_ref))
     c.close("input grad", x_par.grad, local(x_ref.grad))
@@ -283,6 +287,8 @@ def _all_checks(rank: int, world_size: int) -> dict[str, tuple[float | str, floa
             c.run("dispatch", _check_dispatch, state)
             c.run("mixtral", _check_moe, state, _config(**CONFIGS["mixtral"]))
             c.run("capacity", _check_moe, state, _config(**CONFIGS["capacity"]))
+            padded = dataclasses.replace(state, moe_pad_to_capacity=True)
+            c.run("padded", _check_moe, padded, _config(**CONFIGS["capacity"]), 0)
             if layout["ep"] == 2:  # the experts as one grouped GEMM (fp32 on the CPU runs them as a loop)
                 real, moe_module.grouped_gemm_supported = moe_module.grouped_gemm_supported, lambda *_: True
                 try:
@@ -323,6 +329,10 @@ def test_mixtral_routing_equals_ep1(rank_results):
 
 def test_capacity_sigmoid_bias_shared_equals_ep1(rank_results):
     _assert_checks(rank_results, "capacity", layouts=2)
+
+
+def test_capacity_padded_dispatch_equals_ep1_without_host_syncs(rank_results):
+    _assert_checks(rank_results, "padded", layouts=2)
 
 
 def test_grouped_gemm_experts_equal_ep1(rank_results):

@@ -18,6 +18,8 @@ One spawn of 2 gloo processes runs every section; each rank returns `{check: Tru
 - moe: the same trainer with 4 experts. A step reads and reduces none of the experts' statistics (before, one read
   and one all-reduce every step); the loop's `moe_stats.row()` of a logged step then counts that step's assignments
   alone, tokens x top-k in every layer.
+- padded: the MoE trainer at ep=2 under a capacity. Each layer reads its all-to-all's split sizes once a micro-batch;
+  with parallel.moe_pad_to_capacity, never.
 - pp: at pp=2 a target id outside the vocabulary in micro-batch 3 raises on both stages before the update: the last
   stage's loss names it, the first stage, whose checks were of the inputs, says another rank's ids were bad.
 """
@@ -209,6 +211,20 @@ def _moe_stats_on_logged_steps_only(results: dict) -> None:
         check(results, "moe: the row counts the last step's assignments", one_step, (sums, assignments))
 
 
+def _experts_padded_to_capacity(results: dict) -> None:
+    capacity = [*MOE, "model.capacity_factor=1.0", "parallel.ep=2", "train.global_batch_size=8"]
+    for pad in ("false", "true"):
+        with _trainer(*capacity, f"parallel.moe_pad_to_capacity={pad}") as trainer:
+            trainer.train_step()
+            with HostSyncs() as syncs:
+                m = trainer.train_step()
+            reads = [c for c in syncs.calls if "parallel/experts.py" in c or "modeling/moe.py" in c]
+            # unpadded: each layer reads its split sizes once a micro-batch
+            want = 0 if pad == "true" else len(trainer.model.moe_layers()) * ACCUM
+            check(results, f"padded: {pad}: the experts' reads of a step", len(reads) == want, reads)
+            check(results, f"padded: {pad}: the step trains", not m["nonfinite"] and math.isfinite(m["loss"]), m)
+
+
 def _bad_target_at_pp2(results: dict) -> None:
     with _trainer("parallel.pp=2") as trainer:
         trainer.train_step()
@@ -236,6 +252,7 @@ def _all_checks(rank: int, world_size: int) -> dict:
         ("engine", _engine_reduces_once),
         ("trainer", _trainer_step_syncs),
         ("moe", _moe_stats_on_logged_steps_only),
+        ("padded", _experts_padded_to_capacity),
         ("pp", _bad_target_at_pp2),
     ]
     return run_sections(sections)
@@ -264,6 +281,10 @@ def test_a_bad_token_id_on_one_rank_stops_every_rank_before_the_update(rank_resu
 
 def test_moe_statistics_are_read_and_reduced_on_logged_steps_only(rank_results):
     assert_sections(rank_results, "moe")
+
+
+def test_experts_padded_to_capacity_read_no_counts(rank_results):
+    assert_sections(rank_results, "padded")
 
 
 def test_a_bad_target_at_pp2_stops_both_stages_before_the_update(rank_results):

@@ -7,7 +7,8 @@ grad_accum, which the loss would not), the aux loss, and the expert load (tokens
 which the one-process run counts on its own. Runs: the torch engine, and ZeRO-1 stopped at step 5 and resumed
 under ZeRO-2 to step 10 (with a capacity factor and the auxiliary-loss-free expert bias, whose state must survive
 the resume; both checkpoints hold the experts' optimizer states per expert shard, gathered from their ZeRO
-partitions). The torch run's checkpoint exports to Hugging Face Mixtral and transformers gives our logits.
+partitions), and the torch engine with every expert's rows padded to its capacity (parallel.moe_pad_to_capacity).
+The torch run's checkpoint exports to Hugging Face Mixtral and transformers gives our logits.
 
 The runs are the scenarios of `runs`: one launch per process count (train_utils.run_worlds).
 """
@@ -39,6 +40,7 @@ def runs(tmp_path_factory) -> dict[str, Run]:
             # optimizer state is re-split from the whole per-expert-shard tensors the checkpoint holds)
             "zero1_ep2": (4, [*ep2_bias, ZERO.format(1), "train.exit_interval=5"]),
             "zero2_ep2": (4, [*ep2_bias, ZERO.format(2)], "zero1_ep2"),
+            "padded_ep2": (4, [*ep2_bias, "parallel.moe_pad_to_capacity=true"]),
         },
     )
     for name in ("reference", "reference_bias_capacity"):
@@ -100,3 +102,8 @@ def test_zero1_ep2_to_step_5_then_zero2_ep2_match_one_process(runs):
                 moments = {k.removesuffix(".exp_avg"): f.get_tensor(k) for k in f.keys() if k.endswith(".exp_avg")}  # noqa: SIM118
             assert {k: tuple(v.shape) for k, v in moments.items() if k in shapes} == shapes, step.name
             assert all(v.abs().sum() > 0 for v in moments.values())  # stepped: not a fresh zero state
+
+
+def test_experts_padded_to_capacity_match_one_process(runs):
+    # every expert's rows padded to its capacity (no host sync for the split sizes): the same curve and loads
+    _assert_same_curve(metrics(runs["padded_ep2"].out), metrics(runs["reference_bias_capacity"].out))

@@ -32,9 +32,10 @@ def _config(**kw) -> ModelConfig:
     return ModelConfig(**base, **{"num_local_experts": E, "num_experts_per_tok": K, **kw})
 
 
-def _moe(seed: int = 0, **kw) -> MoEMLP:
+def _moe(seed: int = 0, state: ParallelState | None = None, **kw) -> MoEMLP:
     torch.manual_seed(seed)
-    return MoEMLP(_config(**kw), ParallelState(), init_method=lambda w: torch.nn.init.normal_(w, 0.0, 0.5))
+    init = lambda w: torch.nn.init.normal_(w, 0.0, 0.5)  # noqa: E731
+    return MoEMLP(_config(**kw), state or ParallelState(), init_method=init)
 
 
 def _x(seed: int = 1, requires_grad: bool = False) -> torch.Tensor:
@@ -153,6 +154,26 @@ def test_capacity_drops_what_a_python_loop_drops(capacity_factor, experts_path):
     assert _diff(y, expected) <= ATOL
 
 
+@pytest.mark.parametrize("capacity_factor", [0.5, 1.0])
+def test_rows_padded_to_capacity_give_the_same_layer_without_host_syncs(capacity_factor, experts_path):
+    """parallel.moe_pad_to_capacity: every expert computes C rows, padding included; the loop reads no counts."""
+    padded = _moe(state=ParallelState(moe_pad_to_capacity=True), capacity_factor=capacity_factor).train()
+    plain = _moe(capacity_factor=capacity_factor).train()
+    x, x_ref = _x(requires_grad=True), _x(requires_grad=True)
+    with HostSyncs() as syncs:
+        y = padded(x)
+        (y.square().sum() + padded.aux_loss).backward()
+    assert syncs.count == 0, syncs.calls
+    expected, dropped = _naive(padded, x)
+    assert dropped > 0 and padded.stats["dropped_fraction"] == dropped / (B * T * K)
+    assert _diff(y, expected) <= ATOL
+    (plain(x_ref).square().sum() + plain.aux_loss).backward()
+    for name in ("w1", "w2", "w3"):
+        assert _diff(getattr(padded, name).grad, getattr(plain, name).grad) <= ATOL, name
+    assert _diff(padded.gate.weight.grad, plain.gate.weight.grad) <= ATOL
+    assert _diff(x.grad, x_ref.grad) <= ATOL
+
+
 def test_large_capacity_drops_nothing():
     x = _x()
     assert _diff(_moe(capacity_factor=E)(x), _moe()(x)) == 0.0
@@ -269,8 +290,9 @@ def test_dispatch_and_combine_are_a_permutation_on_one_rank(host_counts):
             r"parallel\.ep=2 with configs/deepspeed/zero3\.json \(ZeRO stage 3\).*zero1\.json, zero2\.json",
         ),
         (["parallel.ep=3"], 3, r"model\.num_local_experts=4 is not divisible by parallel\.ep=3"),
+        (["parallel.moe_pad_to_capacity=true"], 1, r"moe_pad_to_capacity=true .*model\.capacity_factor set"),
     ],
-    ids=["zero3-with-ep", "experts-not-divisible-by-ep"],
+    ids=["zero3-with-ep", "experts-not-divisible-by-ep", "padding-without-capacity"],
 )
 def test_training_config_refuses_what_expert_parallelism_cannot_run(overrides, world, message):
     base = ["model.preset=tiny", "model.num_local_experts=4", "data.train=shards/*.jsonl.zst", "data.tokenizer=tok"]
