@@ -24,6 +24,7 @@ parallelism). Over capacity, an expert keeps the assignments with the largest we
 assignment n k + j first) and drops the rest; a dropped assignment contributes 0 to y_n (the token keeps its
 residual path and its other experts). With parallel.moe_pad_to_capacity, a training forward sends every expert C
 rows from every rank, padded (parallel.experts.dispatch_padded): no host sync for the split sizes, the same y_n.
+Every rank of the expert group must then route the same number of tokens N (the trainer's fixed batch shapes do).
 
 Losses (this rank's tokens, Megatron's default under data/expert parallelism), stored by forward as `aux_loss`:
 
@@ -62,7 +63,9 @@ statistics (`stats` holds device tensors; training.moe_metrics reads a whole ste
 grouped GEMM (torch._grouped_mm, offsets on the device) where `grouped_gemm_supported` says so, else as a loop
 over the experts, whose row counts must be host integers. A layer's forward (and its recomputation under
 activation checkpointing) therefore synchronises: at ep=1, never with the grouped GEMM, once with the loop; at
-ep>1, once, for the all-to-all's split sizes (as Megatron's dispatcher does). The backward never does.
+ep>1, once, for the all-to-all's split sizes (as Megatron's dispatcher does). With parallel.moe_pad_to_capacity
+under a capacity, a training forward (module in training mode, gradients on) never does: its split sizes are fixed.
+The backward never does.
 """
 
 from __future__ import annotations
@@ -229,8 +232,8 @@ class MoEMLP(nn.Module):
         dtype = compute_dtype(tokens)
         grouped = grouped_gemm_supported(tokens.device, dtype, x.shape[-1], self.w1.shape[1])
         group = self.state.ep_group
-        if capacity and self.state.moe_pad_to_capacity and torch.is_grad_enabled():
-            # training forwards only: every rank of the group routes the same N tokens there, so the same C
+        if capacity and self.state.moe_pad_to_capacity and self.training and torch.is_grad_enabled():
+            # training forwards only: the trainer gives every rank of the group the same N tokens, so the same C
             pad = self.capacity(n)
             rows, counts, host, plan = dispatch_padded(tokens, routed, self.num_experts, pad, group, dtype=dtype)
         else:

@@ -204,7 +204,8 @@ def dispatch_padded(
     """Dispatch with every expert's rows padded to `capacity` from every rank: fixed split sizes, no host sync.
 
     expert_indices: (N, k) with at most `capacity` assignments of each expert (-1 for the others: the MoE layer's
-    drop_over_capacity), and the same `capacity` on every rank of the group. Returns (rows, counts, host, plan) as
+    drop_over_capacity), and the same `capacity` on every rank of the group (else the exchange's sizes disagree: an
+    error on gloo, a hang on NCCL). Returns (rows, counts, host, plan) as
     dispatch does, rows (E/ep ep C, H): local expert j's ep C rows, from each source rank in rank order its C
     slots, its assignments in assignment order first, then zero rows. counts and host say ep C for every expert.
     """

@@ -15,8 +15,8 @@ handed out); a scenario whose Trainer raises writes the message to out/error.txt
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -90,14 +90,46 @@ def run(scenario: dict[str, Any]) -> None:
         (out / f"rows-dp{s.dp_rank}.json").write_text(json.dumps(record))
 
 
+class ScenarioStdout(io.TextIOBase):
+    """sys.stdout for the whole launch: text goes to the running scenario's file, else to the real stdout.
+
+    One object throughout, so that a logger which kept sys.stdout (DeepSpeed's handler, made at its first import)
+    follows the scenarios instead of writing to a closed file.
+    """
+
+    def __init__(self, real: Any) -> None:
+        self.real, self.file = real, None
+
+    def write(self, text: str) -> int:
+        """Write to the scenario's file, or the real stdout between scenarios."""
+        return (self.file or self.real).write(text)
+
+    def flush(self) -> None:
+        """Flush where the text goes."""
+        (self.file or self.real).flush()
+
+    def fileno(self) -> int:
+        """The file descriptor of where the text goes."""
+        return (self.file or self.real).fileno()
+
+    @property
+    def encoding(self) -> str:
+        """The real stdout's encoding."""
+        return self.real.encoding
+
+
 def main() -> None:
     """Run every scenario of the json file given (each rank's stdout into the scenario's "stdout" file, if named)."""
+    sys.stdout = stdout = ScenarioStdout(sys.stdout)
     for scenario in json.loads(Path(sys.argv[1]).read_text()):
         if not scenario.get("stdout"):
             run(scenario)
             continue
-        with open(f"{scenario['stdout']}.rank{os.environ.get('RANK', '0')}", "w") as f, contextlib.redirect_stdout(f):
-            run(scenario)
+        with open(f"{scenario['stdout']}.rank{os.environ.get('RANK', '0')}", "w") as stdout.file:
+            try:
+                run(scenario)
+            finally:
+                stdout.file = None
 
 
 if __name__ == "__main__":

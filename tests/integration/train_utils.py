@@ -110,6 +110,8 @@ def run_worlds(root: Path, scenarios: dict[str, tuple]) -> dict[str, Run]:
     outs: dict[str, Path] = {}
     worlds: dict[int, list[dict]] = {}
     for name, (nproc, overrides, *other) in scenarios.items():
+        if other:
+            assert scenarios.get(other[0], (0,))[0] == nproc and other[0] in outs, f"{name}: rerun {other[0]} first"
         outs[name] = root / (other[0] if other else name)
         scenario = {"out": str(outs[name]), "overrides": list(overrides), "stdout": str(root / f"{name}.stdout")}
         worlds.setdefault(nproc, []).append(scenario)
