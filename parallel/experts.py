@@ -29,6 +29,7 @@ for it. At group size 1 (group None) nothing is communicated: dispatch and combi
                       without reading the counts, so nothing synchronises (parallel.moe_pad_to_capacity; Megatron's
                       moe_pad_expert_input_to_capacity). Each local expert computes ep C rows; combine discards the
                       padding's outputs. The price: E C rows sent and computed where dispatch sends the kept ones.
+
 Collectives are looked up as `dist.<name>` at call time, so tests and benchmarks can count them by patching.
 """
 
@@ -205,17 +206,17 @@ def dispatch_padded(
 
     expert_indices: (N, k) with at most `capacity` assignments of each expert (-1 for the others: the MoE layer's
     drop_over_capacity), and the same `capacity` on every rank of the group (else the exchange's sizes disagree: an
-    error on gloo, a hang on NCCL). Returns (rows, counts, host, plan) as
-    dispatch does, rows (E/ep ep C, H): local expert j's ep C rows, from each source rank in rank order its C
-    slots, its assignments in assignment order first, then zero rows. counts and host say ep C for every expert.
+    error on gloo, a hang on NCCL). Returns (rows, counts, host, plan) as dispatch does, rows (E/ep ep C, H): local
+    expert j's ep C rows, from each source rank in rank order its C slots, its assignments in assignment order
+    first, then zero rows. counts and host say ep C for every expert.
     """
     ep, local = _split_experts(num_experts, group)
     n, k = expert_indices.shape
     flat = expert_indices.reshape(-1)  # (N k,)
     key = torch.where(flat < 0, num_experts, flat)  # dropped assignments in bin E
     order = torch.argsort(key, stable=True)  # (N k,) assignment ids, grouped by expert
-    counts = bincount(key, num_experts + 1)  # (E + 1,)
-    first = torch.cumsum(counts, 0) - counts  # (E + 1,) where each expert's assignments start in order
+    per_expert = bincount(key, num_experts + 1)  # (E + 1,)
+    first = torch.cumsum(per_expert, 0) - per_expert  # (E + 1,) where each expert's assignments start in order
     rank = torch.empty_like(flat).index_copy_(0, order, torch.arange(n * k, device=flat.device) - first[key[order]])
     slot = torch.where(flat >= 0, flat * capacity + rank, num_experts * capacity)  # (N k,)
     rows = tokens.repeat_interleave(k, dim=0, output_size=n * k).to(dtype or tokens.dtype)  # (N k, H)
