@@ -81,7 +81,7 @@ from torch import nn
 
 from modeling.config import ModelConfig
 from modeling.mlp import SwiGLUMLP
-from parallel.experts import bincount, combine, dispatch, dispatch_padded
+from parallel.experts import bincount, combine, dispatch, dispatch_padded, position_in_expert
 from parallel.layers import InitMethod, cpu_has_native_bf16, linear
 from parallel.mappings import compute_dtype, copy_to_region, group_size
 from parallel.state import ParallelConfigError, ParallelState
@@ -187,10 +187,7 @@ class MoEMLP(nn.Module):
         flat = indices.reshape(-1)  # (N k,)
         by_weight = torch.argsort(weights.detach().reshape(-1), descending=True, stable=True)  # (N k,)
         by_expert = by_weight[torch.argsort(flat[by_weight], stable=True)]  # (N k,) per expert, heaviest first
-        counts = bincount(flat, self.num_experts)  # (E,)
-        first = torch.cumsum(counts, 0) - counts  # (E,) position of each expert's first assignment in by_expert
-        rank_in_expert = torch.arange(n * k, device=flat.device) - first[flat[by_expert]]  # (N k,)
-        keep = torch.empty_like(flat, dtype=torch.bool).index_copy_(0, by_expert, rank_in_expert < capacity)
+        keep = position_in_expert(flat, by_expert, self.num_experts) < capacity  # (N k,)
         return torch.where(keep, flat, -1).view(n, k)  # (N, k)
 
     def experts(

@@ -129,6 +129,18 @@ def bincount(x: torch.Tensor, n: int) -> torch.Tensor:
     return torch.zeros(n, dtype=torch.long, device=x.device).scatter_add_(0, x, torch.ones_like(x))
 
 
+def position_in_expert(key: torch.Tensor, order: torch.Tensor, bins: int) -> torch.Tensor:
+    """(M,) each assignment's position among its expert's assignments, counted in `order`.
+
+    key: (M,) the expert of each assignment, in [0, bins); order: (M,) the assignment ids grouped by expert in
+    ascending order (a stable argsort of key, or a stable argsort by expert of any other order of the assignments).
+    """
+    counts = bincount(key, bins)
+    first = torch.cumsum(counts, 0) - counts  # (bins,) where each expert's assignments start in order
+    position = torch.arange(key.numel(), device=key.device) - first[key[order]]
+    return torch.empty_like(key).index_copy_(0, order, position)
+
+
 def dispatch(
     tokens: torch.Tensor,
     expert_indices: torch.Tensor,
@@ -215,9 +227,7 @@ def dispatch_padded(
     flat = expert_indices.reshape(-1)  # (N k,)
     key = torch.where(flat < 0, num_experts, flat)  # dropped assignments in bin E
     order = torch.argsort(key, stable=True)  # (N k,) assignment ids, grouped by expert
-    per_expert = bincount(key, num_experts + 1)  # (E + 1,)
-    first = torch.cumsum(per_expert, 0) - per_expert  # (E + 1,) where each expert's assignments start in order
-    rank = torch.empty_like(flat).index_copy_(0, order, torch.arange(n * k, device=flat.device) - first[key[order]])
+    rank = position_in_expert(key, order, num_experts + 1)  # (N k,) below capacity where kept
     slot = torch.where(flat >= 0, flat * capacity + rank, num_experts * capacity)  # (N k,)
     rows = tokens.repeat_interleave(k, dim=0, output_size=n * k).to(dtype or tokens.dtype)  # (N k, H)
     # the dropped assignments all land in the extra last row, which is cut off (its gradient is zero)
